@@ -1,0 +1,213 @@
+"""Parameterizations: what a raw network predicts, and how that becomes (x0, eps).
+
+A raw network maps ``(x, noise_condition, labels)`` to a tensor. A parameterization says what
+that tensor means: noise (eps), the clean image (x0), v, the flow velocity, the tutorial's next
+image, or EDM's preconditioned output. Each one knows
+
+- ``network_input``: how x_t is scaled before the network sees it (only EDM scales),
+- ``to_x0_eps``: how the output becomes the pair (x0, eps) with x_t = alpha x0 + sigma eps,
+- ``target``: what the output should be for a known (x0, eps), used by the objectives,
+- ``snr_weight``: the weight its MSE implicitly puts on the x0 error (for min-SNR weighting).
+
+Every sampler works with (x0, eps), so any parameterization runs with any compatible sampler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from difflab.schedules import ForwardProcess, _per_sample
+
+
+class Prediction(NamedTuple):
+    x0: Tensor
+    eps: Tensor
+
+
+@dataclass
+class Coefficients:
+    """alpha, sigma (and derivatives) at t, already shaped to broadcast over images."""
+
+    alpha: Tensor
+    sigma: Tensor
+    dalpha: Tensor | None = None
+    dsigma: Tensor | None = None
+
+    @classmethod
+    def at(cls, process: ForwardProcess, t: Tensor, ndim: int, derivatives: bool = False):
+        alpha, sigma = (_per_sample(v, ndim) for v in process.alpha_sigma(t))
+        if not derivatives:
+            return cls(alpha, sigma)
+        dalpha, dsigma = (_per_sample(v, ndim) for v in process.derivatives(t))
+        return cls(alpha, sigma, dalpha, dsigma)
+
+
+class Parameterization:
+    name = "base"
+    needs_derivatives = False
+
+    def network_input(self, x: Tensor, c: Coefficients) -> Tensor:
+        return x
+
+    def to_x0_eps(self, out: Tensor, x: Tensor, c: Coefficients) -> Prediction:
+        raise NotImplementedError
+
+    def target(self, x0: Tensor, eps: Tensor, c: Coefficients) -> Tensor:
+        raise NotImplementedError
+
+    def snr_weight(self, snr: Tensor) -> Tensor:
+        raise NotImplementedError(f"min-SNR weighting is not defined for {self.name}")
+
+
+class EpsilonPrediction(Parameterization):
+    """Predict the noise (Ho et al. 2020, eq. 11-12)."""
+
+    name = "eps"
+
+    def to_x0_eps(self, out: Tensor, x: Tensor, c: Coefficients) -> Prediction:
+        return Prediction((x - c.sigma * out) / c.alpha, out)
+
+    def target(self, x0: Tensor, eps: Tensor, c: Coefficients) -> Tensor:
+        return eps
+
+    def snr_weight(self, snr: Tensor) -> Tensor:
+        return snr  # ||eps - eps_hat||^2 = snr * ||x0 - x0_hat||^2
+
+
+class SamplePrediction(Parameterization):
+    """Predict the clean image x0."""
+
+    name = "x0"
+
+    def to_x0_eps(self, out: Tensor, x: Tensor, c: Coefficients) -> Prediction:
+        return Prediction(out, (x - c.alpha * out) / c.sigma)
+
+    def target(self, x0: Tensor, eps: Tensor, c: Coefficients) -> Tensor:
+        return x0
+
+    def snr_weight(self, snr: Tensor) -> Tensor:
+        return torch.ones_like(snr)
+
+
+class VPrediction(Parameterization):
+    """Predict v = alpha eps - sigma x0 (Salimans & Ho 2022, sec. 4; eq. for general alpha, sigma)."""
+
+    name = "v"
+
+    def to_x0_eps(self, out: Tensor, x: Tensor, c: Coefficients) -> Prediction:
+        norm = c.alpha**2 + c.sigma**2
+        return Prediction(
+            (c.alpha * x - c.sigma * out) / norm, (c.sigma * x + c.alpha * out) / norm
+        )
+
+    def target(self, x0: Tensor, eps: Tensor, c: Coefficients) -> Tensor:
+        return c.alpha * eps - c.sigma * x0
+
+    def snr_weight(self, snr: Tensor) -> Tensor:
+        return snr + 1
+
+
+class VelocityPrediction(Parameterization):
+    """Predict the path velocity u = dx_t/dt = alpha' x0 + sigma' eps (Lipman et al. 2022, eq. 21)."""
+
+    name = "velocity"
+    needs_derivatives = True
+
+    def to_x0_eps(self, out: Tensor, x: Tensor, c: Coefficients) -> Prediction:
+        # Solve x = alpha x0 + sigma eps, u = alpha' x0 + sigma' eps for (x0, eps).
+        det = c.alpha * c.dsigma - c.sigma * c.dalpha
+        return Prediction(
+            (c.dsigma * x - c.sigma * out) / det, (c.alpha * out - c.dalpha * x) / det
+        )
+
+    def target(self, x0: Tensor, eps: Tensor, c: Coefficients) -> Tensor:
+        return c.dalpha * x0 + c.dsigma * eps
+
+
+class NextStepPrediction(Parameterization):
+    """The tutorial's target: the same image one level cleaner, built from the same noise.
+
+    With x_a = alpha_a x0 + sigma_a eps and the prediction y = x_b at the next level b = a - step,
+    the pair (x0, eps) solves two linear equations. On the straight path y = x_a - step * (eps -
+    x0): one Euler step of the flow-matching ODE, learned directly instead of its velocity.
+    """
+
+    name = "next"
+
+    def __init__(self, process: ForwardProcess, step: float) -> None:
+        self.process, self.step = process, step
+
+    def _next(self, c: Coefficients) -> Coefficients:
+        t_next = (1 - c.alpha.flatten()) - self.step  # linear path: t = 1 - alpha
+        alpha, sigma = self.process.alpha_sigma(t_next.clamp_min(0))
+        return Coefficients(alpha.reshape(c.alpha.shape), sigma.reshape(c.sigma.shape))
+
+    def to_x0_eps(self, out: Tensor, x: Tensor, c: Coefficients) -> Prediction:
+        n = self._next(c)
+        det = c.alpha * n.sigma - c.sigma * n.alpha
+        return Prediction((n.sigma * x - c.sigma * out) / det, (c.alpha * out - n.alpha * x) / det)
+
+    def target(self, x0: Tensor, eps: Tensor, c: Coefficients) -> Tensor:
+        n = self._next(c)
+        return n.alpha * x0 + n.sigma * eps
+
+
+class EDMPreconditioning(Parameterization):
+    """D(x) = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022, eq. 7 and Table 1).
+
+    The target of F is (x0 - c_skip x) / c_out, so a plain MSE on F carries EDM's loss weight
+    lambda(sigma) = 1 / c_out^2 exactly (eq. 8).
+    """
+
+    name = "edm"
+
+    def __init__(self, sigma_data: float = 0.5) -> None:
+        self.sigma_data = sigma_data
+
+    def _scales(self, c: Coefficients) -> tuple[Tensor, Tensor, Tensor]:
+        sd2, s2 = self.sigma_data**2, c.sigma**2
+        c_skip = sd2 / (s2 + sd2)
+        c_out = c.sigma * self.sigma_data / (s2 + sd2).sqrt()
+        c_in = 1 / (s2 + sd2).sqrt()
+        return c_skip, c_out, c_in
+
+    def network_input(self, x: Tensor, c: Coefficients) -> Tensor:
+        return self._scales(c)[2] * x
+
+    def to_x0_eps(self, out: Tensor, x: Tensor, c: Coefficients) -> Prediction:
+        c_skip, c_out, _ = self._scales(c)
+        x0 = c_skip * x + c_out * out
+        return Prediction(x0, (x - x0) / c.sigma)
+
+    def target(self, x0: Tensor, eps: Tensor, c: Coefficients) -> Tensor:
+        c_skip, c_out, _ = self._scales(c)
+        x = x0 + c.sigma * eps
+        return (x0 - c_skip * x) / c_out
+
+
+class Denoiser(nn.Module):
+    """A raw network wrapped with a forward process and a parameterization.
+
+    ``raw(x, t)`` is the network output (what objectives regress); ``forward(x, t)`` is the
+    prediction (x0, eps) that samplers use. t is a float tensor with one time per sample.
+    """
+
+    def __init__(self, net: nn.Module, process: ForwardProcess, parameterization: Parameterization):
+        super().__init__()
+        self.net, self.process, self.parameterization = net, process, parameterization
+
+    def coefficients(self, t: Tensor, ndim: int) -> Coefficients:
+        return Coefficients.at(self.process, t, ndim, self.parameterization.needs_derivatives)
+
+    def raw(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        c = self.coefficients(t, x.ndim)
+        cond = self.process.noise_condition(t).to(x.dtype)
+        return self.net(self.parameterization.network_input(x, c), cond, labels)
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Prediction:
+        out = self.raw(x, t, labels)
+        return self.parameterization.to_x0_eps(out, x, self.coefficients(t, x.ndim))

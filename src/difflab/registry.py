@@ -1,0 +1,279 @@
+"""The one place where the names users type become objects: networks, methods, samplers.
+
+Adding a method means adding one ``Method`` builder here (and its maths in schedules /
+denoisers / objectives); nothing else branches on method names.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from difflab import samplers as S
+from difflab.config import Config, MethodConfig, NetworkConfig, SamplerConfig
+from difflab.denoisers import (
+    Denoiser,
+    EDMPreconditioning,
+    EpsilonPrediction,
+    NextStepPrediction,
+    Parameterization,
+    SamplePrediction,
+    VelocityPrediction,
+    VPrediction,
+)
+from difflab.errors import DifflabError
+from difflab.objectives import (
+    Objective,
+    discrete_times,
+    log_normal_sigma_times,
+    logit_normal_times,
+    uniform_times,
+)
+from difflab.schedules import (
+    DDPMSchedule,
+    EDMSchedule,
+    ForwardProcess,
+    LinearPath,
+    TutorialPath,
+    ratio_grid,
+)
+
+
+def _unknown(kind: str, name: str, known) -> DifflabError:
+    return DifflabError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(known))}")
+
+
+# --------------------------------------------------------------------------- networks
+
+
+def _tutorial_net(variant: str) -> Callable[[NetworkConfig, int, int], nn.Module]:
+    def build(config: NetworkConfig, image_channels: int, image_size: int) -> nn.Module:
+        from difflab.models import TutorialUNet
+
+        return TutorialUNet(image_channels=image_channels, image_size=image_size, variant=variant)
+
+    return build
+
+
+def _unet(config: NetworkConfig, image_channels: int, image_size: int) -> nn.Module:
+    from difflab.models import UNet, UNetConfig
+
+    options = asdict(config.unet)
+    options["channel_mult"] = tuple(options["channel_mult"])
+    options["attention_resolutions"] = tuple(options["attention_resolutions"])
+    return UNet(image_channels=image_channels, image_size=image_size, config=UNetConfig(**options))
+
+
+NETWORKS: dict[str, Callable[[NetworkConfig, int, int], nn.Module]] = {
+    "tutorial": _tutorial_net("pytorch"),
+    "tutorial-keras": _tutorial_net("keras"),
+    "unet": _unet,
+}
+
+
+def build_network(config: Config, image_channels: int = 3) -> nn.Module:
+    build = NETWORKS.get(config.network.name)
+    if build is None:
+        raise _unknown("network", config.network.name, NETWORKS)
+    return build(config.network, image_channels, config.data.image_size)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass
+class Method:
+    """Everything that defines a diffusion method, built from its config section."""
+
+    name: str
+    process: ForwardProcess
+    parameterization: Parameterization
+    objective: Objective
+    default_sampler: str
+    default_steps: int
+
+    def denoiser(self, net: nn.Module) -> Denoiser:
+        return Denoiser(net, self.process, self.parameterization)
+
+
+def _tutorial(m: MethodConfig) -> Method:
+    process = TutorialPath(num_levels=m.num_levels)
+    levels = process.time_bar[:-1]  # t for k = 0..num_levels-1: never the clean end
+    return Method(
+        "tutorial",
+        process,
+        NextStepPrediction(process, step=1.0 / m.num_levels),
+        Objective(discrete_times(levels), norm="l1", stratified=m.stratified),
+        default_sampler="tutorial",
+        default_steps=m.num_levels,
+    )
+
+
+PREDICTIONS: dict[str, Callable[[], Parameterization]] = {
+    "eps": EpsilonPrediction,
+    "x0": SamplePrediction,
+    "v": VPrediction,
+}
+
+
+def _ddpm(m: MethodConfig, schedule: str = "linear") -> Method:
+    if m.prediction not in PREDICTIONS:
+        raise _unknown("DDPM prediction (method.prediction)", m.prediction, PREDICTIONS)
+    process = DDPMSchedule(
+        num_timesteps=m.num_timesteps,
+        schedule=schedule,
+        beta_start=m.beta_start,
+        beta_end=m.beta_end,
+    )
+    steps = torch.arange(1, m.num_timesteps + 1, dtype=torch.float64) / m.num_timesteps
+    objective = Objective(
+        discrete_times(steps), norm="l2", min_snr_gamma=m.min_snr_gamma, stratified=m.stratified
+    )
+    return Method(
+        "ddpm" if schedule == "linear" else "ddpm-cosine",
+        process,
+        PREDICTIONS[m.prediction](),
+        objective,
+        default_sampler="ancestral",
+        default_steps=m.num_timesteps,
+    )
+
+
+def _flow_times(m: MethodConfig, process: ForwardProcess):
+    if m.time_distribution == "uniform":
+        return uniform_times(0.0, 1.0)
+    if m.time_distribution == "logit-normal":
+        return logit_normal_times(m.logit_mean, m.logit_std)
+    if m.time_distribution == "log-normal":
+        return log_normal_sigma_times(process, m.p_mean, m.p_std)
+    raise _unknown(
+        "time distribution (method.time_distribution)",
+        m.time_distribution,
+        ["uniform", "logit-normal", "log-normal"],
+    )
+
+
+def _flow(m: MethodConfig) -> Method:
+    process = LinearPath()
+    objective = Objective(_flow_times(m, process), norm="l2", stratified=m.stratified)
+    return Method("flow", process, VelocityPrediction(), objective, "heun", 18)
+
+
+def _edm(m: MethodConfig) -> Method:
+    process = EDMSchedule(sigma_min=m.sigma_min, sigma_max=m.sigma_max)
+    objective = Objective(
+        log_normal_sigma_times(process, m.p_mean, m.p_std), norm="l2", stratified=m.stratified
+    )
+    return Method("edm", process, EDMPreconditioning(m.sigma_data), objective, "edm", 18)
+
+
+METHODS: dict[str, Callable[[MethodConfig], Method]] = {
+    "tutorial": _tutorial,
+    "ddpm": _ddpm,
+    "ddpm-cosine": functools.partial(_ddpm, schedule="cosine"),
+    "flow": _flow,
+    "edm": _edm,
+}
+
+
+def build_method(config: Config) -> Method:
+    build = METHODS.get(config.method.name)
+    if build is None:
+        raise _unknown("method", config.method.name, METHODS)
+    return build(config.method)
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+@dataclass
+class SamplerSpec:
+    """A sampler function, the processes it is valid for, and how it reads its options."""
+
+    function: Callable[..., Tensor]
+    requires: Callable[[ForwardProcess], bool]
+    requirement: str
+    options: Callable[[SamplerConfig], dict] = lambda s: {}
+
+
+def _is_tutorial(p: ForwardProcess) -> bool:
+    return isinstance(p, TutorialPath)
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "tutorial": SamplerSpec(S.tutorial_sampler, _is_tutorial, "a model of the tutorial method"),
+    "ancestral": SamplerSpec(
+        S.ancestral_sampler, lambda p: p.variance_preserving, "a DDPM-family (VP) model"
+    ),
+    "ddim": SamplerSpec(
+        S.ddim_sampler,
+        lambda p: p.variance_preserving,
+        "a DDPM-family (VP) model",
+        lambda s: {"eta": s.eta},
+    ),
+    "euler": SamplerSpec(S.euler_sampler, lambda p: p.differentiable, "a flow or EDM model"),
+    "heun": SamplerSpec(S.heun_sampler, lambda p: p.differentiable, "a flow or EDM model"),
+    "edm": SamplerSpec(S.heun_sampler, lambda p: p.differentiable, "a flow or EDM model"),
+    "edm-stochastic": SamplerSpec(
+        S.edm_stochastic_sampler,
+        lambda p: p.variance_exploding,
+        "an EDM model",
+        lambda s: {
+            "s_churn": s.s_churn,
+            "s_tmin": s.s_tmin,
+            "s_tmax": s.s_tmax,
+            "s_noise": s.s_noise,
+        },
+    ),
+    "dpm++2m": SamplerSpec(
+        S.dpmpp_2m_sampler, lambda p: not _is_tutorial(p), "a DDPM, flow or EDM model"
+    ),
+}
+
+
+@dataclass
+class SamplingPlan:
+    """A resolved sampler: function, options and time grid, ready to call."""
+
+    name: str
+    function: Callable[..., Tensor]
+    options: dict
+    grid: Tensor
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.grid) - 1
+
+    def __call__(
+        self, denoiser: Denoiser, noise: Tensor, rng: S.SampleNoise, labels=None, on_step=None
+    ) -> Tensor:
+        return self.function(denoiser, noise, self.grid, rng, labels, on_step, **self.options)
+
+
+def build_sampler(method: Method, sampler: SamplerConfig) -> SamplingPlan:
+    name = sampler.name or method.default_sampler
+    spec = SAMPLERS.get(name)
+    if spec is None:
+        raise _unknown("sampler", name, SAMPLERS)
+    if not spec.requires(method.process):
+        raise DifflabError(
+            f"sampler {name!r} needs {spec.requirement}, but this run uses the {method.name} "
+            f"method; its default sampler is {method.default_sampler!r}"
+        )
+    steps = sampler.steps or method.default_steps
+    if _is_tutorial(method.process) and steps != method.process.num_levels:
+        raise DifflabError(
+            f"the tutorial sampler only runs the {method.process.num_levels} levels it was "
+            f"trained on; drop --steps or use {method.process.num_levels}"
+        )
+    if name in ("edm", "edm-stochastic") or sampler.grid == "edm":
+        if _is_tutorial(method.process):
+            raise DifflabError("the rho-spaced EDM grid is not defined for the tutorial method")
+        grid = ratio_grid(method.process, steps, rho=sampler.rho)
+    else:
+        grid = method.process.grid(steps)
+    return SamplingPlan(name, spec.function, spec.options(sampler), grid)

@@ -1,0 +1,62 @@
+"""Training logs: JSONL for scripts, TensorBoard for people, a loss-curve PNG for both."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from difflab.io import atomic_write_text
+
+
+class TrainLog:
+    """Appends one JSON row per log interval to RUN_DIR/log.jsonl and mirrors it to TensorBoard."""
+
+    def __init__(self, run_dir: Path, start_step: int = 0) -> None:
+        """``start_step`` > 0 resumes: rows written after that checkpoint are dropped."""
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "log.jsonl"
+        self.rows = [row for row in read_log(self.path) if row["step"] <= start_step]
+        atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in self.rows))
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None:  # TensorBoard is imported only when the first row is written
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._writer
+
+    def write(self, row: dict[str, float]) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step" and math.isfinite(value):
+                self.writer.add_scalar(f"train/{key}", value, row["step"])
+
+    def plot(self) -> None:
+        from difflab.viz import plot_loss
+
+        if len(self.rows) >= 2:
+            steps = [row["step"] for row in self.rows]
+            losses = [row["loss"] for row in self.rows]
+            plot_loss(steps, losses, self.run_dir / "loss.png", smoothing=5)
+
+    def close(self) -> None:
+        self.plot()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_log(path: Path) -> list[dict[str, float]]:
+    """Rows of a log.jsonl; a last line cut off by a crash is ignored."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows

@@ -1,0 +1,76 @@
+"""Pictures a run writes: the schedule, the data, the forward process, samples as training goes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from difflab.config import Config
+from difflab.data import ImageSet, to_model_range
+from difflab.objectives import Objective
+from difflab.registry import Method, SamplingPlan
+from difflab.sampling import derive_seed, generate, strip_indices
+from difflab.schedules import ForwardProcess
+from difflab.viz import plot_lines, save_gif, save_grid, save_strip
+
+PREVIEW_SEED = 0  # the same preview noise for every run and checkpoint, so they compare
+
+
+def schedule_curves(process: ForwardProcess, grid: torch.Tensor) -> dict[str, tuple[list, list]]:
+    """Noise (sigma) and clarity (alpha) at each step of the sampler's grid, noise first."""
+    alpha, sigma = process.alpha_sigma(grid)
+    steps = list(range(len(grid)))
+    return {"noise (sigma)": (steps, sigma.tolist()), "clarity (alpha)": (steps, alpha.tolist())}
+
+
+def forward_examples(
+    images: torch.Tensor, objective: Objective, process: ForwardProcess, seed: int = 0
+) -> torch.Tensor:
+    """Training images noised at times drawn from the method's training distribution."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "forward-examples"))
+    x0 = to_model_range(images)
+    draw = objective.draw(len(x0), tuple(x0.shape[1:]), gen, x0.device)
+    return process.mix(x0, draw.eps, draw.t)
+
+
+class Pictures:
+    def __init__(self, run_dir: Path, method: Method, plan: SamplingPlan, config: Config) -> None:
+        self.folder = Path(run_dir) / "pictures"
+        self.method, self.plan, self.config = method, plan, config
+
+    def at_start(self, data: ImageSet, objective: Objective) -> None:
+        """Schedule plot, a grid of training images and a grid of forward-noised ones."""
+        title = f"{self.method.name}: sampler grid ({self.plan.num_steps} steps)"
+        curves = schedule_curves(self.method.process, self.plan.grid)
+        plot_lines(
+            curves, self.folder / "schedule.png", xlabel="sampler step", ylabel="scale", title=title
+        )
+        sample = data.images[: self.config.train.num_preview]
+        save_grid(to_model_range(sample), self.folder / "training-images.png")
+        noised = forward_examples(sample, objective, self.method.process, self.config.train.seed)
+        save_grid(noised, self.folder / "forward-process.png")
+
+    @torch.no_grad()
+    def preview(
+        self, net: nn.Module, images_seen: int, device: torch.device, final: bool = False
+    ) -> None:
+        """Samples from fixed seeds, the progress strip of the first, and at the end a GIF."""
+        size = self.config.data.image_size
+        seeds = [
+            derive_seed(PREVIEW_SEED, "preview", i) for i in range(self.config.train.num_preview)
+        ]
+        was_training = net.training
+        net.eval()
+        result = generate(
+            self.method.denoiser(net), self.plan, (3, size, size), seeds, device=device, record=True
+        )
+        net.train(was_training)
+        tag = f"{images_seen // 1000:06d}kimg"
+        save_grid(result.images, self.folder / f"samples-{tag}.png")
+        save_grid(result.images, self.folder / "samples-latest.png")
+        frames = result.frames[1:, 0][strip_indices(self.plan.num_steps)]
+        save_strip(frames, self.folder / f"strip-{tag}.png")
+        if final:
+            save_gif(result.frames, self.folder / "reverse-process.gif")
