@@ -99,7 +99,7 @@ class TrainConfig:
     images: int = 0  # total training images of the run (0 = no limit)
     time_limit: float = 0.0  # minutes of wall clock for this invocation (0 = no limit)
     seed: int = 0
-    optimizer: str = "adam"  # "adam" or "adamw"
+    optimizer: str = "adam"  # "adam", "adamw" or "sgd" (momentum betas[0])
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
@@ -316,7 +316,7 @@ def validate(config: Config) -> Config:
     _check(t.ema_halflife_kimg >= 0 and t.ema_rampup >= 0, "train.ema_* must be >= 0")
     _check(t.sample_every_kimg >= 0, "train.sample_every_kimg must be >= 0")
     _check(t.batching in ("epochs", "random"), "train.batching must be 'epochs' or 'random'")
-    _check(t.optimizer in ("adam", "adamw"), "train.optimizer must be 'adam' or 'adamw'")
+    _check(t.optimizer in ("adam", "adamw", "sgd"), "train.optimizer must be adam, adamw or sgd")
     _check(
         t.lr_schedule in ("constant", "rounds", "cosine"),
         "train.lr_schedule must be 'constant', 'rounds' or 'cosine'",

@@ -150,6 +150,7 @@ class Trainer:
 
         # Model, EMA, optimizer.
         self.method: Method = build_method(config)
+        torch.manual_seed(derive_seed(t.seed, "init"))  # the same seed gives the same network
         self.net: nn.Module = build_network(config).to(device)
         if t.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -198,10 +199,13 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         t = self.config.train
+        params = self.net.parameters()
+        if t.optimizer == "sgd":  # momentum = betas[0]
+            return torch.optim.SGD(
+                params, lr=t.lr, momentum=t.betas[0], weight_decay=t.weight_decay
+            )
         cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-        return cls(
-            self.net.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
-        )
+        return cls(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
 
     def _init_from(self, path: Path) -> None:
         from difflab.api import load_run
