@@ -66,8 +66,10 @@ RESUMABLE = {
 def _resume_config(args: argparse.Namespace):
     """The run's own config; only its length (and device) may change when resuming."""
     from difflab.config import apply_overrides, load_json, validate
+    from difflab.train.rundir import check_existing_run_dir
 
     run_dir = Path(args.resume)
+    check_existing_run_dir(run_dir)
     config = load_json(run_dir / "config.json")
     changed = {
         "--preset": args.preset != "tutorial" and args.preset_given,
@@ -104,7 +106,9 @@ def _resume_config(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from difflab.data import load_images
+    from difflab.devices import resolve_device
     from difflab.registry import build_method, build_network, build_sampler
+    from difflab.train.rundir import check_new_run_dir
     from difflab.train.trainer import Interrupted, train
 
     if args.resume:
@@ -117,6 +121,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     method = build_method(config)
     build_network(config)
     build_sampler(method, config.sampler)
+    resolve_device(config.train.device)
+    if not args.resume:
+        check_new_run_dir(run_dir)
     class_is_default = not args.resume and args.class_name is None
     data = load_images(
         config.data.source,

@@ -1,0 +1,308 @@
+"""The command line end to end on tiny synthetic data, and every user mistake it must catch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import difflab
+from difflab.cli import main
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def trained(tmp_path, tiny_preset, image_folder, capsys):
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        "--preset",
+        tiny_preset,
+        "--data",
+        image_folder,
+        "--out",
+        run_dir,
+        "--steps",
+        3,
+        "--no-progress",
+    )
+    assert code == 0, err
+    return run_dir
+
+
+def test_presets_lists_exact_parameter_counts(capsys):
+    code, out, _ = run_cli(capsys, "presets")
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["tutorial"][3] == "4281091"
+    assert rows["tutorial-keras"][3] == "3586819"
+    assert {
+        "ddpm-cpu",
+        "ddpm-paper",
+        "ddpm-cosine-cpu",
+        "flow-cpu",
+        "flow-paper",
+        "edm-cpu",
+        "edm-paper",
+    } <= set(rows)
+    assert abs(int(rows["edm-paper"][3]) - 35_700_000) < 0.01 * 35_700_000
+
+
+def test_train_writes_the_run_directory(trained):
+    config = json.loads((trained / "config.json").read_text())
+    assert config["train"]["steps"] == 3 and config["method"]["name"] == "edm"
+    assert (trained / "log.jsonl").exists() and (trained / "tensorboard").is_dir()
+    assert (trained / "checkpoints" / "step-00000003" / "net.safetensors").exists()
+    assert (trained / "checkpoints" / "step-00000003" / "ema.safetensors").exists()
+    pictures = {p.name for p in (trained / "pictures").iterdir()}
+    assert {
+        "schedule.png",
+        "training-images.png",
+        "forward-process.png",
+        "samples-latest.png",
+    } <= pictures
+
+
+def test_sample_is_deterministic_whatever_the_batch_size(trained, tmp_path, capsys):
+    code, out, err = run_cli(
+        capsys,
+        "sample",
+        trained,
+        "--num",
+        5,
+        "--out",
+        tmp_path / "a",
+        "--seed",
+        3,
+        "--strip",
+        "--gif",
+    )
+    assert code == 0, err
+    assert "network evaluations" in out
+    code, _, err = run_cli(
+        capsys,
+        "sample",
+        trained,
+        "--num",
+        5,
+        "--out",
+        tmp_path / "b",
+        "--seed",
+        3,
+        "--batch-size",
+        2,
+    )
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "a").glob("0*.png"))
+    assert names == [f"{i:05d}.png" for i in range(5)]
+    for name in names:
+        a, b = (np.asarray(Image.open(tmp_path / d / name)) for d in ("a", "b"))
+        assert a.shape == (8, 8, 3) and np.array_equal(a, b)
+    assert (tmp_path / "a" / "grid.png").exists() and (tmp_path / "a" / "strip.png").exists()
+    assert (tmp_path / "a" / "reverse-process.gif").exists()
+    code, _, _ = run_cli(
+        capsys, "sample", trained, "--num", 5, "--out", tmp_path / "c", "--seed", 4
+    )
+    other = np.asarray(Image.open(tmp_path / "c" / "00000.png"))
+    assert not np.array_equal(other, np.asarray(Image.open(tmp_path / "a" / "00000.png")))
+
+
+def test_any_compatible_sampler_and_step_count(trained, tmp_path, capsys):
+    for sampler, steps in [("edm-stochastic", 3), ("euler", 1), ("heun", 2), ("dpm++2m", 3)]:
+        code, out, err = run_cli(
+            capsys,
+            "sample",
+            trained,
+            "--num",
+            2,
+            "--out",
+            tmp_path / sampler,
+            "--sampler",
+            sampler,
+            "--steps",
+            steps,
+        )
+        assert code == 0, err
+    assert "3 network evaluations" in out  # dpm++2m: one per step
+
+
+def test_python_api_three_lines(trained, tmp_path):
+    run = difflab.load_run(trained)
+    images = run.sample(4, seed=0)
+    difflab.save_grid(images, tmp_path / "grid.png")
+    assert images.shape == (4, 3, 8, 8) and (tmp_path / "grid.png").exists()
+    assert torch.equal(images, difflab.load_run(trained).sample(4, seed=0))
+
+
+def test_export_then_load_and_init(trained, tmp_path, tiny_preset, image_folder, capsys):
+    out_file = tmp_path / "model.safetensors"
+    code, _, err = run_cli(capsys, "export", trained, "--out", out_file)
+    assert code == 0, err
+    exported = difflab.load_run(out_file).sample(2, seed=1)
+    assert torch.equal(exported, difflab.load_run(trained).sample(2, seed=1))
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--preset",
+        tiny_preset,
+        "--data",
+        image_folder,
+        "--out",
+        tmp_path / "init",
+        "--steps",
+        1,
+        "--init",
+        out_file,
+        "--no-progress",
+    )
+    assert code == 0, err
+
+
+def test_resume_extends_a_run(trained, capsys):
+    code, out, err = run_cli(capsys, "train", "--resume", trained, "--steps", 5, "--no-progress")
+    assert code == 0, err
+    assert "step 5" in out
+    code, out, _ = run_cli(capsys, "train", "--resume", trained, "--steps", 5, "--no-progress")
+    assert code == 0 and "already reached" in out
+
+
+def test_tutorial_preset_defaults_to_the_car_class(tmp_path, image_folder, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in (image_folder / "cars").glob("*.png"):
+        (flat / p.name).write_bytes(p.read_bytes())
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--preset",
+        "tutorial",
+        "--data",
+        flat,
+        "--out",
+        tmp_path / "t",
+        "--steps",
+        1,
+        "--set",
+        "data.image_size=8",
+        "--no-progress",
+    )
+    assert code == 0, err
+    assert "automobile" in err  # the note that the preset's class was ignored on a flat folder
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["data"]["class_name"] is None
+
+
+BAD_TRAIN = [
+    (["--preset", "nope"], "unknown preset"),
+    (["--set", "train.nope=1"], "unknown setting train.nope"),
+    (["--set", "train.lr=fast"], "expected a number"),
+    (["--set", "train.batch_size=0"], "batch_size must be at least 1"),
+    (["--steps", "-4"], "steps must not be negative"),
+    (["--set", "train.lr=nan"], "train.lr must be a positive number"),
+    (["--set", "data.image_size=9"], "divisible"),
+    (["--set", "train.lr"], "expected key=value"),
+    (["--method", "magic"], "unknown method"),
+    (["--network", "resnet"], "unknown network"),
+    (["--sampler", "ddim"], "needs a DDPM-family"),
+    (["--class", "planes"], "unknown class"),
+    (["--device", "cuda:7"], "CUDA"),
+    (["--data", "/does/not/exist"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_TRAIN)
+def test_bad_train_input_is_one_line(tmp_path, tiny_preset, image_folder, capsys, args, message):
+    base = [
+        "train",
+        "--preset",
+        tiny_preset,
+        "--data",
+        image_folder,
+        "--out",
+        tmp_path / "r",
+        "--no-progress",
+    ]
+    code, _, err = run_cli(capsys, *base, *args)
+    assert code != 0
+    assert err.startswith("difflab: error:") and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_sample_and_run_dir_input(trained, tmp_path, capsys, tiny_preset, image_folder):
+    cases = [
+        (["sample", tmp_path / "missing", "--out", tmp_path / "o"], "does not exist"),
+        (
+            ["sample", trained, "--out", tmp_path / "o", "--sampler", "tutorial"],
+            "needs a model of the tutorial",
+        ),
+        (["sample", trained, "--out", tmp_path / "o", "--sampler", "warp"], "unknown sampler"),
+        (["sample", trained, "--out", tmp_path / "o", "--num", 0], "--num must be at least 1"),
+        (
+            ["train", "--preset", tiny_preset, "--data", image_folder, "--out", trained],
+            "already holds a run",
+        ),
+        (["train", "--resume", trained, "--method", "flow"], "cannot change when resuming"),
+        (["train", "--resume", tmp_path / "nothing"], "does not exist"),
+        (["frobnicate"], "invalid choice"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli(capsys, *args)
+        assert code != 0 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_empty_folder_is_a_clear_error(tmp_path, tiny_preset, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--preset",
+        tiny_preset,
+        "--data",
+        tmp_path / "empty",
+        "--out",
+        tmp_path / "r",
+    )
+    assert code != 0 and "no image" in err.lower()
+
+
+def test_tutorial_sampler_only_runs_its_sixteen_levels(tmp_path, image_folder, capsys):
+    run_dir = tmp_path / "tut"
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--preset",
+        "tutorial",
+        "--data",
+        image_folder,
+        "--class",
+        "cars",
+        "--out",
+        run_dir,
+        "--steps",
+        1,
+        "--set",
+        "data.image_size=8",
+        "--no-progress",
+    )
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "sample", run_dir, "--out", tmp_path / "s", "--steps", 8)
+    assert code != 0 and "only runs the 16 levels" in err
+    code, out, err = run_cli(capsys, "sample", run_dir, "--out", tmp_path / "s", "--num", 2)
+    assert code == 0 and "16 network evaluations" in out
+
+
+def test_module_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "difflab", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "train" in result.stdout
