@@ -24,7 +24,7 @@ def run_cli(capsys, *args):
 @pytest.fixture
 def trained(tmp_path, tiny_preset, image_folder, capsys):
     run_dir = tmp_path / "run"
-    code, out, err = run_cli(
+    code, _out, err = run_cli(
         capsys,
         "train",
         "--preset",
