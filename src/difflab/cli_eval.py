@@ -1,9 +1,157 @@
-"""``difflab ref`` and ``difflab eval``: reference statistics and FID / KID (filled in below)."""
+"""``difflab ref`` and ``difflab eval``: reference statistics of a data set, FID and KID."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab.errors import DifflabError
+
+KID_SUBSET = 1000
+
+
+def _extractor(args: argparse.Namespace):
+    from difflab.metrics import InceptionFeatures
+
+    return InceptionFeatures(
+        args.inception, device=args.device if args.device != "auto" else _auto()
+    )
+
+
+def _auto() -> str:
+    from difflab.devices import resolve_device
+
+    return str(resolve_device("auto"))
+
+
+def reference_stats(
+    source: str, class_name: str | None, image_size: int, extractor, batch_size: int
+):
+    """Inception statistics (and features, for KID) of a data set."""
+    from difflab.data import load_images
+    from difflab.metrics import extract_features, feature_stats
+
+    data = load_images(source, class_name, image_size)
+    features = extract_features(data.images, extractor, batch_size, desc="reference features")
+    meta = {"source": data.source, "extractor_sha256": extractor.sha256}
+    return feature_stats(features, keep_features=True, meta=meta)
+
+
+def cmd_ref(args: argparse.Namespace) -> int:
+    from difflab.metrics import save_stats
+
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise DifflabError(f"--out {out}: reference statistics are written as a .npz file")
+    stats = reference_stats(
+        args.data, args.class_name, args.image_size, _extractor(args), args.batch_size
+    )
+    save_stats(stats, out)
+    print(f"wrote reference statistics of {stats.num_images} images to {out}")
+    return 0
+
+
+def _load_reference(args: argparse.Namespace, extractor):
+    from difflab.metrics import load_stats
+
+    if args.ref.endswith(".npz"):
+        return load_stats(args.ref)
+    return reference_stats(args.ref, args.class_name, args.image_size, extractor, args.batch_size)
+
+
+def generated_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor], int, dict]:
+    """uint8 batches of the images to score: a folder's files, or samples of a run."""
+    from difflab.viz import to_uint8
+
+    source = Path(args.images)
+    if (source / "config.json").is_file() or source.suffix == ".safetensors":
+        from difflab.api import load_run
+
+        run = load_run(source, checkpoint=args.checkpoint, device=args.device)
+        num = args.num or 1000
+        plan = run.plan(args.sampler, args.steps)
+
+        def sample() -> Iterator[torch.Tensor]:
+            for start in range(0, num, args.batch_size):
+                count = min(args.batch_size, num - start)
+                yield to_uint8(run.generate(count, args.seed, plan=plan, start=start).images)
+
+        info = {"run": str(source), "step": run.step, "sampler": plan.name, "steps": plan.num_steps}
+        return sample(), num, info
+    from difflab.data import load_images
+
+    images = load_images(str(source), None, args.image_size).images
+    if args.num:
+        if args.num > len(images):
+            raise DifflabError(f"--num {args.num}: {source} holds only {len(images)} images")
+        images = images[: args.num]
+    batches = (images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size))
+    return batches, len(images), {"folder": str(source)}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from difflab.io import atomic_write_text
+    from difflab.metrics import extract_features, fid_kid
+
+    extractor = _extractor(args)
+    ref = _load_reference(args, extractor)
+    batches, num, info = generated_batches(args)
+    if num < 2:
+        raise DifflabError(f"KID needs at least 2 images, got {num}")
+    features = extract_features(
+        batches, extractor, args.batch_size, desc="sample features", total=num
+    )
+    result = fid_kid(features, ref, subset_size=KID_SUBSET, seed=args.seed)
+    result.update(info)
+    print(f"FID {result['fid']:.3f}  (n={result['num_gen']} vs {result['num_ref']})")
+    print(f"KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f}")
+    out = Path(args.json) if args.json else _default_json(Path(args.images), info, num)
+    atomic_write_text(out, json.dumps(_plain(result), indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def _default_json(source: Path, info: dict, num: int) -> Path:
+    if "run" in info and source.is_dir():
+        return source / f"eval-step{info['step']}-{info['sampler']}{info['steps']}-n{num}.json"
+    return (source if source.is_dir() else source.parent) / "eval.json"
+
+
+def _plain(values: dict) -> dict:
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()}
 
 
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
-    return None
+    ref = sub.add_parser("ref", help="reference statistics (Inception features) of a data set")
+    ref.add_argument("data", help="cifar10 or an image folder")
+    ref.add_argument("--class", dest="class_name", help="class name or index")
+    ref.add_argument("--out", required=True, help="REF.npz")
+    _metric_options(ref)
+    ref.set_defaults(func=cmd_ref)
+
+    evaluate = sub.add_parser("eval", help="FID and KID of a folder of images or of a run")
+    evaluate.add_argument("images", help="a folder of PNG/JPEG files, a run directory or an export")
+    evaluate.add_argument("--ref", required=True, help="REF.npz from difflab ref, or a data set")
+    evaluate.add_argument("--class", dest="class_name", help="class of --ref when it is a data set")
+    evaluate.add_argument("--num", type=int, help="images to score (run: default 1000)")
+    evaluate.add_argument("--sampler", help="sampler for a run (default: the run's)")
+    evaluate.add_argument("--steps", type=int, help="sampler steps for a run")
+    evaluate.add_argument("--checkpoint", help="a checkpoint folder of the run")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--json", help="where to write the result (default beside the images)")
+    _metric_options(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+
+def _metric_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-size", type=int, default=32, help="size images are loaded at")
+    parser.add_argument(
+        "--inception", help="TorchScript Inception weights (default: the metrics extra's)"
+    )
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--device", default="auto")

