@@ -169,3 +169,25 @@ def test_every_objective_gives_a_finite_loss_and_gradients(method, network):
     grads = [p.grad for p in net.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_preset, image_folder):
+    data = load_images(str(image_folder), None, 8)
+    common = ["network.unet.dropout=0.0", "train.optimizer='sgd'", "train.lr=0.05", "train.steps=3"]
+    runs = {}
+    for accumulation in (1, 4):
+        config = _config(tiny_preset, image_folder, *common, f"train.accumulation={accumulation}")
+        train(config, tmp_path / f"acc{accumulation}", data=data, progress=False)
+        runs[accumulation] = _weights(tmp_path / f"acc{accumulation}")
+    worst = max((runs[1][k] - runs[4][k]).abs().max().item() for k in runs[1])
+    assert worst < 1e-5  # only float summation order differs
+
+
+def test_channels_last_trains_to_the_same_weights(tmp_path, tiny_preset, image_folder):
+    data = load_images(str(image_folder), None, 8)
+    common = ["network.unet.dropout=0.0", "train.optimizer='sgd'", "train.lr=0.05", "train.steps=2"]
+    for flag in ("false", "true"):
+        config = _config(tiny_preset, image_folder, *common, f"train.channels_last={flag}")
+        train(config, tmp_path / flag, data=data, progress=False)
+    a, b = _weights(tmp_path / "false"), _weights(tmp_path / "true")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

@@ -1,0 +1,347 @@
+"""Quality per compute: every method for the same wall-clock budget on this CPU, then FID / KID.
+
+Resumable, one piece at a time; every result lands in bench/results/quality/*.json as soon as
+it is measured, and ``report`` turns whatever has landed into docs/benchmarks.md ("## Quality").
+
+    python bench/quality.py ref                 # Inception statistics of the 5,000 training cars
+    python bench/quality.py train edm           # 30 minutes of training (in 4 resumable chunks)
+    python bench/quality.py eval edm            # 1,000 samples, FID-1k, KID, speeds
+    python bench/quality.py curve edm           # FID against training time (the chunk ends)
+    python bench/quality.py samplers edm        # FID-1k against network evaluations
+    python bench/quality.py seeds edm           # spread of FID-1k over 3 sampling seeds
+    python bench/quality.py memorisation edm    # nearest training images of 100 samples
+    python bench/quality.py report              # write docs/benchmarks.md
+    python bench/quality.py all                 # every missing piece, in order
+
+Run nothing else heavy while a timed piece runs: the budgets are wall-clock on 2 cores.
+``--quick`` shrinks every budget to a smoke test (results go to bench/out/quick/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpg" / "train"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One contender: a preset, optionally with another method or network."""
+
+    preset: str
+    method: str | None = None
+    label: str = ""
+
+
+ENTRIES = {
+    "tutorial": Entry("tutorial", label="tutorial method + tutorial network (the notebook)"),
+    "tutorial-unet": Entry("edm-cpu", method="tutorial", label="tutorial method + CPU U-Net"),
+    "ddpm": Entry("ddpm-cpu", label="DDPM eps, linear + CPU U-Net"),
+    "ddpm-cosine": Entry("ddpm-cosine-cpu", label="DDPM v, cosine + CPU U-Net"),
+    "flow": Entry("flow-cpu", label="flow matching + CPU U-Net"),
+    "edm": Entry("edm-cpu", label="EDM + CPU U-Net"),
+}
+SAMPLER_SWEEP = {
+    "edm": [
+        ("edm", [3, 5, 9, 18, 50]),
+        ("euler", [5, 10, 18, 35, 100]),
+        ("dpm++2m", [5, 10, 18, 35]),
+    ],
+    "flow": [
+        ("heun", [3, 5, 9, 18, 50]),
+        ("euler", [5, 10, 18, 35, 100]),
+        ("dpm++2m", [5, 10, 18, 35]),
+    ],
+    "ddpm": [
+        ("ancestral", [10, 35, 100, 1000]),
+        ("ddim", [5, 10, 18, 35, 100]),
+        ("dpm++2m", [5, 10, 18, 35]),
+    ],
+    "ddpm-cosine": [
+        ("ancestral", [10, 35, 100, 1000]),
+        ("ddim", [5, 10, 18, 35, 100]),
+        ("dpm++2m", [5, 10, 18, 35]),
+    ],
+}
+
+
+class Settings:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.quick = args.quick
+        self.data = str(args.data)
+        self.minutes = 0.3 if args.quick else args.minutes
+        self.chunks = 2 if args.quick else args.chunks
+        self.num = 20 if args.quick else args.num
+        self.curve_num = 10 if args.quick else args.curve_num
+        self.ref_num = 40 if args.quick else 0  # 0: all 5,000
+        self.out = ROOT / "bench" / "out" / ("quick" if args.quick else "quality")
+        self.results = (
+            self.out / "results" if args.quick else ROOT / "bench" / "results" / "quality"
+        )
+        self.python = sys.executable
+
+    @property
+    def ref(self) -> Path:
+        return self.out / "ref-cars.npz"
+
+    def run_dir(self, name: str) -> Path:
+        return self.out / "runs" / name
+
+    def result(self, piece: str, name: str = "") -> Path:
+        return self.results / (f"{piece}-{name}.json" if name else f"{piece}.json")
+
+
+def difflab(settings: Settings, *args: object) -> str:
+    """Run the difflab CLI; its stdout is returned, its progress bars pass through."""
+    command = [settings.python, "-m", "difflab", *map(str, args)]
+    print("$", " ".join(command[2:]), flush=True)
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"difflab {args[0]} failed with exit code {done.returncode}")
+    print(done.stdout, end="")
+    return done.stdout
+
+
+def save(path: Path, values: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = {**values, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine()}
+    path.write_text(json.dumps(values, indent=2) + "\n")
+    print(f"recorded {path.relative_to(ROOT)}")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def piece_ref(settings: Settings) -> None:
+    if settings.ref.exists():
+        return
+    if settings.ref_num:  # quick: a small folder of real cars
+        folder = settings.out / "ref-images"
+        _copy_cars(Path(settings.data) / "automobile", folder, settings.ref_num)
+        difflab(settings, "ref", folder, "--out", settings.ref)
+    else:
+        difflab(settings, "ref", settings.data, "--class", "automobile", "--out", settings.ref)
+
+
+def _copy_cars(source: Path, folder: Path, count: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir())[:count]:
+        (folder / path.name).write_bytes(path.read_bytes())
+
+
+def _elapsed_minutes(run_dir: Path) -> float:
+    from difflab.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+    return 0.0 if ckpt is None else ckpt.state["elapsed"] / 60
+
+
+def piece_train(settings: Settings, name: str) -> None:
+    """Train for the budget in equal chunks; each chunk's end is a kept checkpoint."""
+    entry, run_dir = ENTRIES[name], settings.run_dir(name)
+    chunk = settings.minutes / settings.chunks
+    while (done := _elapsed_minutes(run_dir)) < settings.minutes - 0.01:
+        limit = min(chunk, settings.minutes - done)
+        if (run_dir / "config.json").exists():
+            difflab(settings, "train", "--resume", run_dir, "--time-limit", limit, "--no-progress")
+            continue
+        extra = ["--method", entry.method] if entry.method else []
+        difflab(
+            settings, "train", "--preset", entry.preset, *extra, "--data", settings.data,
+            "--class", "automobile", "--out", run_dir, "--time-limit", limit, "--steps", 10**9,
+            "--set", "train.keep_last=1000", "--set", "train.checkpoint_every=1000000000",
+            "--set", "train.sample_every_kimg=0", "--no-progress",
+        )  # fmt: skip
+
+
+def _evaluate(settings: Settings, name: str, num: int, *extra: object) -> dict:
+    json_path = settings.out / "evals" / f"{name}-{time.time_ns()}.json"
+    started = time.monotonic()
+    difflab(settings, "eval", settings.run_dir(name), "--ref", settings.ref, "--num", num,
+            "--json", json_path, *extra)  # fmt: skip
+    result = json.loads(json_path.read_text())
+    result["eval_seconds"] = time.monotonic() - started
+    return result
+
+
+def _sampling_rate(settings: Settings, name: str, num: int) -> tuple[float, int]:
+    """Images per second of the run's default sampler, and network evaluations per image."""
+    folder = settings.out / "samples" / name
+    started = time.monotonic()
+    out = difflab(settings, "sample", settings.run_dir(name), "--num", num, "--out", folder)
+    seconds = time.monotonic() - started
+    evaluations = int(out.split(" network evaluations")[0].rsplit(" ", 1)[1])
+    return num / seconds, evaluations
+
+
+def piece_eval(settings: Settings, name: str) -> None:
+    from difflab.api import load_run
+    from difflab.models import count_parameters
+    from difflab.train.checkpoint import latest_checkpoint
+
+    run_dir = settings.run_dir(name)
+    ckpt = latest_checkpoint(run_dir)
+    images_per_s, evaluations = _sampling_rate(settings, name, min(settings.num, 100))
+    result = _evaluate(settings, name, settings.num)
+    result.update(
+        entry=name,
+        label=ENTRIES[name].label,
+        preset=ENTRIES[name].preset,
+        train_minutes=ckpt.state["elapsed"] / 60,
+        steps=ckpt.step,
+        images_seen=ckpt.state["images_seen"],
+        train_images_per_s=ckpt.state["images_seen"] / ckpt.state["elapsed"],
+        sample_images_per_s=images_per_s,
+        evaluations_per_image=evaluations,
+        parameters=count_parameters(load_run(run_dir, device="cpu").net),
+    )
+    save(settings.result("eval", name), result)
+
+
+def piece_curve(settings: Settings, name: str) -> None:
+    """FID/KID at every kept checkpoint (the chunk ends), on ``curve_num`` samples."""
+    from difflab.train.checkpoint import list_checkpoints, load_checkpoint
+
+    points = []
+    for path in list_checkpoints(settings.run_dir(name)):
+        elapsed = load_checkpoint(path).state["elapsed"] / 60
+        result = _evaluate(settings, name, settings.curve_num, "--checkpoint", path)
+        points.append({"minutes": elapsed, "step": result["step"], "fid": result["fid"],
+                       "kid": result["kid_mean"]})  # fmt: skip
+    save(
+        settings.result("curve", name), {"entry": name, "num": settings.curve_num, "points": points}
+    )
+
+
+def piece_samplers(settings: Settings, name: str) -> None:
+    rows = []
+    for sampler, step_counts in SAMPLER_SWEEP[name]:
+        for steps in step_counts:
+            result = _evaluate(settings, name, settings.num, "--sampler", sampler, "--steps", steps)
+            rows.append({"sampler": sampler, "steps": steps, "fid": result["fid"],
+                         "kid": result["kid_mean"], "seconds": result["eval_seconds"]})  # fmt: skip
+            save(settings.result("samplers", name), {"entry": name, "rows": rows})
+
+
+def piece_seeds(settings: Settings, name: str) -> None:
+    rows = [_evaluate(settings, name, settings.num, "--seed", seed) for seed in (1, 2, 3)]
+    fids = [r["fid"] for r in rows]
+    save(
+        settings.result("seeds", name),
+        {"entry": name, "fid": fids, "kid": [r["kid_mean"] for r in rows]},
+    )
+
+
+def piece_memorisation(settings: Settings, name: str) -> None:
+    """Nearest training image of 100 samples, in Inception features and in pixels."""
+    import numpy as np
+    import torch
+
+    from difflab.api import load_run
+    from difflab.data import load_images
+    from difflab.metrics import InceptionFeatures, extract_features, load_stats
+    from difflab.viz import save_grid, to_uint8
+
+    count = 10 if settings.quick else 100
+    run = load_run(settings.run_dir(name), device="cpu")
+    samples = run.sample(count, seed=123)
+    train = load_images(settings.data, "automobile", 32).images
+    ref = load_stats(settings.ref)
+    gen_features = extract_features(to_uint8(samples), InceptionFeatures(), desc="memorisation")
+    train_features = ref.features.astype(np.float64)
+    feature_nn = np.argmin(((gen_features[:, None] - train_features[None]) ** 2).sum(-1), axis=1)
+    pixels = to_uint8(samples).float().flatten(1)
+    train_pixels = train[: len(train_features)].float().flatten(1)
+    pixel_dist = torch.cdist(pixels, train_pixels)
+    pixel_nn = pixel_dist.argmin(1)
+    pairs = torch.stack([to_uint8(samples), train[pixel_nn], train[torch.as_tensor(feature_nn)]], 1)
+    figure = ROOT / "docs" / "figures" / f"memorisation-{name}.png"
+    save_grid(pairs[:24].flatten(0, 1).float() / 127.5 - 1, figure, nrow=12)
+    rms = (pixel_dist.min(1).values / pixels.shape[1] ** 0.5).tolist()
+    save(settings.result("memorisation", name), {
+        "entry": name, "count": count, "figure": str(figure.relative_to(ROOT)),
+        "pixel_rms_to_nearest_min": min(rms), "pixel_rms_to_nearest_median": float(np.median(rms)),
+    })  # fmt: skip
+
+
+# --------------------------------------------------------------------------- report
+
+
+def load_results(settings: Settings, piece: str) -> dict[str, dict]:
+    found = {}
+    for path in sorted(settings.results.glob(f"{piece}-*.json")):
+        found[path.stem[len(piece) + 1 :]] = json.loads(path.read_text())
+    return found
+
+
+def piece_report(settings: Settings) -> None:
+    import report_quality
+
+    report_quality.write(settings, load_results)
+
+
+PIECES = {
+    "train": piece_train, "eval": piece_eval, "curve": piece_curve, "samplers": piece_samplers,
+    "seeds": piece_seeds, "memorisation": piece_memorisation,
+}  # fmt: skip
+
+
+def piece_all(settings: Settings) -> None:
+    piece_ref(settings)
+    for name in ENTRIES:
+        piece_train(settings, name)
+        if not settings.result("eval", name).exists():
+            piece_eval(settings, name)
+    piece_report(settings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("piece", choices=["ref", "report", "all", *PIECES])
+    parser.add_argument("entry", nargs="?", choices=list(ENTRIES))
+    parser.add_argument("--data", default=os.environ.get("DIFFLAB_DATA", DEFAULT_DATA))
+    parser.add_argument("--minutes", type=float, default=30.0, help="training budget per entry")
+    parser.add_argument("--chunks", type=int, default=4, help="resumable chunks (curve points)")
+    parser.add_argument("--num", type=int, default=1000, help="samples for FID-1k")
+    parser.add_argument("--curve-num", type=int, default=1000, help="samples per curve point")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test")
+    args = parser.parse_args()
+    settings = Settings(args)
+    if args.piece == "ref":
+        piece_ref(settings)
+    elif args.piece == "report":
+        piece_report(settings)
+    elif args.piece == "all":
+        piece_all(settings)
+    else:
+        if args.entry is None:
+            parser.error(f"{args.piece} needs an entry: {', '.join(ENTRIES)}")
+        if args.piece != "train":
+            piece_ref(settings)
+        PIECES[args.piece](settings, args.entry)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
