@@ -46,7 +46,7 @@ def _sections(settings, load: Callable[[object, str], dict[str, dict]]) -> list[
     if evals:
         any_result = next(iter(evals.values()))
         lines += [f"Measured {any_result['date']} on {any_result['machine']}.", ""]
-        lines += _main_table(evals) + [""]
+        lines += [*_main_table(evals), ""]
     else:
         lines += ["No entry has been measured yet.", ""]
     for name, r in load(settings, "samplers").items():
