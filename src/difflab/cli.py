@@ -240,10 +240,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
             )
         )
     print(
-        f"{'preset':<16} {'method':<12} {'network':<15} {'parameters':>11} {'GFLOP/img':>10}  description"
+        f"{'preset':<18} {'method':<12} {'network':<15} {'parameters':>11} {'GFLOP/img':>10}  description"
     )
     for name, method, network, params, gflops, description in rows:
-        print(f"{name:<16} {method:<12} {network:<15} {params:>11d} {gflops:>10.3f}  {description}")
+        print(f"{name:<18} {method:<12} {network:<15} {params:>11d} {gflops:>10.3f}  {description}")
     return 0
 
 
