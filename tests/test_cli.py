@@ -177,6 +177,25 @@ def test_resume_extends_a_run(trained, capsys):
     assert code == 0 and "already reached" in out
 
 
+def test_method_flag_brings_its_own_default_sampler(tmp_path, image_folder, capsys):
+    args = [
+        "train",
+        "--preset",
+        "flow-cpu",
+        "--method",
+        "tutorial",
+        "--data",
+        image_folder,
+        "--class",
+        "cars",
+    ]
+    args += ["--out", tmp_path / "r", "--steps", 1, "--no-progress", "--set", "data.image_size=8"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["method"]["name"] == "tutorial" and config["sampler"]["name"] == ""
+
+
 def test_tutorial_preset_defaults_to_the_car_class(tmp_path, image_folder, capsys):
     flat = tmp_path / "flat"
     flat.mkdir()

@@ -29,13 +29,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_config(args: argparse.Namespace):
     """Preset, then --method / --network, then the flags, then --set: later wins."""
-    from difflab.config import apply_overrides, load_preset, validate
+    from difflab.config import SamplerConfig, apply_overrides, load_preset, validate
 
     config = load_preset(args.preset)
     if args.method:
         config.method.name = args.method
-        if not args.sampler:
-            config.sampler.name = ""  # the new method's default sampler
+        if not args.sampler:  # the preset's sampler belongs to its method: use the new one's
+            config.sampler = SamplerConfig()
     if args.network:
         config.network.name = args.network
     flags = {
