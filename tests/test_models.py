@@ -298,3 +298,19 @@ def test_bad_forward_inputs_raise() -> None:
         cond(torch.randn(2, 3, 16, 16), t, torch.tensor([0, 10]))
     with pytest.raises(DifflabError, match="labels"):
         cond(torch.randn(2, 3, 16, 16), t, torch.tensor([0.0, 1.0]))
+
+
+def test_keras_variant_uses_keras_initialisation():
+    """Keras Dense / Conv2D defaults: glorot-uniform kernels and zero biases."""
+    from difflab.models import TutorialUNet
+
+    net = TutorialUNet(variant="keras")
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    assert all(not m.bias.any() for m in linears)
+    dense = net.time_embed[0]  # Linear(1, 192): glorot limit sqrt(6 / (1 + 192))
+    assert dense.weight.abs().max() <= (6 / 193) ** 0.5
+    assert any(
+        m.bias.any()
+        for m in TutorialUNet(variant="pytorch").modules()
+        if isinstance(m, torch.nn.Linear)
+    )

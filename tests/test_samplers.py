@@ -196,3 +196,20 @@ def test_images_do_not_depend_on_the_batch():
 def test_one_step_is_finite(method, sampler, steps):
     x = _run(method, sampler, steps, num=8)
     assert torch.isfinite(x).all()
+
+
+def test_edm_grid_on_ddpm_has_no_repeated_steps():
+    """Neighbouring rho-levels map to the same DDPM step; the grid keeps one of each."""
+    _, plan = _plan("ddpm", "dpm++2m", 18, grid="edm")
+    assert (plan.grid[1:] < plan.grid[:-1]).all()
+    assert torch.isfinite(_run("ddpm", "dpm++2m", 18, num=8, grid="edm")).all()
+
+
+def test_clip_x0_keeps_the_estimate_in_the_data_range():
+    seen = []
+    x = _run("ddpm", "ddim", 10, num=8, clip_x0=True)
+    assert torch.isfinite(x).all()
+    method, plan = _plan("ddpm", "ancestral", 10, clip_x0=True)
+    rng = SampleNoise(range(8))
+    plan(ExactDenoiser(method), rng.randn(SHAPE) * 3, rng, on_step=lambda i, x, x0: seen.append(x0))
+    assert all(x0.abs().max() <= 1 for x0 in seen)

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from difflab.config import Config, from_dict, load_json, validate
+from difflab.config import Config, SamplerConfig, from_dict, load_json, validate
 from difflab.devices import resolve_device
 from difflab.errors import DifflabError
 from difflab.registry import Method, SamplingPlan, build_method, build_network, build_sampler
@@ -45,13 +45,14 @@ class Run:
         return (3, self.config.data.image_size, self.config.data.image_size)
 
     def plan(self, sampler: str | None = None, steps: int | None = None, **options) -> SamplingPlan:
-        """The run's sampler (or another compatible one by name) with its time grid."""
-        config = dataclasses.replace(self.config.sampler, **options)
-        if sampler is not None:
-            config = dataclasses.replace(config, name=sampler, steps=0 if steps is None else steps)
-        elif steps is not None:
-            config = dataclasses.replace(config, steps=steps)
-        return build_sampler(self.method, config)
+        """The run's sampler, or another compatible one by name with its own defaults.
+
+        ``options`` are any ``SamplerConfig`` fields (eta, grid, rho, s_churn, clip_x0, ...).
+        """
+        config = self.config.sampler if sampler is None else SamplerConfig(name=sampler)
+        if steps is not None:
+            options["steps"] = steps
+        return build_sampler(self.method, dataclasses.replace(config, **options))
 
     def generate(
         self,

@@ -183,7 +183,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _positive(args.num, "--num")
     _positive(args.batch_size, "--batch-size")
     out = Path(args.out)
-    plan = run.plan(args.sampler, args.steps, **({"eta": args.eta} if args.eta is not None else {}))
+    options = {k: v for k, v in (("eta", args.eta), ("grid", args.grid)) if v is not None}
+    plan = run.plan(args.sampler, args.steps, **options)
     record = args.strip or args.gif
     written, evaluations = 0, 0
     first = None
@@ -317,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--steps", type=int, help="sampler steps")
     sample.add_argument("--eta", type=float, help="DDIM eta (0 deterministic, 1 ancestral)")
+    sample.add_argument(
+        "--grid", choices=["default", "edm"], help="time grid (edm: rho = 7 spacing)"
+    )
     sample.add_argument("--checkpoint", help="a checkpoint folder of the run (default: newest)")
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     sample.add_argument("--strip", action="store_true", help="also write strip.png of the progress")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -82,6 +83,7 @@ class SamplerConfig:
     name: str = ""  # empty: the method's default sampler
     steps: int = 0  # 0: the method's default number of steps
     eta: float = 0.0  # ddim
+    clip_x0: bool = False  # ancestral, ddim: clip the x0 estimate to [-1, 1] (Ho et al. 2020)
     grid: str = "default"  # "default" (the process's own) or "edm" (rho-spaced in sigma/alpha)
     rho: float = 7.0
     s_churn: float = 40.0  # edm-stochastic
@@ -240,6 +242,8 @@ def load_preset(name_or_path: str) -> Config:
         values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise DifflabError(f"preset {name}: invalid TOML ({error})") from None
+    except RecursionError:
+        raise DifflabError(f"preset {name}: invalid TOML (nested too deeply)") from None
     values.setdefault("preset", name)
     return from_dict(values)
 
@@ -248,7 +252,7 @@ def parse_value(text: str) -> Any:
     """A TOML literal (1e-3, true, [1, 2], "x"), else the text itself as a string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # deep nesting overflows tomllib's stack
         return text
 
 
@@ -283,10 +287,33 @@ def _finite_positive(value: float, key: str) -> None:
     _check(math.isfinite(value) and value > 0, f"{key} must be a positive number, got {value}")
 
 
+def _nan_setting(values: dict[str, Any], prefix: str = "") -> str | None:
+    """The first setting that is (or holds) NaN, as ``section.key``."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            found = _nan_setting(value, f"{prefix}{key}.")
+            if found:
+                return found
+        elif any(isinstance(v, float) and math.isnan(v) for v in _as_list(value)):
+            return f"{prefix}{key}"
+    return None
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 def validate(config: Config) -> Config:
     """Range checks that do not need the registry (names are checked when objects are built)."""
     d, t, m, s = config.data, config.train, config.method, config.sampler
     _check(config.version == CONFIG_VERSION, f"config version {config.version} is not supported")
+    _check(
+        _DEVICE.fullmatch(t.device) is not None,
+        f"unknown device {t.device!r}; use auto, cpu, cuda, cuda:N or mps",
+    )
     _check(d.image_size >= 8, f"data.image_size must be at least 8, got {d.image_size}")
     _check(t.batch_size >= 1, f"train.batch_size must be at least 1, got {t.batch_size}")
     _check(t.accumulation >= 1, f"train.accumulation must be at least 1, got {t.accumulation}")
@@ -330,10 +357,18 @@ def validate(config: Config) -> Config:
         _finite_positive(getattr(m, key), f"method.{key}")
     _check(m.sigma_min < m.sigma_max, "method.sigma_min must be below method.sigma_max")
     _check(m.min_snr_gamma >= 0, "method.min_snr_gamma must be >= 0")
+    for key in ("p_mean", "logit_mean"):
+        _check(math.isfinite(getattr(m, key)), f"method.{key} must be a finite number")
+    for key in ("s_churn", "s_tmin", "s_noise"):
+        value = getattr(s, key)
+        _check(math.isfinite(value) and value >= 0, f"sampler.{key} must be >= 0, got {value}")
+    _check(s.s_tmax >= 0, f"sampler.s_tmax must be >= 0, got {s.s_tmax}")
     _check(s.steps >= 0, f"sampler.steps must not be negative, got {s.steps}")
     _check(0 <= s.eta <= 1, f"sampler.eta must be in [0, 1], got {s.eta}")
     _check(s.grid in ("default", "edm"), "sampler.grid must be 'default' or 'edm'")
     _finite_positive(s.rho, "sampler.rho")
+    nan = _nan_setting(config.to_dict())
+    _check(nan is None, f"{nan} must be a number, got nan")
     return config
 
 

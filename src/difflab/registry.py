@@ -207,13 +207,16 @@ def _is_tutorial(p: ForwardProcess) -> bool:
 SAMPLERS: dict[str, SamplerSpec] = {
     "tutorial": SamplerSpec(S.tutorial_sampler, _is_tutorial, "a model of the tutorial method"),
     "ancestral": SamplerSpec(
-        S.ancestral_sampler, lambda p: p.variance_preserving, "a DDPM-family (VP) model"
+        S.ancestral_sampler,
+        lambda p: p.variance_preserving,
+        "a DDPM-family (VP) model",
+        lambda s: {"clip_x0": s.clip_x0},
     ),
     "ddim": SamplerSpec(
         S.ddim_sampler,
         lambda p: p.variance_preserving,
         "a DDPM-family (VP) model",
-        lambda s: {"eta": s.eta},
+        lambda s: {"eta": s.eta, "clip_x0": s.clip_x0},
     ),
     "euler": SamplerSpec(S.euler_sampler, lambda p: p.differentiable, "a flow or EDM model"),
     "heun": SamplerSpec(S.heun_sampler, lambda p: p.differentiable, "a flow or EDM model"),

@@ -35,9 +35,19 @@ class SampleNoise:
         )
 
 
-def _predict(denoiser: Denoiser, x: Tensor, t: Tensor, labels: Tensor | None) -> Prediction:
+def _predict(
+    denoiser: Denoiser, x: Tensor, t: Tensor, labels: Tensor | None, clip_x0: bool = False
+) -> Prediction:
+    """(x0, eps) at t; ``clip_x0`` clips x0 to the data range [-1, 1] and recomputes eps from it
+    (Ho et al. 2020's sampler; with eps-prediction x0 = (x - sigma eps) / alpha magnifies the
+    network's error by 1 / alpha at high noise)."""
     pred = denoiser(x, t.to(x.dtype).expand(x.shape[0]), labels)
-    return Prediction(pred.x0.float(), pred.eps.float())
+    x0, eps = pred.x0.float(), pred.eps.float()
+    if clip_x0:
+        alpha, sigma = _scalars(denoiser, t)
+        x0 = x0.clamp(-1, 1)
+        eps = (x.float() - alpha * x0) / sigma if sigma > 0 else eps
+    return Prediction(x0, eps)
 
 
 def _scalars(denoiser: Denoiser, t: Tensor) -> tuple[float, float]:
@@ -83,6 +93,7 @@ def ddim_sampler(
     labels: Tensor | None = None,
     on_step: StepCallback | None = None,
     eta: float = 0.0,
+    clip_x0: bool = False,
 ) -> Tensor:
     """DDIM (Song et al. 2020, eq. 12): x' = alpha' x0 + sqrt(sigma'^2 - s^2) eps + s z.
 
@@ -91,7 +102,7 @@ def ddim_sampler(
     """
     x = noise
     for i in range(len(grid) - 1):
-        pred = _predict(denoiser, x, grid[i : i + 1], labels)
+        pred = _predict(denoiser, x, grid[i : i + 1], labels, clip_x0)
         alpha, sigma = _scalars(denoiser, grid[i])
         alpha_next, sigma_next = _scalars(denoiser, grid[i + 1])
         s = 0.0
@@ -112,6 +123,7 @@ def ancestral_sampler(
     rng: SampleNoise | None = None,
     labels: Tensor | None = None,
     on_step: StepCallback | None = None,
+    clip_x0: bool = False,
 ) -> Tensor:
     """DDPM ancestral sampling with the posterior q(x_{t-1} | x_t, x0) (Ho et al. 2020, eq. 6-7).
 
@@ -120,7 +132,7 @@ def ancestral_sampler(
     """
     x = noise
     for i in range(len(grid) - 1):
-        pred = _predict(denoiser, x, grid[i : i + 1], labels)
+        pred = _predict(denoiser, x, grid[i : i + 1], labels, clip_x0)
         alpha_bar = _scalars(denoiser, grid[i])[0] ** 2
         alpha_bar_prev = _scalars(denoiser, grid[i + 1])[0] ** 2
         beta = 1 - alpha_bar / alpha_bar_prev
@@ -212,8 +224,9 @@ def edm_stochastic_sampler(
 ) -> Tensor:
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): add noise, then a Heun step.
 
-    Defaults are the paper's ImageNet-64 settings scaled to CIFAR-sized images; gamma is
-    min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax], else 0.
+    Defaults are EDM's released ImageNet-64 settings (meant for 256 steps); gamma is
+    min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax], else 0, so at few steps every level
+    inside the range gets the maximal churn.
     """
     num_steps = len(grid) - 1
     x = noise

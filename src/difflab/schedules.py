@@ -58,10 +58,6 @@ class ForwardProcess:
         alpha, sigma = self.alpha_sigma(t)
         return _per_sample(alpha, x0.ndim) * x0 + _per_sample(sigma, x0.ndim) * eps
 
-    def initial_noise_scale(self) -> float:
-        """sigma at t_max: samplers start from ``scale * N(0, I)``."""
-        return float(self.alpha_sigma(torch.tensor([self.t_max], dtype=torch.float64))[1])
-
     def describe(self) -> dict[str, object]:
         return {"name": self.name}
 
@@ -172,7 +168,8 @@ class DDPMSchedule(ForwardProcess):
         return index.to(torch.float64) / self.num_timesteps
 
     def grid(self, num_steps: int) -> Tensor:
-        # Evenly respaced steps T..0 (Nichol & Dhariwal 2021, sec. 4; "trailing" spacing).
+        # Evenly respaced steps T..0 (Nichol & Dhariwal 2021, sec. 4), the grid starting at T
+        # ("trailing" spacing in Lin et al. 2024, arXiv:2305.08891, Table 2).
         steps = torch.linspace(self.num_timesteps, 0, num_steps + 1, dtype=torch.float64).round()
         return steps / self.num_timesteps
 
@@ -235,4 +232,5 @@ def ratio_grid(process: ForwardProcess, num_steps: int, rho: float = 7.0) -> Ten
     sigma_min = getattr(process, "sigma_min", 0.002)
     sigma_max = getattr(process, "sigma_max", 80.0)
     sigmas = edm_sigma_grid(num_steps, sigma_min, sigma_max, rho)
-    return process.t_from_ratio(sigmas)
+    # A discrete process (DDPM) maps neighbouring levels to the same step: keep one of each.
+    return torch.unique_consecutive(process.t_from_ratio(sigmas))

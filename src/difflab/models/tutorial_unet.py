@@ -11,7 +11,8 @@ Two variants of the same network:
   32x32x3.
 
 The condition is the raw integer step as a float (not normalized), as in the tutorial.
-Initialization is PyTorch's default, as in the PyTorch notebook.
+Initialization follows each notebook's framework: PyTorch's defaults for ``"pytorch"``, Keras'
+(Glorot-uniform kernels, zero biases) for ``"keras"``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def _map_norm(variant: str, size: int) -> nn.Module:
     if variant == "keras":
         return ChannelLayerNorm(WIDTH, eps=1e-3)
     return nn.LayerNorm([WIDTH, size, size])
+
+
+def _keras_init(module: nn.Module) -> None:
+    """Keras' Dense and Conv2D defaults: glorot_uniform kernels, zero biases."""
+    if isinstance(module, nn.Linear | nn.Conv2d):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 class TutorialBlock(nn.Module):
@@ -101,6 +109,8 @@ class TutorialUNet(nn.Module):
         )
         self.out = nn.Conv2d(WIDTH, image_channels, 1)
         self.upsample_mode = "nearest" if variant == "keras" else "bilinear"
+        if variant == "keras":
+            self.apply(_keras_init)
 
     def _flatten(self, x: Tensor) -> Tensor:
         # Keras flattens channels-last tensors; keep its order so Keras weights map 1:1.

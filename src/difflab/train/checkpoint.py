@@ -8,6 +8,7 @@ was killed half-way) only ever sees complete checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -61,38 +62,74 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` atomically; on failure the earlier checkpoints stay intact."""
     folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}"
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    metadata = {"config": json.dumps(state["config"]), "step": str(step)}
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _delete(tmp)
         tmp.mkdir()
-        save_file(_state_dict_cpu(net), str(tmp / "net.safetensors"), metadata=metadata)
-        if ema is not None:
-            save_file(_state_dict_cpu(ema), str(tmp / "ema.safetensors"), metadata=metadata)
-        torch.save({**state, "format": FORMAT_VERSION, "step": step}, tmp / "state.pt")
-        for file in tmp.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. stop right after a resume)
-            old = folder / f".old-{final.name}-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        fsync_dir(folder)
-    except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if error.errno == errno.ENOSPC:
-            raise DifflabError(
-                f"disk full while writing checkpoint {final.name}; the previous checkpoints in "
-                f"{folder} are intact: free some space, then resume with --resume"
-            ) from None
-        raise DifflabError(f"could not write checkpoint {final} ({error})") from None
+        _write_files(tmp, step, net, ema, state)
+        _publish(tmp, final)
+    except _WRITE_ERRORS as error:  # safetensors and torch.save do not raise OSError
+        _delete(tmp)
+        raise _write_error(error, final) from None
     return final
+
+
+# What a failed write raises: OSError, safetensors' own error, torch.save's RuntimeError.
+_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def _write_files(
+    tmp: Path, step: int, net: nn.Module, ema: nn.Module | None, state: dict[str, Any]
+) -> None:
+    metadata = {"config": json.dumps(state["config"]), "step": str(step)}
+    save_file(_state_dict_cpu(net), str(tmp / "net.safetensors"), metadata=metadata)
+    if ema is not None:
+        save_file(_state_dict_cpu(ema), str(tmp / "ema.safetensors"), metadata=metadata)
+    torch.save({**state, "format": FORMAT_VERSION, "step": step}, tmp / "state.pt")
+    for file in tmp.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    fsync_dir(tmp)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete folder into place (replacing an earlier save of the same step)."""
+    if final.exists():  # re-saving the same step (e.g. stop right after a resume)
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        final.rename(old)
+        try:
+            tmp.rename(final)
+        except OSError:
+            old.rename(final)
+            raise
+        _delete(old)
+    else:
+        tmp.rename(final)
+    fsync_dir(final.parent)
+
+
+def _write_error(error: Exception, final: Path) -> DifflabError:
+    reason = " ".join(str(error).split())[:200]
+    intact = f"the previous checkpoints in {final.parent} are intact"
+    full = getattr(error, "errno", None) == errno.ENOSPC or "os error 28" in reason
+    if full or "No space left" in reason:
+        return DifflabError(
+            f"disk full while writing checkpoint {final.name}; {intact}: free some space, "
+            "then resume with --resume"
+        )
+    return DifflabError(
+        f"could not write checkpoint {final} ({type(error).__name__}: {reason}); {intact}"
+    )
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -107,22 +144,35 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def prune_checkpoints(run_dir: Path, keep_last: int, snapshot_every: int) -> None:
     """Keep the newest ``keep_last`` checkpoints and every snapshot (step % snapshot_every == 0)."""
     folder = checkpoint_dir(run_dir)
-    for stale in folder.glob(".tmp-*"):  # left by a process killed while writing
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (".tmp-*", ".old-*", ".del-*"):  # left by a process killed half-way
+        for stale in folder.glob(pattern):
+            if pattern == ".del-*" or not stale.name.endswith(f"-{os.getpid()}"):
+                _delete(stale)
     paths = list_checkpoints(run_dir)
     for path in paths[: max(len(paths) - keep_last, 0)]:
         step = int(_STEP_DIR.match(path.name).group(1))
         if snapshot_every and step % snapshot_every == 0:
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        _remove_checkpoint(path)
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Rename, then delete: a kill half-way leaves a ``.del-*`` folder, never half a checkpoint."""
+    doomed = path.with_name(f".del-{path.name}-{os.getpid()}")
+    try:
+        path.rename(doomed)
+    except OSError:
+        return
+    _delete(doomed)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read one checkpoint folder; anything unreadable is a DifflabError naming the file."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise DifflabError(f"checkpoint {path} does not exist (see {path.parent} for the others)")
+    if not path.is_dir():
+        raise DifflabError(f"{path} is not a checkpoint folder (they are step-* folders)")
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -138,6 +188,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise DifflabError(
             f"checkpoint {path} has format {found}, this difflab reads format {FORMAT_VERSION}"
         )
+    missing = [key for key in ("step", "images_seen", "optimizer") if key not in state]
+    if missing:
+        raise DifflabError(f"checkpoint {path}/state.pt lacks {', '.join(missing)}: it is damaged")
     net = _load_weights(path / "net.safetensors")
     ema = _load_weights(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None
     return Checkpoint(path, int(state["step"]), net, ema, state)

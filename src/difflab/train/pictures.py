@@ -45,7 +45,12 @@ class Pictures:
         title = f"{self.method.name}: sampler grid ({self.plan.num_steps} steps)"
         curves = schedule_curves(self.method.process, self.plan.grid)
         plot_lines(
-            curves, self.folder / "schedule.png", xlabel="sampler step", ylabel="scale", title=title
+            curves,
+            self.folder / "schedule.png",
+            xlabel="sampler step",
+            ylabel="scale",
+            title=title,
+            logy=self.method.process.variance_exploding,  # EDM's sigma spans 0.002..80
         )
         sample = data.images[: self.config.train.num_preview]
         save_grid(to_model_range(sample), self.folder / "training-images.png")

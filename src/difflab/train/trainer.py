@@ -31,7 +31,9 @@ from difflab.registry import Method, build_method, build_network, build_sampler
 from difflab.sampling import derive_seed
 from difflab.train import distributed as D
 from difflab.train.checkpoint import (
-    latest_checkpoint,
+    checkpoint_dir,
+    list_checkpoints,
+    load_checkpoint,
     load_weights_into,
     prune_checkpoints,
     save_checkpoint,
@@ -214,9 +216,22 @@ class Trainer:
         load_weights_into(self.net, source.net.state_dict(), Path(path))
 
     def _load_state(self) -> None:
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            return  # a run that stopped before its first checkpoint starts over
+        """The newest checkpoint that loads and fits; damaged ones are skipped with a warning."""
+        paths = list_checkpoints(self.run_dir)
+        for path in reversed(paths):
+            try:
+                return self._load_checkpoint(path)
+            except DifflabError as error:
+                log.warning("skipping a damaged checkpoint: %s", error)
+        if paths:  # starting over would let pruning delete the new checkpoints, not the bad ones
+            raise DifflabError(
+                f"none of the {len(paths)} checkpoints in {checkpoint_dir(self.run_dir)} can be "
+                "resumed (see the warnings above); move them away to start over"
+            )
+        # a run that stopped before its first checkpoint starts over
+
+    def _load_checkpoint(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
         load_weights_into(self.net, ckpt.net, ckpt.path)
         if self.ema is not None:
             load_weights_into(self.ema, ckpt.ema if ckpt.ema is not None else ckpt.net, ckpt.path)
@@ -265,6 +280,11 @@ class Trainer:
                 loss.backward()
             loss_sum += per_sample.detach().sum()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip or math.inf)
+        if not math.isfinite(grad_norm):  # the same on every rank: stop before the weights go bad
+            local_loss = float(loss_sum) / total
+            if math.isfinite(local_loss):
+                self._fail_non_finite("gradient norm", float(grad_norm))
+            self._fail_non_finite("loss", local_loss)
         self.optimizer.step()
         if world.distributed:
             torch.distributed.all_reduce(loss_sum)
@@ -317,7 +337,7 @@ class Trainer:
                 step_start = time.monotonic()
                 loss, grad_norm = self._train_step()
                 if not math.isfinite(loss):
-                    self._fail_non_finite(loss)
+                    self._fail_non_finite("loss", loss)
                 batch_images = (
                     images_before(self.step + 1, len(self.images), self.config) - self.images_seen
                 )
@@ -373,9 +393,9 @@ class Trainer:
             dynamic_ncols=True,
         )
 
-    def _fail_non_finite(self, loss: float) -> None:
+    def _fail_non_finite(self, what: str, value: float) -> None:
         raise DifflabError(
-            f"the loss became {loss} at step {self.step + 1}; training stopped and the last good "
+            f"the {what} became {value} at step {self.step + 1}; training stopped and the last good "
             f"checkpoint in {self.run_dir / 'checkpoints'} was kept: lower train.lr or set "
             "train.grad_clip, then --resume"
         )
