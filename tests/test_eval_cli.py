@@ -62,3 +62,27 @@ def test_eval_errors(tmp_path, capsys, monkeypatch):
     )
     assert main(["eval", str(one / "x"), "--ref", str(real)]) != 0
     assert "pip install 'difflab[metrics]'" in capsys.readouterr().err
+
+
+def test_fid_during_training_is_logged_with_the_loss(tmp_path, tiny_preset, image_folder):
+    ref = tmp_path / "ref.npz"
+    assert main(["ref", str(image_folder), "--out", str(ref)]) == 0
+    run_dir = tmp_path / "run"
+    args = [
+        "train",
+        "--preset",
+        str(tiny_preset),
+        "--data",
+        str(image_folder),
+        "--out",
+        str(run_dir),
+    ]
+    settings = ["train.eval_every_kimg=0.016", "train.eval_num=3", f"train.eval_ref='{ref}'"]
+    code = main(
+        [*args, "--steps", "2", "--no-progress", *[a for s in settings for a in ("--set", s)]]
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    scored = [row for row in rows if "fid" in row]
+    assert len(scored) == 1 and scored[0]["step"] == 2 and scored[0]["fid"] > 0
+    assert any("loss" in row for row in rows)

@@ -344,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")  # what str.splitlines splits on
+
+
+def _one_line(error: BaseException) -> str:
+    """The message with line breaks escaped: a path typed with a newline stays one line."""
+    return "".join(repr(c)[1:-1] if c in _LINE_BREAKS else c for c in str(error))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -359,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DifflabError as error:
         if debug:
             raise
-        print(f"difflab: error: {error}", file=sys.stderr)
+        print(f"difflab: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("difflab: interrupted", file=sys.stderr)
@@ -376,8 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             print(
-                f"difflab: error: unexpected {type(error).__name__}: {error} (rerun with --debug "
-                "for the traceback and please report it)",
+                f"difflab: error: unexpected {type(error).__name__}: {_one_line(error)} (rerun "
+                "with --debug for the traceback and please report it)",
                 file=sys.stderr,
             )
         return 1

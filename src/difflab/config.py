@@ -120,6 +120,9 @@ class TrainConfig:
     sample_every_kimg: float = 50.0  # picture interval in thousands of images (0 = only at end)
     num_preview: int = 25  # images in the preview grids
     log_every: int = 20  # steps between log rows
+    eval_every_kimg: float = 0.0  # FID/KID of eval_num samples every this many kimg (0 = off)
+    eval_num: int = 500
+    eval_ref: str = ""  # REF.npz from difflab ref (needed when eval_every_kimg > 0)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     precision: str = "auto"  # "auto" (bf16 on CUDA), "fp32" or "bf16"
     compile: bool = False
@@ -342,6 +345,11 @@ def validate(config: Config) -> Config:
     )
     _check(t.ema_halflife_kimg >= 0 and t.ema_rampup >= 0, "train.ema_* must be >= 0")
     _check(t.sample_every_kimg >= 0, "train.sample_every_kimg must be >= 0")
+    _check(t.eval_every_kimg >= 0 and t.eval_num >= 2, "train.eval_every_kimg >= 0, eval_num >= 2")
+    _check(
+        t.eval_every_kimg == 0 or t.eval_ref.endswith(".npz"),
+        "train.eval_every_kimg needs train.eval_ref=REF.npz (make one with difflab ref)",
+    )
     _check(t.batching in ("epochs", "random"), "train.batching must be 'epochs' or 'random'")
     _check(t.optimizer in ("adam", "adamw", "sgd"), "train.optimizer must be adam, adamw or sgd")
     _check(

@@ -39,9 +39,10 @@ class TrainLog:
     def plot(self) -> None:
         from difflab.viz import plot_loss
 
-        if len(self.rows) >= 2:
-            steps = [row["step"] for row in self.rows]
-            losses = [row["loss"] for row in self.rows]
+        rows = [row for row in self.rows if "loss" in row]  # FID rows have no loss
+        if len(rows) >= 2:
+            steps = [row["step"] for row in rows]
+            losses = [row["loss"] for row in rows]
             plot_loss(steps, losses, self.run_dir / "loss.png", smoothing=5)
 
     def close(self) -> None:

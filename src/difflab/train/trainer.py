@@ -41,6 +41,7 @@ from difflab.train.checkpoint import (
 from difflab.train.ema import make_ema, update_ema
 from difflab.train.logs import TrainLog
 from difflab.train.pictures import Pictures
+from difflab.train.quality import QualityProbe
 from difflab.train.rundir import RunLock, check_existing_run_dir, check_new_run_dir
 from difflab.train.schedule import ema_beta, lr_at
 
@@ -141,7 +142,14 @@ class Trainer:
         self.config = dataclasses.replace(config, world_size=self.world.size)
         self.lock = RunLock(self.run_dir) if self.world.is_main else None
         self._claim_run_dir(resume)
+        try:
+            self._build(data, init, resume)
+        except BaseException:
+            self._release()
+            raise
 
+    def _build(self, data: ImageSet | None, init: Path | None, resume: bool) -> None:
+        config, t, device = self.config, self.config.train, self.device
         # Data: the whole set lives on the device as uint8; a batch is an index away.
         data = data or load_images(
             config.data.source, config.data.class_name, config.data.image_size
@@ -179,6 +187,7 @@ class Trainer:
         if self.world.is_main:
             self.logbook = TrainLog(self.run_dir, start_step=self.step)
             self.pictures = Pictures(self.run_dir, self.method, self.plan, config)
+            self.quality = QualityProbe(config, self.plan) if t.eval_every_kimg > 0 else None
 
     # ----------------------------------------------------------------- setup phases
 
@@ -319,8 +328,11 @@ class Trainer:
         try:
             return self._run()
         finally:
-            if self.lock is not None:
-                self.lock.__exit__()
+            self._release()
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.__exit__()
 
     def _run(self) -> TrainResult:
         t = self.config.train
@@ -358,6 +370,8 @@ class Trainer:
                         window = []
                     if self._crossed(previous_images, t.sample_every_kimg):
                         self._pictures()
+                    if self.quality and self._crossed(previous_images, t.eval_every_kimg):
+                        self._evaluate()
                 stopped_by = self._limits_reached(started)
                 if D.any_rank(self.world, stop.signum != 0, self.device):
                     stopped_by = "signal"
@@ -429,6 +443,10 @@ class Trainer:
             return float(
                 self.method.objective.loss(self.method.denoiser(self.ema), x0, draw, labels).mean()
             )
+
+    def _evaluate(self) -> None:
+        scores = self.quality.measure(self.method.denoiser(self.ema or self.net), self.device)
+        self.logbook.write({"step": self.step, "kimg": self.images_seen / 1000, **scores})
 
     def _pictures(self, final: bool = False) -> None:
         self.pictures.preview(self.ema or self.net, self.images_seen, self.device, final=final)

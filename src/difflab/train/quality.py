@@ -1,0 +1,37 @@
+"""FID / KID of a few hundred samples while training (off by default: costly on a CPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from difflab.config import Config
+from difflab.denoisers import Denoiser
+from difflab.registry import SamplingPlan
+from difflab.sampling import derive_seed, generate
+
+
+class QualityProbe:
+    """Loads the reference statistics and the Inception network once, then scores samples."""
+
+    def __init__(self, config: Config, plan: SamplingPlan) -> None:
+        from difflab.metrics import load_stats
+
+        self.config, self.plan = config, plan
+        self.ref = load_stats(config.train.eval_ref)
+        self.extractor = None
+
+    def measure(self, denoiser: Denoiser, device: torch.device) -> dict[str, float]:
+        from difflab.metrics import InceptionFeatures, extract_features, fid_kid
+        from difflab.viz import to_uint8
+
+        if self.extractor is None:
+            self.extractor = InceptionFeatures(device=device)
+        size = self.config.data.image_size
+        seeds = [derive_seed(0, "eval", i) for i in range(self.config.train.eval_num)]
+        was_training = denoiser.net.training
+        denoiser.net.eval()
+        images = generate(denoiser, self.plan, (3, size, size), seeds, device=device).images
+        denoiser.net.train(was_training)
+        features = extract_features(to_uint8(images), self.extractor, progress=False)
+        scores = fid_kid(features, self.ref, subset_size=min(1000, len(seeds)))
+        return {"fid": scores["fid"], "kid": scores["kid_mean"]}
