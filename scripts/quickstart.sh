@@ -2,14 +2,7 @@
 # Set up .venv (if needed), train a small diffusion model on the CIFAR-10 cars for a few minutes
 # on the CPU, and sample 64 images from it. Data: $DIFFLAB_DATA, else the development copy at
 # ../shared/data/cifar10-jpg/train if it exists, else CIFAR-10 downloaded by torchvision.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -e ".[metrics]"
+EXTRAS=metrics source "$(dirname "$0")/venv.sh"
 DATA=${DIFFLAB_DATA:-}
 if [ -z "$DATA" ]; then
   if [ -d ../shared/data/cifar10-jpg/train ]; then DATA=../shared/data/cifar10-jpg/train; else DATA=cifar10; fi
