@@ -184,13 +184,15 @@ def _evaluate(settings: Settings, name: str, num: int, *extra: object) -> dict:
 
 
 def _sampling_rate(settings: Settings, name: str, num: int) -> tuple[float, int]:
-    """Images per second of the run's default sampler, and network evaluations per image."""
-    folder = settings.out / "samples" / name
+    """Images per second of the run's default sampler (in-process, after a warm-up batch),
+    and network evaluations per image."""
+    from difflab.api import load_run
+
+    run = load_run(settings.run_dir(name))
+    run.sample(2)
     started = time.monotonic()
-    out = difflab(settings, "sample", settings.run_dir(name), "--num", num, "--out", folder)
-    seconds = time.monotonic() - started
-    evaluations = int(out.split(" network evaluations")[0].rsplit(" ", 1)[1])
-    return num / seconds, evaluations
+    result = run.generate(num, seed=0)
+    return num / (time.monotonic() - started), result.evaluations
 
 
 def piece_eval(settings: Settings, name: str) -> None:
