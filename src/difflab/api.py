@@ -22,10 +22,11 @@ from difflab.errors import DifflabError
 from difflab.registry import Method, SamplingPlan, build_method, build_network, build_sampler
 from difflab.sampling import Generated, generate, image_seeds
 from difflab.train.checkpoint import (
+    Checkpoint,
     _load_weights,
-    latest_checkpoint,
     load_checkpoint,
     load_weights_into,
+    newest_usable,
 )
 
 
@@ -103,13 +104,17 @@ def load_run(
     if not path.is_dir():
         raise DifflabError(f"run directory {path} does not exist")
     config = load_json(path / "config.json")
-    ckpt = load_checkpoint(Path(checkpoint)) if checkpoint else latest_checkpoint(path)
-    if ckpt is None:
-        raise DifflabError(f"{path} has no checkpoint yet; train it first (difflab train)")
     method, net = build_model(config, torch_device)
-    use_ema = ema and ckpt.ema is not None
-    load_weights_into(net, ckpt.ema if use_ema else ckpt.net, ckpt.path)
-    return Run(config, method, net.eval(), torch_device, path, ckpt.step)
+
+    def use(ckpt: Checkpoint) -> int:
+        weights = ckpt.ema if ema and ckpt.ema is not None else ckpt.net
+        load_weights_into(net, weights, ckpt.path)
+        return ckpt.step
+
+    step = use(load_checkpoint(Path(checkpoint))) if checkpoint else newest_usable(path, use)
+    if step is None:
+        raise DifflabError(f"{path} has no usable checkpoint; train it first (difflab train)")
+    return Run(config, method, net.eval(), torch_device, path, step)
 
 
 def _load_exported(path: Path, device: torch.device) -> Run:

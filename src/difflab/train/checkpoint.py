@@ -15,9 +15,10 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -30,6 +31,7 @@ from difflab.io import fsync_dir
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 log = logging.getLogger("difflab")
+T = TypeVar("T")
 
 
 @dataclass
@@ -205,14 +207,20 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise DifflabError(f"{path} is not a readable safetensors file ({error})") from None
 
 
-def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The newest readable checkpoint; unreadable newer ones are reported and skipped."""
+def newest_usable(run_dir: Path, use: Callable[[Checkpoint], T]) -> T | None:
+    """``use(checkpoint)`` for the newest checkpoint that loads and for which ``use`` succeeds;
+    damaged or unfitting newer ones are reported and skipped. None when there is none."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return load_checkpoint(path)
+            return use(load_checkpoint(path))
         except DifflabError as error:
             log.warning("skipping a damaged checkpoint: %s", error)
     return None
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest readable checkpoint; unreadable newer ones are reported and skipped."""
+    return newest_usable(run_dir, lambda checkpoint: checkpoint)
 
 
 def load_weights_into(module: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:

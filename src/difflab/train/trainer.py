@@ -31,10 +31,11 @@ from difflab.registry import Method, build_method, build_network, build_sampler
 from difflab.sampling import derive_seed
 from difflab.train import distributed as D
 from difflab.train.checkpoint import (
+    Checkpoint,
     checkpoint_dir,
     list_checkpoints,
-    load_checkpoint,
     load_weights_into,
+    newest_usable,
     prune_checkpoints,
     save_checkpoint,
 )
@@ -227,11 +228,8 @@ class Trainer:
     def _load_state(self) -> None:
         """The newest checkpoint that loads and fits; damaged ones are skipped with a warning."""
         paths = list_checkpoints(self.run_dir)
-        for path in reversed(paths):
-            try:
-                return self._load_checkpoint(path)
-            except DifflabError as error:
-                log.warning("skipping a damaged checkpoint: %s", error)
+        if newest_usable(self.run_dir, self._load_checkpoint):
+            return
         if paths:  # starting over would let pruning delete the new checkpoints, not the bad ones
             raise DifflabError(
                 f"none of the {len(paths)} checkpoints in {checkpoint_dir(self.run_dir)} can be "
@@ -239,8 +237,7 @@ class Trainer:
             )
         # a run that stopped before its first checkpoint starts over
 
-    def _load_checkpoint(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
+    def _load_checkpoint(self, ckpt: Checkpoint) -> bool:
         load_weights_into(self.net, ckpt.net, ckpt.path)
         if self.ema is not None:
             load_weights_into(self.ema, ckpt.ema if ckpt.ema is not None else ckpt.net, ckpt.path)
@@ -254,6 +251,7 @@ class Trainer:
         self.images_seen = int(ckpt.state["images_seen"])
         self.elapsed = float(ckpt.state.get("elapsed", 0.0))
         log.info("resuming from %s (step %d, %d images)", ckpt.path, self.step, self.images_seen)
+        return True
 
     # ----------------------------------------------------------------- the step
 
