@@ -287,15 +287,16 @@ class Trainer:
                 loss.backward()
             loss_sum += per_sample.detach().sum()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip or math.inf)
-        if not math.isfinite(grad_norm):  # the same on every rank: stop before the weights go bad
-            local_loss = float(loss_sum) / total
-            if math.isfinite(local_loss):
-                self._fail_non_finite("gradient norm", float(grad_norm))
-            self._fail_non_finite("loss", local_loss)
-        self.optimizer.step()
         if world.distributed:
             torch.distributed.all_reduce(loss_sum)
-        return float(loss_sum) / total, float(grad_norm)
+        # The step's one device-to-host copy; both values are the same on every rank.
+        loss, norm = torch.stack([loss_sum / total, grad_norm.to(loss_sum)]).tolist()
+        if not math.isfinite(loss):  # stop before the weights go bad
+            self._fail_non_finite("loss", loss)
+        if not math.isfinite(norm):
+            self._fail_non_finite("gradient norm", norm)
+        self.optimizer.step()
+        return loss, norm
 
     def _batch(self, index: Tensor, flips: Tensor) -> Tensor:
         x0 = self.images[index].float().div_(127.5).sub_(1.0)
@@ -346,8 +347,6 @@ class Trainer:
             while stopped_by is None:
                 step_start = time.monotonic()
                 loss, grad_norm = self._train_step()
-                if not math.isfinite(loss):
-                    self._fail_non_finite("loss", loss)
                 batch_images = (
                     images_before(self.step + 1, len(self.images), self.config) - self.images_seen
                 )
