@@ -78,9 +78,10 @@ def tutorial_sampler(
     for i in range(len(grid) - 1):
         t = grid[i : i + 1].to(x.dtype).expand(x.shape[0])
         out = denoiser.raw(x, t, labels).float()
-        x0 = denoiser.parameterization.to_x0_eps(out, x, denoiser.coefficients(t, x.ndim)).x0
+        if on_step is not None:  # the x0 estimate is only needed by observers
+            x0 = denoiser.parameterization.to_x0_eps(out, x, denoiser.coefficients(t, x.ndim)).x0
+            on_step(i, out, x0)
         x = out
-        _report(on_step, i, x, x0)
     return x
 
 
