@@ -72,7 +72,8 @@ def generate(
                 if frames is not None:
                     frames.append(x.float().cpu())
 
-            outputs.append(plan(denoiser, noise, rng, batch_labels, keep).float().cpu())
+            on_step = keep if record else None
+            outputs.append(plan(denoiser, noise, rng, batch_labels, on_step).float().cpu())
             if record:
                 all_frames.append(torch.stack(frames))
             batches += 1
