@@ -360,8 +360,10 @@ class Trainer:
                 seconds = time.monotonic() - step_start
                 self.elapsed += seconds
                 if self.world.is_main:
-                    bar.update(1 if t.steps else batch_images)
-                    bar.set_postfix(loss=f"{loss:.4f}", kimg=f"{self.images_seen / 1000:.1f}")
+                    bar.update(self._bar_position(started) - bar.n)
+                    bar.set_postfix(
+                        step=self.step, kimg=f"{self.images_seen / 1000:.1f}", loss=f"{loss:.4f}"
+                    )
                     if self.step % t.log_every == 0:
                         self._log(window, grad_norm, batch_images / max(seconds, 1e-9))
                         window = []
@@ -391,18 +393,29 @@ class Trainer:
         return math.floor(self.images_seen / every) > math.floor(previous_images / every)
 
     def _progress_bar(self) -> tqdm:
+        """Counts whichever limit is meant to end the run: wall clock, steps or images."""
         t = self.config.train
-        total, done, unit = (
-            (t.steps, self.step, "step") if t.steps else (t.images, self.images_seen, "img")
-        )
+        if t.time_limit:
+            total, unit = t.time_limit * 60, "s"
+            layout = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"
+        else:
+            total, unit = (t.steps, "step") if t.steps else (t.images, "img")
+            layout = None
         return tqdm(
             total=total or None,
-            initial=done,
+            initial=0 if t.time_limit else self._bar_position(0.0),
             unit=unit,
             desc="training",
+            bar_format=layout,
             disable=not (self.progress and self.world.is_main),
             dynamic_ncols=True,
         )
+
+    def _bar_position(self, started: float) -> float:
+        t = self.config.train
+        if t.time_limit:
+            return min(time.monotonic() - started, t.time_limit * 60)
+        return self.step if t.steps else self.images_seen
 
     def _fail_non_finite(self, what: str, value: float) -> None:
         raise DifflabError(
