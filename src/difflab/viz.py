@@ -8,10 +8,7 @@ folder and then renamed, so a reader never sees a half-written file.
 from __future__ import annotations
 
 import math
-import os
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
+
+from difflab.io import atomic_write
 
 _PADDING = 2
 _STRIP_FRAME_PX = 128
@@ -83,16 +82,10 @@ def save_gif(
         raise ValueError(f"save_gif expects [F, C, H, W] or [F, N, C, H, W], got {shape}")
     pictures = [_enlarge(picture, scale) for picture in pictures]
     durations = [duration_ms] * (len(pictures) - 1) + [max(_GIF_HOLD_MS, duration_ms)]
-    with _atomic_path(path) as temporary:
-        pictures[0].save(
-            temporary,
-            format="GIF",
-            save_all=True,
-            append_images=pictures[1:],
-            duration=durations,
-            loop=0,
-        )
-    return Path(path)
+    options = {"format": "GIF", "save_all": True, "append_images": pictures[1:], "loop": 0}
+    return atomic_write(
+        path, lambda temporary: pictures[0].save(temporary, duration=durations, **options)
+    )
 
 
 def plot_lines(
@@ -217,25 +210,8 @@ def _label_axes(axes: Axes, xlabel: str, ylabel: str, title: str, logy: bool) ->
 def _save_figure(figure: Figure, path: str | Path) -> Path:
     figure.tight_layout()
     file_format = Path(path).suffix.lstrip(".").lower() or "png"
-    with _atomic_path(path) as temporary:
-        figure.savefig(temporary, format=file_format)
-    return Path(path)
+    return atomic_write(path, lambda temporary: figure.savefig(temporary, format=file_format))
 
 
 def _save_image(image: Image.Image, path: str | Path, file_format: str) -> Path:
-    with _atomic_path(path) as temporary:
-        image.save(temporary, format=file_format)
-    return Path(path)
-
-
-@contextmanager
-def _atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` when the block succeeds."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, final)
-    finally:
-        temporary.unlink(missing_ok=True)
+    return atomic_write(path, lambda temporary: image.save(temporary, format=file_format))

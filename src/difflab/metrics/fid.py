@@ -11,8 +11,6 @@ scipy is imported lazily so that ``import difflab.metrics`` works without the me
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from difflab.errors import DifflabError
+from difflab.io import atomic_write
 
 FORMAT_VERSION = 1
 _REQUIRED_KEYS = ("format_version", "mu", "sigma", "num_images", "meta")
@@ -192,16 +191,12 @@ def save_stats(stats: FeatureStats, path: str | Path) -> Path:
     }
     if stats.features is not None:
         arrays["features"] = np.asarray(stats.features, np.float32)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:  # a handle: np.savez would append ".npz" to a name
+            np.savez(handle, **arrays)
+
+    atomic_write(path, write)
     return path
 
 
