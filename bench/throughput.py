@@ -455,9 +455,13 @@ def networks_benchmark(data: ImageSet, plan: Plan, log: Callable[[str], None]) -
     rows = []
     for label, preset, overrides in NETWORKS:
         log(f"  {label}: {', '.join(name for name, _ in VARIANTS)}")
+        clock = CpuClock.now()
         variants = measure_network(preset, overrides, data, plan)
+        others = others_since(clock)
         log("    " + "; ".join(f"{k}: {describe_variant(v)}" for k, v in variants.items()))
-        rows.append({"network": label, **network_facts(preset, overrides), "variants": variants})
+        log(f"    others {others}")
+        facts = network_facts(preset, overrides)
+        rows.append({"network": label, **facts, "variants": variants, "others": others})
     return rows
 
 
@@ -499,9 +503,10 @@ def busy_reasons(results: dict[str, Any]) -> list[str]:
     if machine["load_start"] > BUSY_LOAD:
         reasons.append(f"load average {machine['load_start']} at start")
     for part, use in results["others"].items():
-        if use["other_cores"] + use["steal_cores"] > BUSY_OTHERS:
-            cores = use["other_cores"] + use["steal_cores"]
-            reasons.append(f"other processes used {cores:.2f} cores during the {part} part")
+        if busy_cores(use) > BUSY_OTHERS:
+            reasons.append(
+                f"other processes used {busy_cores(use):.2f} cores during the {part} part"
+            )
     return reasons
 
 
@@ -589,38 +594,58 @@ def compile_cell(result: dict[str, Any]) -> str:
     return fmt(result["compile_s"], 0)
 
 
-def networks_markdown(rows: list[dict[str, Any]]) -> list[str]:
+def busy_cores(use: dict[str, float]) -> float:
+    return use["other_cores"] + use["steal_cores"]
+
+
+def others_cell(use: dict[str, float]) -> str:
+    cores = busy_cores(use)
+    return f"**{cores:.2f} (busy)**" if cores > BUSY_OTHERS else f"{cores:.2f}"
+
+
+def speed_table(rows: list[dict[str, Any]]) -> list[str]:
     names = [name for name, _ in VARIANTS]
-    compiled = [name for name in names if "compile" in name]
-    header = "| network | params | fwd GFLOP/img | batch | " + " | ".join(names) + " |"
     lines = [
-        "### Every network, training on CPU (issue 4)",
-        "",
-        "Training images/s of difflab's trainer step (forward, backward, Adam, EMA where the "
-        "preset has one) at each preset's batch size; medians over the timed steps.",
-        "",
-        header,
-        "|---|---:|---:|---:|" + "---:|" * len(names),
+        "| network | params | fwd GFLOP/img | batch | " + " | ".join(names) + " | others |",
+        "|---|---:|---:|---:|" + "---:|" * len(names) + "---:|",
     ]
     for row in rows:
         cells = [variant_cell(row["variants"][name]) for name in names]
         lines.append(
             f"| {row['network']} | {row['parameters'] / 1e6:.2f}M | "
             f"{row['forward_gflop_per_image']:.2f} | {row['batch_size']} | "
-            + " | ".join(cells)
+            + " | ".join([*cells, others_cell(row["others"])])
             + " |"
         )
-    lines += [
-        "",
-        "Compile time (s): first step minus a normal step.",
-        "",
-        "| network | " + " | ".join(compiled) + " |",
-        "|---|" + "---:|" * len(compiled),
-    ]
+    return lines
+
+
+def compile_table(rows: list[dict[str, Any]]) -> list[str]:
+    compiled = [name for name, _ in VARIANTS if "compile" in name]
+    lines = ["| network | " + " | ".join(compiled) + " |", "|---|" + "---:|" * len(compiled)]
     for row in rows:
         cells = [compile_cell(row["variants"][name]) for name in compiled]
         lines.append(f"| {row['network']} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+    return lines
+
+
+def networks_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    return [
+        "### Every network, training on CPU (issue 4)",
+        "",
+        "Training images/s of difflab's trainer step (forward, backward, Adam, EMA where the "
+        "preset has one) at each preset's batch size; medians over the timed steps. *others*: "
+        "cores that other processes kept busy, on average, while the row was measured; even "
+        "one busy core slows a 2-thread step several times, so a busy row is not comparable "
+        "with the others.",
+        "",
+        *speed_table(rows),
+        "",
+        "Compile time (s): first step minus a normal step.",
+        "",
+        *compile_table(rows),
+        "",
+    ]
 
 
 def method_lines() -> list[str]:
