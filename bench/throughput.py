@@ -1,6 +1,8 @@
 """Speed benchmarks on CPU: training and sampling images/s (issues 2 and 4).
 
-    python bench/throughput.py [--quick] [--out docs/benchmarks.md] [--profile]
+    python bench/throughput.py [--quick] [--out docs/benchmarks.md] [--wait-idle MINUTES]
+    python bench/throughput.py --profile    # top operators of one bare and one difflab step
+    python bench/throughput.py --render     # rewrite the Markdown from the JSON
 
 1. The tutorial network at batch 128: a bare PyTorch loop written like the tutorial's notebook
    against difflab's own ``Trainer._train_step`` on the same synthetic data (the trainer overhead),
@@ -664,8 +666,9 @@ def method_lines() -> list[str]:
         "- Images/s come from the median step, which is robust to bursts of other jobs; the "
         "JSON also has the rate from total time.",
         "- `torch.compile` uses the default inductor backend with a fresh cache directory, so "
-        "compile times are cold. edm-paper's preset batch (128) is meant for a GPU; it runs "
-        "at 8 here.",
+        "compile times are cold; *compile + channels_last* compiles right after *compile* on "
+        "the same network and reuses part of its work. edm-paper's preset batch (128) is meant "
+        "for a GPU; it runs at 8 here.",
         "",
     ]
 
@@ -684,7 +687,25 @@ def speed_section(results: dict[str, Any]) -> str:
         lines += tutorial_markdown(results["tutorial"])
     if "networks" in results:
         lines += networks_markdown(results["networks"])
+    if "tutorial" in results and "networks" in results:
+        lines += noise_lines(results["tutorial"], results["networks"])
     return "\n".join([*lines, *method_lines()])
+
+
+def noise_lines(tutorial: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """The same configuration measured twice: a yardstick for differences between cells."""
+    row = next((r for r in rows if r["preset"] == "tutorial"), None)
+    if row is None or row["variants"]["eager"]["status"] != "ok":
+        return []
+    first = tutorial["training"]["difflab"]["images_per_s"]
+    second = row["variants"]["eager"]["images_per_s"]
+    return [
+        f"Measurement noise: the tutorial's *eager* cell and the difflab row of the issue 2 "
+        f"table are the same configuration, measured minutes apart: {fmt(second)} vs "
+        f"{fmt(first)} img/s ({second / first - 1:+.0%}). Differences of that size between "
+        "cells are not significant.",
+        "",
+    ]
 
 
 def replace_section(text: str, heading: str, body: str) -> str:
@@ -702,8 +723,7 @@ def write_markdown(path: Path, section: str) -> None:
     if path.exists():
         text = path.read_text()
     else:
-        text = f"{DOC_TITLE}\n\nSpeed and sample quality of difflab. Each `##` section is "
-        text += "written by its own script; see the note at the top of each.\n"
+        text = f"{DOC_TITLE}\n\nSpeed and sample quality of difflab, one `##` section each.\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(replace_section(text, HEADING, section.rstrip("\n") + "\n"))
 
@@ -736,6 +756,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--profile", action="store_true", help="print the top operators of one step and exit"
+    )
+    parser.add_argument(
+        "--render", action="store_true", help=f"only rewrite --out from {JSON_PATH.name}"
     )
     return parser.parse_args(argv)
 
@@ -810,6 +833,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv[1:])
     if args.profile:
         print(profile_tutorial(synthetic_images()))
+        return 0
+    if args.render:
+        write_markdown(args.out, speed_section(json.loads(JSON_PATH.read_text())))
+        log(f"wrote {args.out} from {JSON_PATH}")
         return 0
     with tempfile.TemporaryDirectory(prefix="difflab-inductor-") as cache:
         # Cold compiles that leave nothing behind (importing difflab already set the default).
