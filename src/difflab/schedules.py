@@ -58,9 +58,6 @@ class ForwardProcess:
         alpha, sigma = self.alpha_sigma(t)
         return _per_sample(alpha, x0.ndim) * x0 + _per_sample(sigma, x0.ndim) * eps
 
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name}
-
 
 @dataclass
 class LinearPath(ForwardProcess):
@@ -107,9 +104,6 @@ class TutorialPath(LinearPath):
 
     def grid(self, num_steps: int) -> Tensor:
         return self.time_bar
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, "num_levels": self.num_levels}
 
 
 @dataclass
@@ -173,9 +167,6 @@ class DDPMSchedule(ForwardProcess):
         steps = torch.linspace(self.num_timesteps, 0, num_steps + 1, dtype=torch.float64).round()
         return steps / self.num_timesteps
 
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, "schedule": self.schedule, "num_timesteps": self.num_timesteps}
-
 
 @dataclass
 class EDMSchedule(ForwardProcess):
@@ -204,9 +195,6 @@ class EDMSchedule(ForwardProcess):
 
     def grid(self, num_steps: int) -> Tensor:
         return edm_sigma_grid(num_steps, self.sigma_min, self.sigma_max, self.rho)
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
 
 def edm_sigma_grid(
