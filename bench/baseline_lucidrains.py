@@ -56,38 +56,58 @@ def main() -> None:
     optimizer = torch.optim.Adam(diffusion.parameters(), lr=8e-5, betas=(0.9, 0.99))
     parameters = sum(p.numel() for p in model.parameters())
 
-    started, steps = time.monotonic(), 0
-    while time.monotonic() - started < args.minutes * 60:
-        index = torch.randint(len(images), (32,))
-        batch = images[index].float() / 255  # the library normalizes [0, 1] -> [-1, 1] itself
-        flip = torch.rand(32) < 0.5
-        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-        loss = diffusion(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(diffusion.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        ema.update()
-        steps += 1
-    train_seconds = time.monotonic() - started
+    state_path = out / "trained.pt"  # the trained EMA model: sampling can resume without retraining
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        ema.load_state_dict(state["ema"])
+        steps, train_seconds = state["steps"], state["train_seconds"]
+    else:
+        started, steps = time.monotonic(), 0
+        while time.monotonic() - started < args.minutes * 60:
+            index = torch.randint(len(images), (32,))
+            batch = images[index].float() / 255  # the library normalizes [0, 1] -> [-1, 1] itself
+            flip = torch.rand(32) < 0.5
+            batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+            loss = diffusion(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(diffusion.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            ema.update()
+            steps += 1
+        train_seconds = time.monotonic() - started
+        out.mkdir(parents=True, exist_ok=True)
+        state = {"ema": ema.state_dict(), "steps": steps, "train_seconds": train_seconds}
+        torch.save(state, out / "trained.tmp")
+        (out / "trained.tmp").replace(state_path)
+        print(f"trained {steps} steps in {train_seconds / 60:.1f} min", flush=True)
 
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
     ema.ema_model.eval()
-    with torch.inference_mode():
-        for start in range(0, args.num, 100):
-            batch = ema.ema_model.sample(batch_size=min(100, args.num - start))
-            for i, image in enumerate((batch.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1)):
-                Image.fromarray(image.numpy()).save(samples / f"{start + i:05d}.png")
-    sample_seconds = time.monotonic() - started
+    sample_seconds = state.get("sample_seconds", 0.0)
+    for start in range(0, args.num, 100):  # batches already on disk are skipped (resumable)
+        count = min(100, args.num - start)
+        if all((samples / f"{start + i:05d}.png").exists() for i in range(count)):
+            continue
+        torch.manual_seed(args.seed + 1 + start)
+        started = time.monotonic()
+        with torch.inference_mode():
+            batch = ema.ema_model.sample(batch_size=count)
+        sample_seconds += time.monotonic() - started
+        for i, image in enumerate((batch.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1)):
+            Image.fromarray(image.numpy()).save(samples / f"{start + i:05d}.png")
+        state["sample_seconds"], state["sampled"] = sample_seconds, state.get("sampled", 0) + count
+        torch.save(state, out / "trained.tmp")
+        (out / "trained.tmp").replace(state_path)
+        print(f"sampled {start + count}/{args.num}", flush=True)
     result = {
         "parameters": parameters,
         "steps": steps,
         "images_seen": steps * 32,
         "train_minutes": train_seconds / 60,
         "train_images_per_s": steps * 32 / train_seconds,
-        "sample_images_per_s": args.num / sample_seconds,
+        "sample_images_per_s": state.get("sampled", 0) / max(sample_seconds, 1e-9),
         "evaluations_per_image": 100,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -10,6 +10,7 @@ it is measured, and ``report`` turns whatever has landed into docs/benchmarks.md
     python bench/quality.py samplers edm        # FID-1k against network evaluations
     python bench/quality.py seeds edm           # spread of FID-1k over 3 sampling seeds
     python bench/quality.py memorisation edm    # nearest training images of 100 samples
+    python bench/quality.py baseline            # denoising-diffusion-pytorch, same budget
     python bench/quality.py report              # write docs/benchmarks.md
     python bench/quality.py all                 # every missing piece, in order
 
@@ -82,6 +83,7 @@ class Settings:
         self.chunks = 2 if args.quick else args.chunks
         self.num = 20 if args.quick else args.num
         self.curve_num = 10 if args.quick else args.curve_num
+        self.max_minutes = args.max_minutes
         self.ref_num = 40 if args.quick else 0  # 0: all 5,000
         self.out = ROOT / "bench" / "out" / ("quick" if args.quick else "quality")
         self.results = (
@@ -204,6 +206,7 @@ def piece_eval(settings: Settings, name: str) -> None:
     ckpt = latest_checkpoint(run_dir)
     images_per_s, evaluations = _sampling_rate(settings, name, min(settings.num, 100))
     result = _evaluate(settings, name, settings.num)
+    result["sampler_steps"] = result.pop("steps")  # "steps" below is the training steps
     result.update(
         entry=name,
         label=ENTRIES[name].label,
@@ -220,18 +223,30 @@ def piece_eval(settings: Settings, name: str) -> None:
 
 
 def piece_curve(settings: Settings, name: str) -> None:
-    """FID/KID at every kept checkpoint (the chunk ends), on ``curve_num`` samples."""
+    """FID/KID at every kept checkpoint (the chunk ends), on ``curve_num`` samples.
+
+    Resumable: points already in the result file are kept; ``--max-minutes`` stops early."""
     from difflab.train.checkpoint import list_checkpoints, load_checkpoint
 
-    points = []
-    for path in list_checkpoints(settings.run_dir(name)):
-        elapsed = load_checkpoint(path).state["elapsed"] / 60
-        result = _evaluate(settings, name, settings.curve_num, "--checkpoint", path)
+    path = settings.result("curve", name)
+    points = json.loads(path.read_text())["points"] if path.exists() else []
+    for checkpoint in list_checkpoints(settings.run_dir(name)):
+        elapsed = load_checkpoint(checkpoint).state["elapsed"] / 60
+        if elapsed > settings.max_minutes or any(
+            abs(p["minutes"] - elapsed) < 1e-6 for p in points
+        ):
+            continue
+        final = settings.result("eval", name)  # the last point is often the eval piece's result
+        result = json.loads(final.read_text()) if final.exists() else {}
+        if (
+            result.get("step") != int(checkpoint.name.split("-")[-1])
+            or result.get("num_gen") != settings.curve_num
+        ):
+            result = _evaluate(settings, name, settings.curve_num, "--checkpoint", checkpoint)
         points.append({"minutes": elapsed, "step": result["step"], "fid": result["fid"],
-                       "kid": result["kid_mean"]})  # fmt: skip
-    save(
-        settings.result("curve", name), {"entry": name, "num": settings.curve_num, "points": points}
-    )
+                       "kid": result["kid_mean"], "kid_std": result["kid_std"]})  # fmt: skip
+        points.sort(key=lambda p: p["minutes"])
+        save(path, {"entry": name, "num": settings.curve_num, "points": points})
 
 
 def piece_samplers(settings: Settings, name: str) -> None:
@@ -285,6 +300,33 @@ def piece_memorisation(settings: Settings, name: str) -> None:
     })  # fmt: skip
 
 
+BASELINE_PYTHON = ROOT / "bench" / "out" / "venv-baseline" / "bin" / "python"
+
+
+def piece_baseline(settings: Settings) -> None:
+    """denoising-diffusion-pytorch's README recipe in its own environment, scored like an entry."""
+    if settings.result("eval", "lucidrains").exists():
+        return
+    if not BASELINE_PYTHON.exists():
+        raise SystemExit(f"no {BASELINE_PYTHON}: create it as bench/baseline_lucidrains.py says")
+    out = settings.out / "baseline"
+    command = [BASELINE_PYTHON, ROOT / "bench" / "baseline_lucidrains.py", "--out", out,
+               "--data", Path(settings.data) / "automobile", "--minutes", settings.minutes,
+               "--num", settings.num]  # fmt: skip
+    print("$", " ".join(map(str, command[1:])), flush=True)
+    subprocess.run(list(map(str, command)), check=True, cwd=ROOT)
+    json_path = settings.out / "evals" / f"lucidrains-{time.time_ns()}.json"
+    difflab(settings, "eval", out / "samples", "--ref", settings.ref, "--json", json_path)
+    result = json.loads(json_path.read_text())
+    result.update(json.loads((out / "result.json").read_text()))
+    result.update(
+        entry="lucidrains",
+        label="denoising-diffusion-pytorch 2.3.4, README recipe (baseline)",
+        preset="-",
+    )
+    save(settings.result("eval", "lucidrains"), result)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -298,7 +340,7 @@ def load_results(settings: Settings, piece: str) -> dict[str, dict]:
 def piece_report(settings: Settings) -> None:
     import report_quality
 
-    report_quality.write(settings, load_results)
+    report_quality.write(settings, load_results, [*ENTRIES, "lucidrains"])
 
 
 PIECES = {
@@ -313,6 +355,7 @@ def piece_all(settings: Settings) -> None:
         piece_train(settings, name)
         if not settings.result("eval", name).exists():
             piece_eval(settings, name)
+    piece_baseline(settings)
     piece_report(settings)
 
 
@@ -320,13 +363,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("piece", choices=["ref", "report", "all", *PIECES])
+    parser.add_argument("piece", choices=["ref", "report", "all", "baseline", *PIECES])
     parser.add_argument("entry", nargs="?", choices=list(ENTRIES))
     parser.add_argument("--data", default=os.environ.get("DIFFLAB_DATA", DEFAULT_DATA))
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget per entry")
     parser.add_argument("--chunks", type=int, default=4, help="resumable chunks (curve points)")
     parser.add_argument("--num", type=int, default=1000, help="samples for FID-1k")
     parser.add_argument("--curve-num", type=int, default=1000, help="samples per curve point")
+    parser.add_argument("--max-minutes", type=float, default=float("inf"),
+                        help="curve: only checkpoints up to this training time")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test")
     args = parser.parse_args()
     settings = Settings(args)
@@ -334,6 +379,9 @@ def main() -> None:
         piece_ref(settings)
     elif args.piece == "report":
         piece_report(settings)
+    elif args.piece == "baseline":
+        piece_ref(settings)
+        piece_baseline(settings)
     elif args.piece == "all":
         piece_all(settings)
     else:

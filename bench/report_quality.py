@@ -20,8 +20,40 @@ Reference points quoted from issue 5 (not measured here): 1,000 real CIFAR-10 *t
 score FID-1k 24.1 and KID about 0 against the training cars; the tutorial notebook's own code
 after 30 minutes (228 steps) scores FID-1k 479.6, KID 0.659.
 
-Reproduce: `python bench/quality.py all` (resumable; see `bench/README.md`).
+The baseline `lucidrains` is denoising-diffusion-pytorch 2.3.4 with its README recipe scaled to
+the CPU (`Unet(dim=32, dim_mults=(1, 2, 4))`, 1,000 steps, Adam 8e-5, batch 32, flips, EMA
+0.995 every 10 steps, 1,000 samples from the EMA model with its 100-step DDIM), run by
+`bench/quality.py baseline` in its own environment under the same budget and protocol.
+
+Reproduce: `python bench/quality.py all` (resumable; see `bench/README.md`), or one piece at a
+time: `ref`, `train ENTRY`, `eval ENTRY`, `baseline`, `curve ENTRY`, `memorisation ENTRY`,
+`report`.
 """
+
+
+def _targets(evals: dict[str, dict]) -> list[str]:
+    """Issue 5's targets, checked against whatever has been measured."""
+    ours = {name: r for name, r in evals.items() if name not in ("lucidrains", "tutorial")}
+    if not ours or "lucidrains" not in evals:
+        return []
+    name, best = min(ours.items(), key=lambda item: item[1]["kid_mean"])
+    base = evals["lucidrains"]
+    tutorial = evals.get("tutorial", {"fid": 479.6, "kid_mean": 0.659})  # else issue 5's figures
+    ratio = best["kid_mean"] / base["kid_mean"]
+    met = (
+        best["fid"] < min(base["fid"], tutorial["fid"])
+        and best["kid_mean"] < tutorial["kid_mean"]
+        and ratio <= 1 / 3
+    )
+    return [
+        f"Targets (issue 5): the best difflab CPU entry so far, `{name}`, scores FID-1k "
+        f"{best['fid']:.1f} and KID {best['kid_mean']:.4f}; the denoising-diffusion-pytorch "
+        f"baseline {base['fid']:.1f} and {base['kid_mean']:.4f}; the tutorial "
+        f"{tutorial['fid']:.1f} and {tutorial['kid_mean']:.4f}. Ratios best / baseline: FID-1k "
+        f"{best['fid'] / base['fid']:.2f} (target below 1), KID {ratio:.2f} (target at most 0.33). "
+        f"Target {'met' if met else 'NOT met'}.",
+        "",
+    ]
 
 
 def _main_table(evals: dict[str, dict]) -> list[str]:
@@ -40,15 +72,29 @@ def _main_table(evals: dict[str, dict]) -> list[str]:
     return lines
 
 
-def _sections(settings, load: Callable[[object, str], dict[str, dict]]) -> list[str]:
+def _sections(
+    settings, load: Callable[[object, str], dict[str, dict]], expected: list[str]
+) -> list[str]:
     lines = [HEADER, "", INTRO]
     evals = load(settings, "eval")
     if evals:
         any_result = next(iter(evals.values()))
         lines += [f"Measured {any_result['date']} on {any_result['machine']}.", ""]
         lines += [*_main_table(evals), ""]
-    else:
-        lines += ["No entry has been measured yet.", ""]
+        lines += _targets(evals)
+        for name in sorted(evals):
+            if (ROOT / "docs" / "figures" / f"bench-{name}.png").exists():
+                lines += [
+                    f"`{name}`, 64 samples (seed 0) and the reverse process of one "
+                    f"(`difflab sample RUN --num 64 --seed 0 --strip`):",
+                    "",
+                    f"![{name} samples](figures/bench-{name}.png)",
+                    f"![{name} reverse process](figures/bench-{name}-strip.png)",
+                    "",
+                ]
+    missing = [name for name in expected if name not in evals]
+    if missing:
+        lines += ["Not measured yet: " + ", ".join(f"`{name}`" for name in missing) + ".", ""]
     for name, r in load(settings, "samplers").items():
         lines += [f"### Samplers of `{name}` (FID-1k against network evaluations)", ""]
         lines += ["| sampler | steps | FID-1k | KID |", "|---|---:|---:|---:|"]
@@ -69,7 +115,15 @@ def _sections(settings, load: Callable[[object, str], dict[str, dict]]) -> list[
             "",
         ]
     curves = load(settings, "curve")
-    if curves:
+    for name, r in curves.items():
+        lines += [f"### FID-{r['num']} of `{name}` against training time", ""]
+        lines += ["| minutes | step | FID | KID |", "|---:|---:|---:|---:|"]
+        lines += [
+            f"| {p['minutes']:.1f} | {p['step']:,} | {p['fid']:.1f} | {p['kid']:.4f} |"
+            for p in r["points"]
+        ]
+        lines.append("")
+    if any(len(r["points"]) > 1 for r in curves.values()):
         from difflab.viz import plot_lines
 
         series = {
@@ -82,9 +136,9 @@ def _sections(settings, load: Callable[[object, str], dict[str, dict]]) -> list[
     return lines
 
 
-def write(settings, load) -> None:
+def write(settings, load, expected: list[str]) -> None:
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    section = "\n".join(_sections(settings, load)).rstrip() + "\n"
+    section = "\n".join(_sections(settings, load, expected)).rstrip() + "\n"
     pattern = re.compile(rf"^{re.escape(HEADER)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text)
