@@ -294,10 +294,23 @@ def piece_memorisation(settings: Settings, name: str) -> None:
     figure = ROOT / "docs" / "figures" / f"memorisation-{name}.png"
     save_grid(pairs[:24].flatten(0, 1).float() / 127.5 - 1, figure, nrow=12)
     rms = (pixel_dist.min(1).values / pixels.shape[1] ** 0.5).tolist()
+    train_rms = train_nearest_rms(train_pixels, count)
     save(settings.result("memorisation", name), {
         "entry": name, "count": count, "figure": str(figure.relative_to(ROOT)),
         "pixel_rms_to_nearest_min": min(rms), "pixel_rms_to_nearest_median": float(np.median(rms)),
+        "train_pixel_rms_to_nearest_min": min(train_rms),
+        "train_pixel_rms_to_nearest_median": float(np.median(train_rms)),
     })  # fmt: skip
+
+
+def train_nearest_rms(train_pixels, count: int) -> list[float]:
+    """For scale: pixel RMS from each of the first ``count`` training images to its nearest
+    *other* training image (0-255 scale). Near-duplicates inside CIFAR-10 show up here too."""
+    import torch
+
+    dist = torch.cdist(train_pixels[:count], train_pixels)
+    dist[torch.arange(count), torch.arange(count)] = float("inf")
+    return (dist.min(1).values / train_pixels.shape[1] ** 0.5).tolist()
 
 
 BASELINE_PYTHON = ROOT / "bench" / "out" / "venv-baseline" / "bin" / "python"

@@ -110,8 +110,13 @@ def _sections(
         lines += [
             f"Memorisation check for `{name}` ({r['count']} samples): pixel RMS distance to the "
             f"nearest training car, median {r['pixel_rms_to_nearest_median']:.1f}, minimum "
-            f"{r['pixel_rms_to_nearest_min']:.1f} (0-255 scale); pairs in `{r['figure']}` "
-            "(sample, nearest in pixels, nearest in Inception features).",
+            f"{r['pixel_rms_to_nearest_min']:.1f} (0-255 scale); for scale, {r['count']} training "
+            "cars to their nearest other training car: median "
+            f"{r['train_pixel_rms_to_nearest_median']:.1f}, minimum "
+            f"{r['train_pixel_rms_to_nearest_min']:.1f}. Triples in `{r['figure']}` (sample, "
+            "nearest in pixels, nearest in Inception features), four to a row:",
+            "",
+            f"![memorisation check of {name}]({Path(r['figure']).relative_to('docs')})",
             "",
         ]
     curves = load(settings, "curve")
