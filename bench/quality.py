@@ -260,12 +260,21 @@ def piece_samplers(settings: Settings, name: str) -> None:
 
 
 def piece_seeds(settings: Settings, name: str) -> None:
-    rows = [_evaluate(settings, name, settings.num, "--seed", seed) for seed in (1, 2, 3)]
-    fids = [r["fid"] for r in rows]
-    save(
-        settings.result("seeds", name),
-        {"entry": name, "fid": fids, "kid": [r["kid_mean"] for r in rows]},
-    )
+    """FID-1k over 3 sampling seeds; seed 0 is the eval piece's result. Saved seed by seed."""
+    path = settings.result("seeds", name)
+    done = json.loads(path.read_text()) if path.exists() else {"seed": [], "fid": [], "kid": []}
+    final = settings.result("eval", name)
+    for seed in (0, 1, 2):
+        if seed in done["seed"]:
+            continue
+        if seed == 0 and final.exists():
+            result = json.loads(final.read_text())
+        else:
+            result = _evaluate(settings, name, settings.num, "--seed", seed)
+        done["seed"].append(seed)
+        done["fid"].append(result["fid"])
+        done["kid"].append(result["kid_mean"])
+        save(path, {"entry": name, **{key: done[key] for key in ("seed", "fid", "kid")}})
 
 
 def piece_memorisation(settings: Settings, name: str) -> None:

@@ -48,7 +48,8 @@ def _targets(evals: dict[str, dict]) -> list[str]:
     return [
         f"Targets (issue 5): the best difflab CPU entry so far, `{name}`, scores FID-1k "
         f"{best['fid']:.1f} and KID {best['kid_mean']:.4f}; the denoising-diffusion-pytorch "
-        f"baseline {base['fid']:.1f} and {base['kid_mean']:.4f}; the tutorial "
+        f"baseline {base['fid']:.1f} and {base['kid_mean']:.4f}; the tutorial"
+        f"{' (quoted from issue 5)' if 'tutorial' not in evals else ''} "
         f"{tutorial['fid']:.1f} and {tutorial['kid_mean']:.4f}. Ratios best / baseline: FID-1k "
         f"{best['fid'] / base['fid']:.2f} (target below 1), KID {ratio:.2f} (target at most 0.33). "
         f"Target {'met' if met else 'NOT met'}.",
@@ -78,18 +79,24 @@ def _sections(
     lines = [HEADER, "", INTRO]
     evals = load(settings, "eval")
     if evals:
-        any_result = next(iter(evals.values()))
-        lines += [f"Measured {any_result['date']} on {any_result['machine']}.", ""]
+        dates = sorted(r["date"] for r in evals.values())
+        machines = sorted({r["machine"] for r in evals.values()})
+        lines += [f"Measured {dates[0]} to {dates[-1]} on {'; '.join(machines)}.", ""]
         lines += [*_main_table(evals), ""]
         lines += _targets(evals)
         for name in sorted(evals):
             if (ROOT / "docs" / "figures" / f"bench-{name}.png").exists():
+                strip = (ROOT / "docs" / "figures" / f"bench-{name}-strip.png").exists()
                 lines += [
-                    f"`{name}`, 64 samples (seed 0) and the reverse process of one "
-                    f"(`difflab sample RUN --num 64 --seed 0 --strip`):",
+                    f"`{name}`, 64 samples"
+                    + (" (seed 0) and the reverse process of one:" if strip else ":"),
                     "",
                     f"![{name} samples](figures/bench-{name}.png)",
-                    f"![{name} reverse process](figures/bench-{name}-strip.png)",
+                    *(
+                        [f"![{name} reverse process](figures/bench-{name}-strip.png)"]
+                        if strip
+                        else []
+                    ),
                     "",
                 ]
     missing = [name for name in expected if name not in evals]
@@ -105,7 +112,12 @@ def _sections(
         lines.append("")
     for name, r in load(settings, "seeds").items():
         fids = ", ".join(f"{f:.1f}" for f in r["fid"])
-        lines += [f"Spread over 3 sampling seeds for `{name}`: FID-1k {fids}.", ""]
+        kids = ", ".join(f"{k:.4f}" for k in r["kid"])
+        lines += [
+            f"Spread over sampling seeds {r['seed']} for `{name}` (same network, 1,000 samples "
+            f"each): FID-1k {fids}; KID {kids}.",
+            "",
+        ]
     for name, r in load(settings, "memorisation").items():
         lines += [
             f"Memorisation check for `{name}` ({r['count']} samples): pixel RMS distance to the "
