@@ -197,6 +197,12 @@ def _sampling_rate(settings: Settings, name: str, num: int) -> tuple[float, int]
     return num / (time.monotonic() - started), result.evaluations
 
 
+def _eval_result(settings: Settings, name: str) -> dict:
+    """The eval piece's result for an entry (default sampler, seed 0), or {} before it ran."""
+    path = settings.result("eval", name)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def piece_eval(settings: Settings, name: str) -> None:
     from difflab.api import load_run
     from difflab.models import count_parameters
@@ -236,8 +242,7 @@ def piece_curve(settings: Settings, name: str) -> None:
             abs(p["minutes"] - elapsed) < 1e-6 for p in points
         ):
             continue
-        final = settings.result("eval", name)  # the last point is often the eval piece's result
-        result = json.loads(final.read_text()) if final.exists() else {}
+        result = _eval_result(settings, name)  # the last point is often the eval piece's result
         if (
             result.get("step") != int(checkpoint.name.split("-")[-1])
             or result.get("num_gen") != settings.curve_num
@@ -263,13 +268,11 @@ def piece_seeds(settings: Settings, name: str) -> None:
     """FID-1k over 3 sampling seeds; seed 0 is the eval piece's result. Saved seed by seed."""
     path = settings.result("seeds", name)
     done = json.loads(path.read_text()) if path.exists() else {"seed": [], "fid": [], "kid": []}
-    final = settings.result("eval", name)
     for seed in (0, 1, 2):
         if seed in done["seed"]:
             continue
-        if seed == 0 and final.exists():
-            result = json.loads(final.read_text())
-        else:
+        result = _eval_result(settings, name) if seed == 0 else {}
+        if not result:
             result = _evaluate(settings, name, settings.num, "--seed", seed)
         done["seed"].append(seed)
         done["fid"].append(result["fid"])
