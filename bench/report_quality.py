@@ -73,6 +73,18 @@ def _main_table(evals: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _table(title: str, header: list[str], rows: list[list], align: str = "---") -> list[str]:
+    """A "###" heading and a Markdown table; the first column uses ``align``, the rest right."""
+    return [
+        f"### {title}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([align] + ["---:"] * (len(header) - 1)) + "|",
+        *("| " + " | ".join(map(str, row)) + " |" for row in rows),
+        "",
+    ]
+
+
 def _sections(
     settings, load: Callable[[object, str], dict[str, dict]], expected: list[str]
 ) -> list[str]:
@@ -103,13 +115,11 @@ def _sections(
     if missing:
         lines += ["Not measured yet: " + ", ".join(f"`{name}`" for name in missing) + ".", ""]
     for name, r in load(settings, "samplers").items():
-        lines += [f"### Samplers of `{name}` (FID-1k against network evaluations)", ""]
-        lines += ["| sampler | steps | FID-1k | KID |", "|---|---:|---:|---:|"]
-        lines += [
-            f"| {x['sampler']} | {x['steps']} | {x['fid']:.1f} | {x['kid']:.4f} |"
-            for x in r["rows"]
-        ]
-        lines.append("")
+        lines += _table(
+            f"Samplers of `{name}` (FID-1k against network evaluations)",
+            ["sampler", "steps", "FID-1k", "KID"],
+            [[x["sampler"], x["steps"], f"{x['fid']:.1f}", f"{x['kid']:.4f}"] for x in r["rows"]],
+        )
     for name, r in load(settings, "seeds").items():
         fids = ", ".join(f"{f:.1f}" for f in r["fid"])
         kids = ", ".join(f"{k:.4f}" for k in r["kid"])
@@ -133,13 +143,13 @@ def _sections(
         ]
     curves = load(settings, "curve")
     for name, r in curves.items():
-        lines += [f"### FID-{r['num']} of `{name}` against training time", ""]
-        lines += ["| minutes | step | FID | KID |", "|---:|---:|---:|---:|"]
-        lines += [
-            f"| {p['minutes']:.1f} | {p['step']:,} | {p['fid']:.1f} | {p['kid']:.4f} |"
-            for p in r["points"]
-        ]
-        lines.append("")
+        lines += _table(
+            f"FID-{r['num']} of `{name}` against training time",
+            ["minutes", "step", "FID", "KID"],
+            [[f"{p['minutes']:.1f}", f"{p['step']:,}", f"{p['fid']:.1f}", f"{p['kid']:.4f}"]
+             for p in r["points"]],
+            align="---:",
+        )  # fmt: skip
     if any(len(r["points"]) > 1 for r in curves.values()):
         from difflab.viz import plot_lines
 
