@@ -12,7 +12,8 @@ it is measured, and ``report`` turns whatever has landed into docs/benchmarks.md
     python bench/quality.py memorisation edm    # nearest training images of 100 samples
     python bench/quality.py baseline            # denoising-diffusion-pytorch, same budget
     python bench/quality.py report              # write docs/benchmarks.md
-    python bench/quality.py all                 # every missing piece, in order
+    python bench/quality.py all                 # every missing piece: entries, baseline, curves,
+                                                # then samplers/seeds/memorisation of the best
 
 Run nothing else heavy while a timed piece runs: the budgets are wall-clock on 2 cores.
 ``--quick`` shrinks every budget to a smoke test (results go to bench/out/quick/).
@@ -236,11 +237,14 @@ def piece_curve(settings: Settings, name: str) -> None:
 
     path = settings.result("curve", name)
     points = json.loads(path.read_text())["points"] if path.exists() else []
-    for checkpoint in list_checkpoints(settings.run_dir(name)):
-        elapsed = load_checkpoint(checkpoint).state["elapsed"] / 60
-        if elapsed > settings.max_minutes or any(
-            abs(p["minutes"] - elapsed) < 1e-6 for p in points
-        ):
+    checkpoints = list_checkpoints(settings.run_dir(name))
+    minutes = [load_checkpoint(c).state["elapsed"] / 60 for c in checkpoints]
+    for i, (checkpoint, elapsed) in enumerate(zip(checkpoints, minutes, strict=True)):
+        if (
+            elapsed > settings.max_minutes
+            or any(abs(p["minutes"] - elapsed) < 1e-6 for p in points)
+            or (i + 1 < len(minutes) and minutes[i + 1] - elapsed < 1.0)
+        ):  # skipped: beyond --max-minutes, measured, or followed by a short top-up chunk
             continue
         result = _eval_result(settings, name)  # the last point is often the eval piece's result
         if (
@@ -255,13 +259,25 @@ def piece_curve(settings: Settings, name: str) -> None:
 
 
 def piece_samplers(settings: Settings, name: str) -> None:
-    rows = []
-    for sampler, step_counts in SAMPLER_SWEEP[name]:
+    """FID-1k for each sampler and step count of the sweep; resumable, row by row. The row of
+    the default sampler at its default steps is the eval piece's result."""
+    path = settings.result("samplers", name)
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    for sampler, step_counts in SAMPLER_SWEEP.get(name, []):
         for steps in step_counts:
-            result = _evaluate(settings, name, settings.num, "--sampler", sampler, "--steps", steps)
-            rows.append({"sampler": sampler, "steps": steps, "fid": result["fid"],
-                         "kid": result["kid_mean"], "seconds": result["eval_seconds"]})  # fmt: skip
-            save(settings.result("samplers", name), {"entry": name, "rows": rows})
+            if any(r["sampler"] == sampler and r["steps"] == steps for r in rows):
+                continue
+            result = _eval_result(settings, name)
+            if (result.get("sampler"), result.get("sampler_steps"), result.get("num_gen")) != (
+                sampler, steps, settings.num,
+            ):  # fmt: skip
+                result = _evaluate(
+                    settings, name, settings.num, "--sampler", sampler, "--steps", steps
+                )
+            evaluations = result.get("evaluations") or result["evaluations_per_image"]
+            rows.append({"sampler": sampler, "steps": steps, "evaluations": evaluations,
+                         "fid": result["fid"], "kid": result["kid_mean"]})  # fmt: skip
+            save(path, {"entry": name, "num": settings.num, "rows": rows})
 
 
 def piece_seeds(settings: Settings, name: str) -> None:
@@ -374,13 +390,28 @@ PIECES = {
 }  # fmt: skip
 
 
+def best_entry(settings: Settings) -> str:
+    """The measured entry with the lowest KID: the model of the sampler and seed pieces."""
+    evals = {name: r for name, r in load_results(settings, "eval").items() if name in ENTRIES}
+    return min(evals, key=lambda name: evals[name]["kid_mean"])
+
+
 def piece_all(settings: Settings) -> None:
+    """Every missing piece, cheapest decisions first: entries, baseline, curves, then the
+    sampler sweep, seed spread and memorisation check of the best entry."""
     piece_ref(settings)
     for name in ENTRIES:
         piece_train(settings, name)
         if not settings.result("eval", name).exists():
             piece_eval(settings, name)
     piece_baseline(settings)
+    for name in ENTRIES:
+        piece_curve(settings, name)
+    best = best_entry(settings)
+    piece_samplers(settings, best)
+    piece_seeds(settings, best)
+    if not settings.result("memorisation", best).exists():
+        piece_memorisation(settings, best)
     piece_report(settings)
 
 

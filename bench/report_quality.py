@@ -26,8 +26,8 @@ the CPU (`Unet(dim=32, dim_mults=(1, 2, 4))`, 1,000 steps, Adam 8e-5, batch 32, 
 `bench/quality.py baseline` in its own environment under the same budget and protocol.
 
 Reproduce: `python bench/quality.py all` (resumable; see `bench/README.md`), or one piece at a
-time: `ref`, `train ENTRY`, `eval ENTRY`, `baseline`, `curve ENTRY`, `memorisation ENTRY`,
-`report`.
+time: `ref`, `train ENTRY`, `eval ENTRY`, `baseline`, `curve ENTRY`, `samplers ENTRY`,
+`seeds ENTRY`, `memorisation ENTRY`, `report`.
 """
 
 
@@ -96,7 +96,7 @@ def _sections(
         lines += [f"Measured {dates[0]} to {dates[-1]} on {'; '.join(machines)}.", ""]
         lines += [*_main_table(evals), ""]
         lines += _targets(evals)
-        for name in sorted(evals):
+        for name in sorted(evals, key=lambda name: evals[name]["kid_mean"]):  # table order
             if (ROOT / "docs" / "figures" / f"bench-{name}.png").exists():
                 strip = (ROOT / "docs" / "figures" / f"bench-{name}-strip.png").exists()
                 lines += [
@@ -116,10 +116,22 @@ def _sections(
         lines += ["Not measured yet: " + ", ".join(f"`{name}`" for name in missing) + ".", ""]
     for name, r in load(settings, "samplers").items():
         lines += _table(
-            f"Samplers of `{name}` (FID-1k against network evaluations)",
-            ["sampler", "steps", "FID-1k", "KID"],
-            [[x["sampler"], x["steps"], f"{x['fid']:.1f}", f"{x['kid']:.4f}"] for x in r["rows"]],
-        )
+            f"Samplers of `{name}` (FID-{r.get('num', 1000)} against network evaluations)",
+            ["sampler", "steps", "evaluations/img", "FID", "KID"],
+            [[x["sampler"], x["steps"], x["evaluations"], f"{x['fid']:.1f}", f"{x['kid']:.4f}"]
+             for x in r["rows"]],
+        )  # fmt: skip
+        by_sampler: dict[str, list[dict]] = {}
+        for row in sorted(r["rows"], key=lambda row: row["evaluations"]):
+            by_sampler.setdefault(row["sampler"], []).append(row)
+        lines += _plot(
+            f"samplers-{name}.png",
+            {s: ([x["evaluations"] for x in rows], [x["fid"] for x in rows])
+             for s, rows in by_sampler.items()},
+            f"FID of {name} against network evaluations",
+            xlabel="network evaluations per image",
+            logx=True,
+        )  # fmt: skip
     for name, r in load(settings, "seeds").items():
         fids = ", ".join(f"{f:.1f}" for f in r["fid"])
         kids = ", ".join(f"{k:.4f}" for k in r["kid"])
@@ -151,16 +163,23 @@ def _sections(
             align="---:",
         )  # fmt: skip
     if any(len(r["points"]) > 1 for r in curves.values()):
-        from difflab.viz import plot_lines
-
-        series = {
-            name: ([p["minutes"] for p in r["points"]], [p["fid"] for p in r["points"]])
-            for name, r in curves.items()
-        }
-        figure = ROOT / "docs" / "figures" / "fid-vs-time.png"
-        plot_lines(series, figure, xlabel="training minutes (2-core CPU)", ylabel="FID", logy=True)
-        lines += ["![FID against training time](figures/fid-vs-time.png)", ""]
+        lines += _plot(
+            "fid-vs-time.png",
+            {name: ([p["minutes"] for p in r["points"]], [p["fid"] for p in r["points"]])
+             for name, r in curves.items()},
+            "FID against training time",
+            xlabel="training minutes (2-core CPU)",
+        )  # fmt: skip
     return lines
+
+
+def _plot(file: str, series: dict, alt: str, *, xlabel: str, logx: bool = False) -> list[str]:
+    """FID (log scale) of named series, saved under docs/figures; the Markdown that shows it."""
+    from difflab.viz import plot_lines
+
+    figure = ROOT / "docs" / "figures" / file
+    plot_lines(series, figure, xlabel=xlabel, ylabel="FID", logy=True, logx=logx)
+    return [f"![{alt}](figures/{file})", ""]
 
 
 def write(settings, load, expected: list[str]) -> None:

@@ -42,7 +42,13 @@ def test_eval_a_run_samples_first(tmp_path, tiny_preset, image_folder, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "FID " in out and "(n=3 vs 24)" in out
-    assert list(run_dir.glob("eval-step1-edm2-n3.json"))
+    (saved,) = run_dir.glob("eval-step1-edm2-n3.json")
+    result = json.loads(saved.read_text())
+    assert (result["sampler"], result["steps"], result["evaluations"]) == (
+        "edm",
+        2,
+        3,
+    )  # Heun: 2n-1
 
 
 def test_eval_errors(tmp_path, capsys, monkeypatch):

@@ -117,7 +117,12 @@ def test_save_gif_of_grids(tmp_path: Path) -> None:
 def test_plot_lines(tmp_path: Path) -> None:
     series = {"fid": ([1, 2, 3], [30.0, 20.0, 15.0]), "kid": ([1, 2, 3], [0.1, 0.05, 0.02])}
     path = plot_lines(
-        series, tmp_path / "plots" / "lines.png", xlabel="epoch", ylabel="score", logy=True
+        series,
+        tmp_path / "plots" / "lines.png",
+        xlabel="epoch",
+        ylabel="score",
+        logy=True,
+        logx=True,
     )
     with Image.open(path) as image:
         assert image.format == "PNG"

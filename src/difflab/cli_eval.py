@@ -76,12 +76,15 @@ def generated_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor],
         num = args.num or 1000
         plan = run.plan(args.sampler, args.steps)
 
+        info = {"run": str(source), "step": run.step, "sampler": plan.name, "steps": plan.num_steps}
+
         def sample() -> Iterator[torch.Tensor]:
             for start in range(0, num, args.batch_size):
                 count = min(args.batch_size, num - start)
-                yield to_uint8(run.generate(count, args.seed, plan=plan, start=start).images)
+                generated = run.generate(count, args.seed, plan=plan, start=start)
+                info["evaluations"] = generated.evaluations  # network evaluations per image
+                yield to_uint8(generated.images)
 
-        info = {"run": str(source), "step": run.step, "sampler": plan.name, "steps": plan.num_steps}
         return sample(), num, info
     from difflab.data import load_images
 

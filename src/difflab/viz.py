@@ -96,6 +96,7 @@ def plot_lines(
     ylabel: str,
     title: str = "",
     logy: bool = False,
+    logx: bool = False,
 ) -> Path:
     """Plot named (x, y) series on one set of axes; the file format follows the suffix (PNG)."""
     figure, axes = _figure()
@@ -103,6 +104,8 @@ def plot_lines(
         x, y = _floats(xs), _floats(ys)
         axes.plot(x, y, marker="o" if len(x) < 30 else None, label=name)
     _label_axes(axes, xlabel, ylabel, title, logy)
+    if logx:
+        axes.set_xscale("log")
     if series:
         axes.legend()
     return _save_figure(figure, path)
