@@ -12,7 +12,7 @@ RUN=${RUN:-runs/quickstart}
 if [ -f "$RUN/config.json" ]; then
   "$VENV/bin/difflab" train --resume "$RUN" --time-limit "$MINUTES"
 else
-  "$VENV/bin/difflab" train --preset edm-cpu --data "$DATA" --class automobile --out "$RUN" --time-limit "$MINUTES"
+  "$VENV/bin/difflab" train --preset flow-cpu --data "$DATA" --class automobile --out "$RUN" --time-limit "$MINUTES"
 fi
 "$VENV/bin/difflab" sample "$RUN" --num 64 --out "$RUN/samples" --strip --gif
 echo "samples: $RUN/samples/grid.png, progress: $RUN/samples/strip.png, training pictures: $RUN/pictures/"
