@@ -16,6 +16,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
@@ -104,8 +105,11 @@ def plot_lines(
         x, y = _floats(xs), _floats(ys)
         axes.plot(x, y, marker="o" if len(x) < 30 else None, label=name)
     _label_axes(axes, xlabel, ylabel, title, logy)
-    if logx:
+    if logx:  # ticks at the measured x values, written as plain numbers
         axes.set_xscale("log")
+        axes.set_xticks(sorted({x for xs, _ in series.values() for x in _floats(xs)}))
+        axes.xaxis.set_major_formatter(ScalarFormatter())
+        axes.xaxis.set_minor_formatter(NullFormatter())
     if series:
         axes.legend()
     return _save_figure(figure, path)
@@ -206,8 +210,10 @@ def _label_axes(axes: Axes, xlabel: str, ylabel: str, title: str, logy: bool) ->
     axes.set_ylabel(ylabel)
     if title:
         axes.set_title(title)
-    if logy:
+    if logy:  # plain numbers (70, 100, 200), not 10^2 notation
         axes.set_yscale("log")
+        axes.yaxis.set_major_formatter(ScalarFormatter())
+        axes.yaxis.set_minor_formatter(ScalarFormatter())
 
 
 def _save_figure(figure: Figure, path: str | Path) -> Path:
