@@ -397,8 +397,8 @@ def best_entry(settings: Settings) -> str:
 
 
 def piece_all(settings: Settings) -> None:
-    """Every missing piece, cheapest decisions first: entries, baseline, curves, then the
-    sampler sweep, seed spread and memorisation check of the best entry."""
+    """Every missing piece, in order: entries, baseline, curves, then the sampler sweep, seed
+    spread and memorisation check of the best entry."""
     piece_ref(settings)
     for name in ENTRIES:
         piece_train(settings, name)

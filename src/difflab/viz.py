@@ -210,10 +210,12 @@ def _label_axes(axes: Axes, xlabel: str, ylabel: str, title: str, logy: bool) ->
     axes.set_ylabel(ylabel)
     if title:
         axes.set_title(title)
-    if logy:  # plain numbers (70, 100, 200), not 10^2 notation
+    if logy:
         axes.set_yscale("log")
-        axes.yaxis.set_major_formatter(ScalarFormatter())
-        axes.yaxis.set_minor_formatter(ScalarFormatter())
+        low, high = axes.get_ylim()
+        if high / low < 30:  # a narrow range: plain numbers (70, 100, 200), not 2x10^2
+            axes.yaxis.set_major_formatter(ScalarFormatter())
+            axes.yaxis.set_minor_formatter(ScalarFormatter())
 
 
 def _save_figure(figure: Figure, path: str | Path) -> Path:
