@@ -198,10 +198,40 @@ def _sampling_rate(settings: Settings, name: str, num: int) -> tuple[float, int]
     return num / (time.monotonic() - started), result.evaluations
 
 
-def _eval_result(settings: Settings, name: str) -> dict:
-    """The eval piece's result for an entry (default sampler, seed 0), or {} before it ran."""
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
+def _measure(
+    settings: Settings,
+    name: str,
+    num: int,
+    *,
+    checkpoint: Path | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """FID/KID of ``num`` samples; the eval piece's result (latest checkpoint, default sampler,
+    seed 0) when it is this measurement, else a new evaluation."""
     path = settings.result("eval", name)
-    return json.loads(path.read_text()) if path.exists() else {}
+    result = json.loads(path.read_text()) if path.exists() else {}
+    wanted = {
+        "step": None if checkpoint is None else _step(checkpoint),
+        "sampler": sampler,
+        "sampler_steps": steps,
+    }
+    if (
+        result
+        and result["num_gen"] == num
+        and seed == 0
+        and all(value is None or result.get(key) == value for key, value in wanted.items())
+    ):
+        return result
+    extra = [] if checkpoint is None else ["--checkpoint", checkpoint]
+    extra += [] if sampler is None else ["--sampler", sampler]
+    extra += [] if steps is None else ["--steps", steps]
+    return _evaluate(settings, name, num, "--seed", seed, *extra)
 
 
 def piece_eval(settings: Settings, name: str) -> None:
@@ -232,26 +262,27 @@ def piece_eval(settings: Settings, name: str) -> None:
 def piece_curve(settings: Settings, name: str) -> None:
     """FID/KID at every kept checkpoint (the chunk ends), on ``curve_num`` samples.
 
-    Resumable: points already in the result file are kept; ``--max-minutes`` stops early."""
+    Resumable: points already in the result file are kept. The eval piece's checkpoint comes
+    first (its point costs nothing); ``--max-minutes`` skips the other checkpoints trained longer."""
     from difflab.train.checkpoint import list_checkpoints, load_checkpoint
 
     path = settings.result("curve", name)
     points = json.loads(path.read_text())["points"] if path.exists() else []
     checkpoints = list_checkpoints(settings.run_dir(name))
     minutes = [load_checkpoint(c).state["elapsed"] / 60 for c in checkpoints]
-    for i, (checkpoint, elapsed) in enumerate(zip(checkpoints, minutes, strict=True)):
-        if (
-            elapsed > settings.max_minutes
-            or any(abs(p["minutes"] - elapsed) < 1e-6 for p in points)
-            or (i + 1 < len(minutes) and minutes[i + 1] - elapsed < 1.0)
-        ):  # skipped: beyond --max-minutes, measured, or followed by a short top-up chunk
+    eval_path = settings.result("eval", name)
+    free_step = json.loads(eval_path.read_text())["step"] if eval_path.exists() else None
+    todo = [
+        (checkpoint, elapsed)
+        for i, (checkpoint, elapsed) in enumerate(zip(checkpoints, minutes, strict=True))
+        if not any(abs(p["minutes"] - elapsed) < 1e-6 for p in points)
+        and not (i + 1 < len(minutes) and minutes[i + 1] - elapsed < 1.0)  # a short top-up
+    ]
+    todo.sort(key=lambda item: _step(item[0]) != free_step)  # stable: then in time order
+    for checkpoint, elapsed in todo:
+        if _step(checkpoint) != free_step and elapsed > settings.max_minutes:
             continue
-        result = _eval_result(settings, name)  # the last point is often the eval piece's result
-        if (
-            result.get("step") != int(checkpoint.name.split("-")[-1])
-            or result.get("num_gen") != settings.curve_num
-        ):
-            result = _evaluate(settings, name, settings.curve_num, "--checkpoint", checkpoint)
+        result = _measure(settings, name, settings.curve_num, checkpoint=checkpoint)
         points.append({"minutes": elapsed, "step": result["step"], "fid": result["fid"],
                        "kid": result["kid_mean"], "kid_std": result["kid_std"]})  # fmt: skip
         points.sort(key=lambda p: p["minutes"])
@@ -259,25 +290,20 @@ def piece_curve(settings: Settings, name: str) -> None:
 
 
 def piece_samplers(settings: Settings, name: str) -> None:
-    """FID-1k for each sampler and step count of the sweep; resumable, row by row. The row of
-    the default sampler at its default steps is the eval piece's result."""
+    """FID-1k for each sampler and step count of the sweep; resumable, row by row, fewest steps
+    first (a sweep cut short still covers every sampler). The default sampler's row at its
+    default steps is the eval piece's result."""
     path = settings.result("samplers", name)
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    for sampler, step_counts in SAMPLER_SWEEP.get(name, []):
-        for steps in step_counts:
-            if any(r["sampler"] == sampler and r["steps"] == steps for r in rows):
-                continue
-            result = _eval_result(settings, name)
-            if (result.get("sampler"), result.get("sampler_steps"), result.get("num_gen")) != (
-                sampler, steps, settings.num,
-            ):  # fmt: skip
-                result = _evaluate(
-                    settings, name, settings.num, "--sampler", sampler, "--steps", steps
-                )
-            evaluations = result.get("evaluations") or result["evaluations_per_image"]
-            rows.append({"sampler": sampler, "steps": steps, "evaluations": evaluations,
-                         "fid": result["fid"], "kid": result["kid_mean"]})  # fmt: skip
-            save(path, {"entry": name, "num": settings.num, "rows": rows})
+    sweep = [(s, n) for s, step_counts in SAMPLER_SWEEP.get(name, []) for n in step_counts]
+    for sampler, steps in sorted(sweep, key=lambda row: row[1]):
+        if any(r["sampler"] == sampler and r["steps"] == steps for r in rows):
+            continue
+        result = _measure(settings, name, settings.num, sampler=sampler, steps=steps)
+        evaluations = result.get("evaluations") or result["evaluations_per_image"]
+        rows.append({"sampler": sampler, "steps": steps, "evaluations": evaluations,
+                     "fid": result["fid"], "kid": result["kid_mean"]})  # fmt: skip
+        save(path, {"entry": name, "num": settings.num, "rows": rows})
 
 
 def piece_seeds(settings: Settings, name: str) -> None:
@@ -287,9 +313,7 @@ def piece_seeds(settings: Settings, name: str) -> None:
     for seed in (0, 1, 2):
         if seed in done["seed"]:
             continue
-        result = _eval_result(settings, name) if seed == 0 else {}
-        if not result:
-            result = _evaluate(settings, name, settings.num, "--seed", seed)
+        result = _measure(settings, name, settings.num, seed=seed)
         done["seed"].append(seed)
         done["fid"].append(result["fid"])
         done["kid"].append(result["kid_mean"])
@@ -391,9 +415,12 @@ PIECES = {
 
 
 def best_entry(settings: Settings) -> str:
-    """The measured entry with the lowest KID: the model of the sampler and seed pieces."""
+    """The best measured entry (KID and FID-1k together): the model of the sampler and seed
+    pieces."""
+    import report_quality
+
     evals = {name: r for name, r in load_results(settings, "eval").items() if name in ENTRIES}
-    return min(evals, key=lambda name: evals[name]["kid_mean"])
+    return report_quality.ranked(evals)[0]
 
 
 def piece_all(settings: Settings) -> None:
