@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,9 +156,14 @@ def _sections(
     for name, r in load(settings, "seeds").items():
         fids = ", ".join(f"{f:.1f}" for f in r["fid"])
         kids = ", ".join(f"{k:.4f}" for k in r["kid"])
+        spread = (
+            f" (mean {statistics.mean(r['fid']):.1f}, std {statistics.stdev(r['fid']):.1f})"
+            if len(r["fid"]) > 1
+            else ""
+        )
         lines += [
-            f"Spread over sampling seeds {r['seed']} for `{name}` (same network, 1,000 samples "
-            f"each): FID-1k {fids}; KID {kids}.",
+            f"Spread over sampling seeds {', '.join(map(str, r['seed']))} for `{name}` (same "
+            f"network, 1,000 samples each): FID-1k {fids}{spread}; KID {kids}.",
             "",
         ]
     for name, r in load(settings, "memorisation").items():
