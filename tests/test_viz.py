@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from difflab.viz import (
+    log_ticks,
     plot_lines,
     plot_loss,
     save_gif,
@@ -128,6 +129,10 @@ def test_plot_lines(tmp_path: Path) -> None:
         assert image.format == "PNG"
         assert image.width > 100
     assert _no_temporary_files(path.parent)
+
+
+def test_log_ticks_drop_values_whose_labels_would_overlap() -> None:
+    assert log_ticks([18, 5, 35, 9, 17, 10, 5, 0]) == [5, 9, 10, 17, 35]
 
 
 @pytest.mark.parametrize("smoothing", [0, 1, 10, 500])

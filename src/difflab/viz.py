@@ -8,7 +8,7 @@ folder and then renamed, so a reader never sees a half-written file.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -107,12 +107,22 @@ def plot_lines(
     _label_axes(axes, xlabel, ylabel, title, logy)
     if logx:  # ticks at the measured x values, written as plain numbers
         axes.set_xscale("log")
-        axes.set_xticks(sorted({x for xs, _ in series.values() for x in _floats(xs)}))
+        axes.set_xticks(log_ticks(x for xs, _ in series.values() for x in _floats(xs)))
         axes.xaxis.set_major_formatter(ScalarFormatter())
         axes.xaxis.set_minor_formatter(NullFormatter())
     if series:
         axes.legend()
     return _save_figure(figure, path)
+
+
+def log_ticks(values: Iterable[float], min_ratio: float = 1.1) -> list[float]:
+    """The distinct positive values, ascending, less any within ``min_ratio`` of the last kept
+    one (their labels would overlap on a log axis)."""
+    kept: list[float] = []
+    for value in sorted({v for v in values if v > 0}):
+        if not kept or value >= kept[-1] * min_ratio:
+            kept.append(value)
+    return kept
 
 
 def plot_loss(
