@@ -30,6 +30,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from difflab.train.checkpoint import Checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpg" / "train"
@@ -198,8 +202,11 @@ def _sampling_rate(settings: Settings, name: str, num: int) -> tuple[float, int]
     return num / (time.monotonic() - started), result.evaluations
 
 
-def _step(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[-1])
+def _eval_result(settings: Settings, name: str) -> dict:
+    """The eval piece's result for an entry (latest checkpoint, default sampler, seed 0), or {}
+    before it ran."""
+    path = settings.result("eval", name)
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _measure(
@@ -207,17 +214,16 @@ def _measure(
     name: str,
     num: int,
     *,
-    checkpoint: Path | None = None,
+    checkpoint: Checkpoint | None = None,
     sampler: str | None = None,
     steps: int | None = None,
     seed: int = 0,
 ) -> dict:
-    """FID/KID of ``num`` samples; the eval piece's result (latest checkpoint, default sampler,
-    seed 0) when it is this measurement, else a new evaluation."""
-    path = settings.result("eval", name)
-    result = json.loads(path.read_text()) if path.exists() else {}
+    """FID/KID of ``num`` samples; the eval piece's result when it is this measurement, else a
+    new evaluation."""
+    result = _eval_result(settings, name)
     wanted = {
-        "step": None if checkpoint is None else _step(checkpoint),
+        "step": None if checkpoint is None else checkpoint.step,
         "sampler": sampler,
         "sampler_steps": steps,
     }
@@ -228,7 +234,7 @@ def _measure(
         and all(value is None or result.get(key) == value for key, value in wanted.items())
     ):
         return result
-    extra = [] if checkpoint is None else ["--checkpoint", checkpoint]
+    extra = [] if checkpoint is None else ["--checkpoint", checkpoint.path]
     extra += [] if sampler is None else ["--sampler", sampler]
     extra += [] if steps is None else ["--steps", steps]
     return _evaluate(settings, name, num, "--seed", seed, *extra)
@@ -268,19 +274,18 @@ def piece_curve(settings: Settings, name: str) -> None:
 
     path = settings.result("curve", name)
     points = json.loads(path.read_text())["points"] if path.exists() else []
-    checkpoints = list_checkpoints(settings.run_dir(name))
-    minutes = [load_checkpoint(c).state["elapsed"] / 60 for c in checkpoints]
-    eval_path = settings.result("eval", name)
-    free_step = json.loads(eval_path.read_text())["step"] if eval_path.exists() else None
+    checkpoints = [load_checkpoint(c) for c in list_checkpoints(settings.run_dir(name))]
+    minutes = [c.state["elapsed"] / 60 for c in checkpoints]
+    free_step = _eval_result(settings, name).get("step")
     todo = [
         (checkpoint, elapsed)
         for i, (checkpoint, elapsed) in enumerate(zip(checkpoints, minutes, strict=True))
         if not any(abs(p["minutes"] - elapsed) < 1e-6 for p in points)
         and not (i + 1 < len(minutes) and minutes[i + 1] - elapsed < 1.0)  # a short top-up
     ]
-    todo.sort(key=lambda item: _step(item[0]) != free_step)  # stable: then in time order
+    todo.sort(key=lambda item: item[0].step != free_step)  # stable: then in time order
     for checkpoint, elapsed in todo:
-        if _step(checkpoint) != free_step and elapsed > settings.max_minutes:
+        if checkpoint.step != free_step and elapsed > settings.max_minutes:
             continue
         result = _measure(settings, name, settings.curve_num, checkpoint=checkpoint)
         points.append({"minutes": elapsed, "step": result["step"], "fid": result["fid"],
