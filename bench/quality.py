@@ -122,7 +122,7 @@ def save(path: Path, values: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     values = {**values, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine()}
     path.write_text(json.dumps(values, indent=2) + "\n")
-    print(f"recorded {path.relative_to(ROOT)}")
+    print(f"recorded {os.path.relpath(path, ROOT)}")
 
 
 def machine() -> str:

@@ -1,0 +1,137 @@
+"""bench/quality.py's bookkeeping: which measurements it reuses, skips or runs, and the ranking.
+
+A benchmark pass takes hours, so a wrong "already measured" rule silently costs a result (or an
+hour re-measuring one). These tests stub the evaluation and the checkpoints; nothing is trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture()
+def quality(monkeypatch, tmp_path):
+    """bench/quality.py with its results in tmp_path and every evaluation recorded, not run."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import quality
+
+    args = argparse.Namespace(
+        quick=False, data="unused", minutes=30.0, chunks=3, num=1000, curve_num=1000,
+        max_minutes=float("inf"),
+    )  # fmt: skip
+    settings = quality.Settings(args)
+    settings.results = tmp_path / "results"
+    settings.out = tmp_path / "out"
+    calls: list[tuple] = []
+
+    def fake_evaluate(settings, name, num, *extra):
+        calls.append((name, num, *extra))
+        options = dict(zip(extra[::2], extra[1::2], strict=True))
+        return {
+            "fid": 100.0 + len(calls), "kid_mean": 0.1, "kid_std": 0.01, "num_gen": num,
+            "step": getattr(options.get("--checkpoint"), "name", "latest"),
+            "evaluations": 2 * options.get("--steps", 18) - 1,
+        }  # fmt: skip
+
+    monkeypatch.setattr(quality, "_evaluate", fake_evaluate)
+    return SimpleNamespace(module=quality, settings=settings, calls=calls)
+
+
+def write_eval(settings, name: str, **values) -> None:
+    result = {"fid": 70.0, "kid_mean": 0.05, "kid_std": 0.001, "num_gen": 1000, "step": 1489,
+              "sampler": "heun", "sampler_steps": 18, "evaluations": 35, **values}  # fmt: skip
+    settings.results.mkdir(parents=True, exist_ok=True)
+    settings.result("eval", name).write_text(json.dumps(result))
+
+
+def fake_checkpoints(monkeypatch, minutes_by_step: dict[int, float]) -> None:
+    """Checkpoints with these steps and training minutes, in place of a run directory's."""
+    from difflab.train import checkpoint
+
+    paths = [Path(f"step-{step:08d}") for step in minutes_by_step]
+    monkeypatch.setattr(checkpoint, "list_checkpoints", lambda run_dir: paths)
+    monkeypatch.setattr(
+        checkpoint,
+        "load_checkpoint",
+        lambda path: SimpleNamespace(
+            path=path,
+            step=int(path.name[5:]),
+            state={"elapsed": 60 * minutes_by_step[int(path.name[5:])]},
+        ),
+    )
+
+
+def test_measure_reuses_the_eval_result_only_when_it_is_the_same_measurement(quality):
+    q, settings = quality.module, quality.settings
+    write_eval(settings, "flow")
+    assert q._measure(settings, "flow", 1000)["fid"] == 70.0
+    assert q._measure(settings, "flow", 1000, sampler="heun", steps=18)["fid"] == 70.0
+    assert quality.calls == []
+    q._measure(settings, "flow", 1000, seed=1)
+    q._measure(settings, "flow", 1000, sampler="heun", steps=9)
+    q._measure(settings, "flow", 1000, sampler="euler", steps=18)
+    q._measure(settings, "flow", 500)
+    assert [call[1:] for call in quality.calls] == [
+        (1000, "--seed", 1),
+        (1000, "--seed", 0, "--sampler", "heun", "--steps", 9),
+        (1000, "--seed", 0, "--sampler", "euler", "--steps", 18),
+        (500, "--seed", 0),
+    ]
+
+
+def test_curve_takes_the_free_point_first_then_resumes_and_respects_max_minutes(
+    quality, monkeypatch
+):
+    q, settings = quality.module, quality.settings
+    write_eval(settings, "flow", step=1489)
+    # chunk ends at 10, 20 and 29.6 minutes, then a 0.4-minute top-up to the 30-minute budget
+    fake_checkpoints(monkeypatch, {481: 9.8, 968: 19.8, 1468: 29.6, 1489: 30.0})
+    settings.max_minutes = 11
+    q.piece_curve(settings, "flow")
+    points = json.loads(settings.result("curve", "flow").read_text())["points"]
+    assert [p["minutes"] for p in points] == [9.8, 30.0]
+    assert points[1]["fid"] == 70.0  # the eval piece's result, not re-measured
+    assert [call[-1].name for call in quality.calls] == ["step-00000481"]
+
+    settings.max_minutes = float("inf")
+    q.piece_curve(settings, "flow")  # resumes: only the 20-minute point is new
+    points = json.loads(settings.result("curve", "flow").read_text())["points"]
+    assert [p["minutes"] for p in points] == [9.8, 19.8, 30.0]
+    assert [call[-1].name for call in quality.calls] == ["step-00000481", "step-00000968"]
+
+
+def test_samplers_run_fewest_steps_first_and_resume(quality, monkeypatch):
+    q, settings = quality.module, quality.settings
+    write_eval(settings, "flow")
+    monkeypatch.setitem(q.SAMPLER_SWEEP, "flow", [("heun", [9, 18]), ("euler", [5, 35])])
+    settings.result("samplers", "flow").write_text(json.dumps({"rows": [
+        {"sampler": "euler", "steps": 5, "evaluations": 5, "fid": 80.0, "kid": 0.06},
+    ]}))  # fmt: skip
+    q.piece_samplers(settings, "flow")
+    rows = json.loads(settings.result("samplers", "flow").read_text())["rows"]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [
+        ("euler", 5), ("heun", 9), ("heun", 18), ("euler", 35)
+    ]  # fmt: skip
+    assert rows[2]["fid"] == 70.0 and rows[2]["evaluations"] == 35  # the eval piece's row
+    assert [call[-1] for call in quality.calls] == [9, 35]
+
+
+def test_ranked_sums_the_kid_and_fid_ranks_and_breaks_ties_by_cost(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import report_quality
+
+    evals = {
+        "cheap": {"fid": 80.0, "kid_mean": 0.040, "evaluations_per_image": 17},
+        "costly": {"fid": 70.0, "kid_mean": 0.050, "evaluations_per_image": 100},
+        "worst": {"fid": 90.0, "kid_mean": 0.060, "evaluations_per_image": 5},
+    }
+    assert report_quality.ranked(evals) == ["cheap", "costly", "worst"]
+    evals["cheap"]["evaluations_per_image"] = 200
+    assert report_quality.ranked(evals) == ["costly", "cheap", "worst"]
