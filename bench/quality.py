@@ -282,11 +282,10 @@ def piece_curve(settings: Settings, name: str) -> None:
         for i, (checkpoint, elapsed) in enumerate(zip(checkpoints, minutes, strict=True))
         if not any(abs(p["minutes"] - elapsed) < 1e-6 for p in points)
         and not (i + 1 < len(minutes) and minutes[i + 1] - elapsed < 1.0)  # a short top-up
+        and (checkpoint.step == free_step or elapsed <= settings.max_minutes)
     ]
     todo.sort(key=lambda item: item[0].step != free_step)  # stable: then in time order
     for checkpoint, elapsed in todo:
-        if checkpoint.step != free_step and elapsed > settings.max_minutes:
-            continue
         result = _measure(settings, name, settings.curve_num, checkpoint=checkpoint)
         points.append({"minutes": elapsed, "step": result["step"], "fid": result["fid"],
                        "kid": result["kid_mean"], "kid_std": result["kid_std"]})  # fmt: skip
