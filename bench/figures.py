@@ -36,7 +36,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from difflab.config import MethodConfig, SamplerConfig
-from difflab.denoisers import Denoiser
+from difflab.denoisers import Denoiser, times_like
 from difflab.registry import METHODS, Method, SamplingPlan, build_sampler
 from difflab.schedules import TutorialPath
 from difflab.viz import to_uint8
@@ -272,7 +272,7 @@ class ExactGaussian(Denoiser):
         self.var = stds.double() ** 2
 
     def raw(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        c = self.coefficients(t, x.ndim)
+        c = self.coefficients(times_like(t, x), x.ndim)
         alpha, sigma, x = c.alpha.double(), c.sigma.double(), x.double()
         x0 = alpha * self.var / (alpha**2 * self.var + sigma**2) * x
         eps = (x - alpha * x0) / sigma

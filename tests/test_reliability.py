@@ -196,7 +196,7 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(
 def checkpoint_before_each_step(monkeypatch):
     """Records the newest checkpoint's bytes before every optimizer step."""
     seen: dict = {}
-    original = Trainer._train_step
+    original = Trainer.train_step
 
     def step(self):
         paths = list_checkpoints(self.run_dir)
@@ -204,14 +204,14 @@ def checkpoint_before_each_step(monkeypatch):
             seen.update(path=paths[-1], files=folder_bytes(paths[-1]), step=self.step + 1)
         return original(self)
 
-    monkeypatch.setattr(Trainer, "_train_step", step)
+    monkeypatch.setattr(Trainer, "train_step", step)
     return seen
 
 
 def poison_from_step(monkeypatch, bad_step: int, poison) -> None:
     """From optimizer step ``bad_step`` on, the per-sample loss goes through ``poison``."""
     state = {"on": False}
-    original_step, original_loss = Trainer._train_step, Objective.loss
+    original_step, original_loss = Trainer.train_step, Objective.loss
 
     def step(self):
         state["on"] = self.step + 1 >= bad_step
@@ -224,7 +224,7 @@ def poison_from_step(monkeypatch, bad_step: int, poison) -> None:
         out = original_loss(self, *args, **kwargs)
         return poison(out) if state["on"] else out
 
-    monkeypatch.setattr(Trainer, "_train_step", step)
+    monkeypatch.setattr(Trainer, "train_step", step)
     monkeypatch.setattr(Objective, "loss", loss)
 
 
@@ -506,7 +506,7 @@ def test_out_of_memory_is_one_line_and_the_run_resumes(trained, capsys, monkeypa
     def oom(self):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(Trainer, "_train_step", oom)
+    monkeypatch.setattr(Trainer, "train_step", oom)
     code, _, err = run_cli(capsys, "train", "--resume", trained, "--steps", 8, "--no-progress")
     line = assert_one_line_error(code, err)
     assert line == "difflab: error: out of memory; lower --batch-size or raise train.accumulation"

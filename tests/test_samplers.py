@@ -21,7 +21,7 @@ import torch
 
 from difflab import samplers as S
 from difflab.config import MethodConfig, SamplerConfig
-from difflab.denoisers import Denoiser
+from difflab.denoisers import Denoiser, times_like
 from difflab.registry import METHODS, build_sampler
 from difflab.samplers import SampleNoise
 from difflab.sampling import image_seeds
@@ -36,7 +36,7 @@ class ExactDenoiser(Denoiser):
         super().__init__(torch.nn.Identity(), method.process, method.parameterization)
 
     def raw(self, x, t, labels=None):
-        c = self.coefficients(t, x.ndim)
+        c = self.coefficients(times_like(t, x), x.ndim)
         alpha, sigma = c.alpha.double(), c.sigma.double()
         x = x.double()
         gain = alpha * STD**2 / (alpha**2 * STD**2 + sigma**2)

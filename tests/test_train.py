@@ -12,7 +12,8 @@ from difflab.config import TrainConfig, apply_overrides, load_preset, validate
 from difflab.data import load_images
 from difflab.train.checkpoint import list_checkpoints
 from difflab.train.schedule import ema_beta, lr_at
-from difflab.train.trainer import batch_indices, images_before, train
+from difflab.train.batches import batch_indices, images_before
+from difflab.train.trainer import train
 
 
 def _config(preset, folder, *overrides):

@@ -8,26 +8,17 @@ difflab.save_grid(images, "cars.png")
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
-from difflab.config import Config, SamplerConfig, from_dict, load_json, validate
+from difflab.config import Config, SamplerConfig
 from difflab.devices import resolve_device
-from difflab.errors import DifflabError
 from difflab.registry import Method, SamplingPlan, build_method, build_network, build_sampler
 from difflab.sampling import Generated, generate, image_seeds
-from difflab.train.checkpoint import (
-    Checkpoint,
-    _load_weights,
-    load_checkpoint,
-    load_weights_into,
-    newest_usable,
-)
+from difflab.train.checkpoint import load_model
 
 
 @dataclass
@@ -86,48 +77,16 @@ class Run:
         return self.generate(num, seed, **kwargs).images
 
 
-def build_model(config: Config, device: torch.device) -> tuple[Method, nn.Module]:
-    return build_method(config), build_network(config).to(device)
-
-
 def load_run(
     path: str | Path,
     checkpoint: str | Path | None = None,
     ema: bool = True,
-    device: str = "auto",
+    device: str | torch.device = "auto",
 ) -> Run:
     """A run directory (its newest checkpoint, or ``checkpoint``) or an exported .safetensors."""
-    path = Path(path)
-    torch_device = resolve_device(device)
-    if path.is_file():
-        return _load_exported(path, torch_device)
-    if not path.is_dir():
-        raise DifflabError(f"run directory {path} does not exist")
-    config = load_json(path / "config.json")
-    method, net = build_model(config, torch_device)
-
-    def use(ckpt: Checkpoint) -> int:
-        weights = ckpt.ema if ema and ckpt.ema is not None else ckpt.net
-        load_weights_into(net, weights, ckpt.path)
-        return ckpt.step
-
-    step = use(load_checkpoint(Path(checkpoint))) if checkpoint else newest_usable(path, use)
-    if step is None:
-        raise DifflabError(f"{path} has no usable checkpoint; train it first (difflab train)")
-    return Run(config, method, net.eval(), torch_device, path, step)
-
-
-def _load_exported(path: Path, device: torch.device) -> Run:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as error:  # safetensors raises several types for foreign files
-        raise DifflabError(f"{path} is not a difflab export or run directory ({error})") from None
-    if "config" not in metadata:
-        raise DifflabError(
-            f"{path} has no difflab config in its metadata: export it with difflab export"
-        )
-    config = validate(from_dict(json.loads(metadata["config"])))
-    method, net = build_model(config, device)
-    load_weights_into(net, _load_weights(path), path)
-    return Run(config, method, net.eval(), device, path, int(metadata.get("step", 0)))
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    loaded = load_model(
+        path, lambda config: build_network(config).to(torch_device), checkpoint, ema
+    )
+    method = build_method(loaded.config)
+    return Run(loaded.config, method, loaded.net.eval(), torch_device, loaded.source, loaded.step)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, one_line, shorten
 
 log = logging.getLogger("difflab")
 EXIT_ERROR = 2
@@ -344,12 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")  # what str.splitlines splits on
+MESSAGE_LIMIT = 1000  # characters of an error message; a compiler's 200 KB stays a few lines
 
 
 def _one_line(error: BaseException) -> str:
-    """The message with line breaks escaped: a path typed with a newline stays one line."""
-    return "".join(repr(c)[1:-1] if c in _LINE_BREAKS else c for c in str(error))
+    """The message on one line (line breaks escaped) and at most ``MESSAGE_LIMIT`` long."""
+    return shorten(one_line(str(error)), MESSAGE_LIMIT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

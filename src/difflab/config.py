@@ -84,6 +84,7 @@ class SamplerConfig:
     steps: int = 0  # 0: the method's default number of steps
     eta: float = 0.0  # ddim
     clip_x0: bool = False  # ancestral, ddim: clip the x0 estimate to [-1, 1] (Ho et al. 2020)
+    variance: str = "small"  # ancestral: posterior beta_tilde ("small") or beta ("large")
     grid: str = "default"  # "default" (the process's own) or "edm" (rho-spaced in sigma/alpha)
     rho: float = 7.0
     s_churn: float = 40.0  # edm-stochastic
@@ -124,9 +125,11 @@ class TrainConfig:
     eval_num: int = 500
     eval_ref: str = ""  # REF.npz from difflab ref (needed when eval_every_kimg > 0)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
-    precision: str = "auto"  # "auto" (bf16 on CUDA), "fp32" or "bf16"
+    precision: str = "auto"  # "auto" (CUDA: bf16 for big steps, see devices.py), "fp32", "bf16"
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead, max-autotune, ...
     channels_last: bool = False
+    fused_optimizer: bool = True  # Adam/AdamW's fused CUDA kernel (no effect on the CPU)
 
 
 @dataclass
@@ -307,6 +310,7 @@ def _as_list(value: Any) -> list[Any]:
 
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def validate(config: Config) -> Config:
@@ -357,6 +361,11 @@ def validate(config: Config) -> Config:
         "train.lr_schedule must be 'constant', 'rounds' or 'cosine'",
     )
     _check(t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
+    _check(
+        t.compile_mode in COMPILE_MODES,
+        f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}",
+    )
+    _check(s.variance in ("small", "large"), "sampler.variance must be 'small' or 'large'")
     _check(
         m.num_timesteps >= 1 and m.num_levels >= 1, "method.num_timesteps/num_levels must be >= 1"
     )

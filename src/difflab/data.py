@@ -15,7 +15,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, brief
 
 log = logging.getLogger("difflab")
 
@@ -112,7 +112,7 @@ def _download_cifar10(root: Path) -> CIFAR10:
     try:
         return CIFAR10(root=root, train=True, download=True)
     except Exception as error:  # network, disk, checksum and archive errors all end here
-        reason = " ".join(f"{type(error).__name__}: {error}".split())[:160]
+        reason = brief(error)
         raise DifflabError(
             f"could not download CIFAR-10 into {root} ({reason}); point --data at a local image "
             "folder instead (class subfolders or a flat folder of images)"

@@ -189,11 +189,24 @@ class EDMPreconditioning(Parameterization):
         return (x0 - c_skip * x) / c_out
 
 
+def times_like(t: Tensor | float, x: Tensor) -> Tensor:
+    """Time(s) ``t`` (a number, a 0-d or [1] tensor, or one per image; any device) as a float
+    vector [N] on the device of the images ``x``.
+
+    This is where a sampler's time grid, kept on the host in float64, meets the images: the
+    one place time crosses to the device, so no sampler has to remember it.
+    """
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    t = torch.as_tensor(t).to(device=x.device, dtype=dtype).reshape(-1)
+    return t.expand(x.shape[0]) if t.numel() == 1 else t
+
+
 class Denoiser(nn.Module):
     """A raw network wrapped with a forward process and a parameterization.
 
     ``raw(x, t)`` is the network output (what objectives regress); ``forward(x, t)`` is the
-    prediction (x0, eps) that samplers use. t is a float tensor with one time per sample.
+    prediction (x0, eps) that samplers use. t is one time for the batch or one per sample, on
+    any device (see ``times_like``).
     """
 
     def __init__(self, net: nn.Module, process: ForwardProcess, parameterization: Parameterization):
@@ -203,11 +216,45 @@ class Denoiser(nn.Module):
     def coefficients(self, t: Tensor, ndim: int) -> Coefficients:
         return Coefficients.at(self.process, t, ndim, self.parameterization.needs_derivatives)
 
-    def raw(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+    def raw(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        t = times_like(t, x)
         c = self.coefficients(t, x.ndim)
         cond = self.process.noise_condition(t).to(x.dtype)
         return self.net(self.parameterization.network_input(x, c), cond, labels)
 
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Prediction:
-        out = self.raw(x, t, labels)
-        return self.parameterization.to_x0_eps(out, x, self.coefficients(t, x.ndim))
+    def to_x0_eps(self, out: Tensor, x: Tensor, t: Tensor | float) -> Prediction:
+        """The prediction (x0, eps) that a raw output ``out`` at (x, t) stands for."""
+        return self.parameterization.to_x0_eps(out, x, self.coefficients(times_like(t, x), x.ndim))
+
+    def forward(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None) -> Prediction:
+        return self.to_x0_eps(self.raw(x, t, labels), x, t)
+
+    def bind(self, labels: Tensor | None, guidance: float = 1.0) -> Denoiser:
+        """This denoiser with class labels (one per image) and a guidance weight bound, for
+        samplers that call ``denoiser(x, t)``; unchanged when there are no labels."""
+        return self if labels is None else Guided(self, labels, guidance)
+
+
+class Guided(Denoiser):
+    """A denoiser with its class labels bound, and classifier-free guidance (Ho & Salimans
+    2022, eq. 6 written for any parameterization): out = out_uncond + w (out_cond - out_uncond).
+
+    w = 1 is the plain conditional model and w = 0 the unconditional one; a label of -1 means
+    "no class". Every parameterization is affine in the raw output with weights that do not
+    depend on it, and (1 - w) + w = 1, so mixing raw outputs mixes x0 and eps the same way.
+    """
+
+    def __init__(self, base: Denoiser, labels: Tensor, guidance: float = 1.0) -> None:
+        super().__init__(base.net, base.process, base.parameterization)
+        self.labels, self.guidance = labels, float(guidance)
+
+    def raw(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        t, labels = times_like(t, x), self.labels.to(x.device)
+        if self.guidance in (0.0, 1.0):  # one branch only
+            return super().raw(x, t, labels if self.guidance else torch.full_like(labels, -1))
+        # One network call on the doubled batch: conditional half, then unconditional half.
+        both = super().raw(
+            torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, -1)])
+        )
+        cond, uncond = both.chunk(2)
+        return uncond + self.guidance * (cond - uncond)

@@ -1,10 +1,23 @@
-"""Device choice: CUDA, then Apple's MPS, then CPU."""
+"""Devices: which one to use, how a run sets it up, and how tensors and generators reach it.
+
+Device and dtype follow the data: a function creates what it needs on the device of the tensor
+it meets. The helpers here are the few places where that needs care (generators, copies from
+the host, the CUDA math settings).
+"""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from difflab.errors import DifflabError
+
+#: Work per optimizer step and device (forward GFLOP per image x images) from which
+#: ``precision = "auto"`` trains in bf16 on CUDA. Below it, autocast's casts cost more than bf16
+#: saves: on one H100, flow-cpu at batch 32 (62 GFLOP per step) trained at about 1,385 img/s in
+#: fp32 and 960-1,100 in bf16 (issue 13); bench/gpu.py measures both precisions of every preset
+#: and reports whether this rule picked the faster one.
+BF16_MIN_GFLOP_PER_STEP = 300.0
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -29,3 +42,50 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DifflabError("MPS was requested but is not available; use --device cpu")
     return device
+
+
+def generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator seeded with ``seed`` that draws on ``device``.
+
+    The shape-only ``meta`` device (used by the tests) has no generator of its own: it ignores
+    values, so a CPU generator stands in.
+    """
+    where = torch.device("cpu") if device.type == "meta" else device
+    return torch.Generator(where).manual_seed(seed)
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """Copy a host tensor to ``device`` without making the host wait for the device queue.
+
+    A plain copy from pageable host memory to CUDA synchronises with the stream; from pinned
+    memory it is asynchronous.
+    """
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def configure(device: torch.device) -> None:
+    """Process-wide math settings for training or sampling on ``device``.
+
+    On CUDA: TF32 for float32 matmuls and convolutions (10-bit mantissa inputs, float32
+    accumulation: the usual setting for training, several times the float32 rate on Ampere and
+    later), and cuDNN's autotuner, which picks the fastest convolution for the fixed shapes of
+    a training run.
+    """
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = True
+
+
+def autocast_dtype(device: torch.device, precision: str, gflop_per_step: float):
+    """The autocast dtype of a training step, or None for plain float32.
+
+    ``precision`` is "fp32", "bf16" or "auto"; autocast is used on CUDA only. "auto" chooses by
+    size: bf16 when a step does at least ``BF16_MIN_GFLOP_PER_STEP`` of forward work.
+    """
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "bf16" or gflop_per_step >= BF16_MIN_GFLOP_PER_STEP:
+        return torch.bfloat16
+    return None

@@ -1,5 +1,37 @@
-"""The one exception type that reaches the user as a one-line message."""
+"""The one exception type that reaches the user as a one-line message, and how other errors'
+text is quoted inside it."""
+
+from __future__ import annotations
+
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")  # what str.splitlines splits on
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks escaped: a path typed with a newline stays on one line."""
+    return "".join(repr(c)[1:-1] if c in _LINE_BREAKS else c for c in text)
+
+
+def shorten(text: str, limit: int) -> str:
+    """At most ``limit`` characters, cut at a word boundary and marked with an ellipsis."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + "..."
+
+
+def brief(error: BaseException, limit: int = 160) -> str:
+    """An underlying error as ``Type: its first line``, shortened to ``limit`` characters."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return shorten(" ".join(text.split()), limit)
 
 
 class DifflabError(Exception):
-    """A problem the user can fix; the CLI prints its message on one line and exits non-zero."""
+    """A problem the user can fix; the CLI prints its message on one line and exits non-zero.
+
+    The message is made one line here, whatever text it quotes.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(str(message)))

@@ -210,7 +210,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
         S.ancestral_sampler,
         lambda p: p.variance_preserving,
         "a DDPM-family (VP) model",
-        lambda s: {"clip_x0": s.clip_x0},
+        lambda s: {"clip_x0": s.clip_x0, "variance": s.variance},
     ),
     "ddim": SamplerSpec(
         S.ddim_sampler,
@@ -252,9 +252,13 @@ class SamplingPlan:
         return len(self.grid) - 1
 
     def __call__(
-        self, denoiser: Denoiser, noise: Tensor, rng: S.SampleNoise, labels=None, on_step=None
+        self,
+        denoiser: Denoiser,
+        noise: Tensor,
+        rng: S.SampleNoise | None = None,
+        on_step: S.StepCallback | None = None,
     ) -> Tensor:
-        return self.function(denoiser, noise, self.grid, rng, labels, on_step, **self.options)
+        return self.function(denoiser, noise, self.grid, rng, on_step, **self.options)
 
 
 def build_sampler(method: Method, sampler: SamplerConfig) -> SamplingPlan:

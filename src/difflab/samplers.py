@@ -1,9 +1,14 @@
 """Samplers: pure functions of (denoiser, initial noise, time grid, noise source).
 
-A grid is a descending 1-D tensor of times whose last entry is the clean end; ``len(grid) - 1``
-is the number of steps. A sampler keeps no state between calls. Stochastic samplers draw fresh
-noise from a ``SampleNoise`` that holds one generator per image, so an image does not depend on
-the batch it was drawn in (Karras et al. 2022, ``StackedRandomGenerator``).
+A grid is a descending 1-D float64 tensor of times on the host whose last entry is the clean
+end; ``len(grid) - 1`` is the number of steps. The step sizes and the schedule's scalars are
+host arithmetic on the grid; the denoiser puts a time onto the images' device when it meets
+them (``denoisers.times_like``), so nothing here creates a tensor on a device of its own and
+nothing reads the device back. A sampler keeps no state between calls and sees only
+``denoiser(x, t)``: class labels and guidance are bound into the denoiser by the caller
+(``Denoiser.bind``). Stochastic samplers draw fresh noise from a ``SampleNoise`` that holds one
+generator per image, so an image does not depend on the batch it was drawn in (Karras et al.
+2022, ``StackedRandomGenerator``).
 
 ``on_step(i, x, x0)`` is called after every step with the new state and the current x0 estimate,
 for progress strips and GIFs.
@@ -11,37 +16,41 @@ for progress strips and GIFs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from difflab.denoisers import Denoiser, Prediction
+from difflab.devices import to_device
 
 StepCallback = Callable[[int, Tensor, Tensor], None]
 
 
 class SampleNoise:
-    """Gaussian noise with one generator per image, seeded from the image's index."""
+    """Gaussian noise with one generator per image, seeded from the image's index.
+
+    The generators live on the host and the noise is then copied to ``device``, so a seed gives
+    the same image on the CPU and on a GPU (a few KB per image and step: cheap next to a network
+    evaluation).
+    """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
-        self.generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def randn(self, shape: Sequence[int]) -> Tensor:
-        """A [N, *shape] tensor, row i from generator i."""
-        return torch.stack(
-            [torch.randn(tuple(shape), generator=g, device=self.device) for g in self.generators]
-        )
+        """A [N, *shape] tensor on ``device``, row i from generator i."""
+        noise = torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators])
+        return to_device(noise, self.device)
 
 
-def _predict(
-    denoiser: Denoiser, x: Tensor, t: Tensor, labels: Tensor | None, clip_x0: bool = False
-) -> Prediction:
+def _predict(denoiser: Denoiser, x: Tensor, t: Tensor, clip_x0: bool = False) -> Prediction:
     """(x0, eps) at t; ``clip_x0`` clips x0 to the data range [-1, 1] and recomputes eps from it
     (Ho et al. 2020's sampler; with eps-prediction x0 = (x - sigma eps) / alpha magnifies the
     network's error by 1 / alpha at high noise)."""
-    pred = denoiser(x, t.to(x.dtype).expand(x.shape[0]), labels)
+    pred = denoiser(x, t)
     x0, eps = pred.x0.float(), pred.eps.float()
     if clip_x0:
         alpha, sigma = _scalars(denoiser, t)
@@ -51,6 +60,7 @@ def _predict(
 
 
 def _scalars(denoiser: Denoiser, t: Tensor) -> tuple[float, float]:
+    """alpha(t), sigma(t) of a host time, as Python numbers."""
     alpha, sigma = denoiser.process.alpha_sigma(t.reshape(1))
     return float(alpha), float(sigma)
 
@@ -66,7 +76,6 @@ def tutorial_sampler(
     noise: Tensor,
     grid: Tensor,
     rng: SampleNoise | None = None,
-    labels: Tensor | None = None,
     on_step: StepCallback | None = None,
 ) -> Tensor:
     """The tutorial's loop: ``for i in 0..15: x = model(x, i)``, deterministic, no re-noising.
@@ -76,11 +85,9 @@ def tutorial_sampler(
     """
     x = noise
     for i in range(len(grid) - 1):
-        t = grid[i : i + 1].to(x.dtype).expand(x.shape[0])
-        out = denoiser.raw(x, t, labels).float()
+        out = denoiser.raw(x, grid[i]).float()
         if on_step is not None:  # the x0 estimate is only needed by observers
-            x0 = denoiser.parameterization.to_x0_eps(out, x, denoiser.coefficients(t, x.ndim)).x0
-            on_step(i, out, x0)
+            on_step(i, out, denoiser.to_x0_eps(out, x, grid[i]).x0)
         x = out
     return x
 
@@ -91,7 +98,6 @@ def ddim_sampler(
     noise: Tensor,
     grid: Tensor,
     rng: SampleNoise | None = None,
-    labels: Tensor | None = None,
     on_step: StepCallback | None = None,
     eta: float = 0.0,
     clip_x0: bool = False,
@@ -103,7 +109,7 @@ def ddim_sampler(
     """
     x = noise
     for i in range(len(grid) - 1):
-        pred = _predict(denoiser, x, grid[i : i + 1], labels, clip_x0)
+        pred = _predict(denoiser, x, grid[i], clip_x0)
         alpha, sigma = _scalars(denoiser, grid[i])
         alpha_next, sigma_next = _scalars(denoiser, grid[i + 1])
         s = 0.0
@@ -122,18 +128,20 @@ def ancestral_sampler(
     noise: Tensor,
     grid: Tensor,
     rng: SampleNoise | None = None,
-    labels: Tensor | None = None,
     on_step: StepCallback | None = None,
     clip_x0: bool = False,
+    variance: str = "small",
 ) -> Tensor:
     """DDPM ancestral sampling with the posterior q(x_{t-1} | x_t, x0) (Ho et al. 2020, eq. 6-7).
 
     On a respaced grid, beta is the effective 1 - ab_t / ab_s between neighbouring grid points
-    (Nichol & Dhariwal 2021, sec. 4), and the variance is the posterior's beta_tilde.
+    (Nichol & Dhariwal 2021, sec. 4). The variance of each step is the posterior's beta_tilde
+    ("small") or beta ("large"): Ho et al. sec. 3.2 found both equally good, and their CIFAR-10
+    sampler (FID 3.17) uses beta, with no noise on the last step to the clean end.
     """
     x = noise
     for i in range(len(grid) - 1):
-        pred = _predict(denoiser, x, grid[i : i + 1], labels, clip_x0)
+        pred = _predict(denoiser, x, grid[i], clip_x0)
         alpha_bar = _scalars(denoiser, grid[i])[0] ** 2
         alpha_bar_prev = _scalars(denoiser, grid[i + 1])[0] ** 2
         beta = 1 - alpha_bar / alpha_bar_prev
@@ -141,18 +149,18 @@ def ancestral_sampler(
         coef_x0 = alpha_bar_prev**0.5 * beta / (1 - alpha_bar)
         coef_xt = (1 - beta) ** 0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar)
         x = coef_x0 * pred.x0 + coef_xt * x
-        variance = beta * (1 - alpha_bar_prev) / (1 - alpha_bar)
-        if variance > 0:
-            x = x + variance**0.5 * rng.randn(x.shape[1:]).to(x)
+        step_variance = beta * (1 - alpha_bar_prev) / (1 - alpha_bar)  # beta_tilde, eq. 7
+        if variance == "large" and alpha_bar_prev < 1:
+            step_variance = beta
+        if step_variance > 0:
+            x = x + step_variance**0.5 * rng.randn(x.shape[1:]).to(x)
         _report(on_step, i, x, pred.x0)
     return x
 
 
-def _velocity(
-    denoiser: Denoiser, x: Tensor, t: Tensor, labels: Tensor | None
-) -> tuple[Tensor, Tensor]:
+def _velocity(denoiser: Denoiser, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """Probability-flow ODE dx/dt = alpha'(t) x0 + sigma'(t) eps, and the x0 estimate."""
-    pred = _predict(denoiser, x, t, labels)
+    pred = _predict(denoiser, x, t)
     dalpha, dsigma = (float(v) for v in denoiser.process.derivatives(t.reshape(1)))
     return dalpha * pred.x0 + dsigma * pred.eps, pred.x0
 
@@ -163,13 +171,12 @@ def euler_sampler(
     noise: Tensor,
     grid: Tensor,
     rng: SampleNoise | None = None,
-    labels: Tensor | None = None,
     on_step: StepCallback | None = None,
 ) -> Tensor:
     """Euler's method on the probability-flow ODE (one evaluation per step)."""
     x = noise
     for i in range(len(grid) - 1):
-        velocity, x0 = _velocity(denoiser, x, grid[i : i + 1], labels)
+        velocity, x0 = _velocity(denoiser, x, grid[i])
         x = x + float(grid[i + 1] - grid[i]) * velocity
         _report(on_step, i, x, x0)
     return x
@@ -181,13 +188,12 @@ def heun_sampler(
     noise: Tensor,
     grid: Tensor,
     rng: SampleNoise | None = None,
-    labels: Tensor | None = None,
     on_step: StepCallback | None = None,
 ) -> Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1); the last step to sigma = 0 is Euler."""
     x = noise
     for i in range(len(grid) - 1):
-        x = _heun_step(denoiser, x, grid[i : i + 1], grid[i + 1 : i + 2], labels, on_step, i)
+        x = _heun_step(denoiser, x, grid[i], grid[i + 1], on_step, i)
     return x
 
 
@@ -196,15 +202,14 @@ def _heun_step(
     x: Tensor,
     t: Tensor,
     t_next: Tensor,
-    labels: Tensor | None,
     on_step: StepCallback | None,
     i: int,
 ) -> Tensor:
     h = float(t_next - t)
-    velocity, x0 = _velocity(denoiser, x, t, labels)
+    velocity, x0 = _velocity(denoiser, x, t)
     x_next = x + h * velocity
     if _scalars(denoiser, t_next)[1] > 0:  # Karras et al. 2022, Algorithm 1, line 9
-        velocity_next, x0 = _velocity(denoiser, x_next, t_next, labels)
+        velocity_next, x0 = _velocity(denoiser, x_next, t_next)
         x_next = x + h * 0.5 * (velocity + velocity_next)
     _report(on_step, i, x_next, x0)
     return x_next
@@ -216,7 +221,6 @@ def edm_stochastic_sampler(
     noise: Tensor,
     grid: Tensor,
     rng: SampleNoise | None = None,
-    labels: Tensor | None = None,
     on_step: StepCallback | None = None,
     s_churn: float = 40.0,
     s_tmin: float = 0.05,
@@ -237,8 +241,8 @@ def edm_stochastic_sampler(
         t_hat = t * (1 + gamma)
         if gamma > 0:  # Algorithm 2, lines 5-6 (alpha = 1: sigma = t)
             x = x + (t_hat**2 - t**2) ** 0.5 * s_noise * rng.randn(x.shape[1:]).to(x)
-        t_hat_tensor = torch.tensor([t_hat], dtype=grid.dtype)
-        x = _heun_step(denoiser, x, t_hat_tensor, grid[i + 1 : i + 2], labels, on_step, i)
+        t_hat_tensor = torch.tensor(t_hat, dtype=grid.dtype)
+        x = _heun_step(denoiser, x, t_hat_tensor, grid[i + 1], on_step, i)
     return x
 
 
@@ -248,7 +252,6 @@ def dpmpp_2m_sampler(
     noise: Tensor,
     grid: Tensor,
     rng: SampleNoise | None = None,
-    labels: Tensor | None = None,
     on_step: StepCallback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in lambda = log(alpha / sigma).
@@ -258,7 +261,7 @@ def dpmpp_2m_sampler(
     """
     x, x0_prev, h_prev = noise, None, None
     for i in range(len(grid) - 1):
-        pred = _predict(denoiser, x, grid[i : i + 1], labels)
+        pred = _predict(denoiser, x, grid[i])
         alpha, sigma = _scalars(denoiser, grid[i])
         alpha_next, sigma_next = _scalars(denoiser, grid[i + 1])
         if sigma_next == 0:
@@ -270,7 +273,7 @@ def dpmpp_2m_sampler(
             if x0_prev is not None:
                 r = h_prev / h
                 d = (1 + 1 / (2 * r)) * pred.x0 - 1 / (2 * r) * x0_prev
-            x = (sigma_next / sigma) * x - alpha_next * torch.expm1(torch.tensor(-h)).item() * d
+            x = (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * d
             h_prev = h
         x0_prev = pred.x0
         _report(on_step, i, x, pred.x0)
@@ -278,4 +281,5 @@ def dpmpp_2m_sampler(
 
 
 def _log_snr(alpha: float, sigma: float) -> float:
-    return float(torch.tensor(alpha / sigma).log())
+    """log(alpha / sigma); -inf at pure noise (alpha = 0, the flow path's t = 1)."""
+    return math.log(alpha / sigma) if alpha > 0 else -math.inf

@@ -65,7 +65,7 @@ def generate(
             chunk = seeds[start : start + batch_size]
             rng = SampleNoise(chunk, device)
             noise = rng.randn(shape) * scale
-            batch_labels = None if labels is None else labels[start : start + len(chunk)].to(device)
+            bound = denoiser.bind(None if labels is None else labels[start : start + len(chunk)])
             frames = [noise.cpu()] if record else None
 
             def keep(i: int, x: Tensor, x0: Tensor, frames=frames) -> None:
@@ -73,7 +73,7 @@ def generate(
                     frames.append(x.float().cpu())
 
             on_step = keep if record else None
-            outputs.append(plan(denoiser, noise, rng, batch_labels, on_step).float().cpu())
+            outputs.append(plan(bound, noise, rng, on_step).float().cpu())
             if record:
                 all_frames.append(torch.stack(frames))
             batches += 1

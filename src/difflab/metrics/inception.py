@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, brief
 
 SHA256_DEFAULT = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 INPUT_SIZE = 299
@@ -91,7 +91,7 @@ def _load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModul
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load deprecation notice
             model = torch.jit.load(str(path), map_location=device)
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        reason = brief(exc)
         raise DifflabError(
             f"cannot load Inception weights {path} as TorchScript ({reason}); "
             "pass a TorchScript .pt file"

@@ -4,6 +4,9 @@ Layout: ``RUN_DIR/checkpoints/step-00001000/`` holding ``net.safetensors``, ``em
 (when EMA is on) and ``state.pt`` (optimizer, step, images seen, config). A checkpoint folder is
 written under a temporary name, every file fsync'ed, then renamed: a reader (or a process that
 was killed half-way) only ever sees complete checkpoints.
+
+``load_model`` reads a network's weights from a run directory or an exported file; it sits
+below both the Python API (``difflab.api``) and the trainer (``--init``), which use it.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from difflab.errors import DifflabError
+from difflab.config import Config, from_dict, load_json, validate
+from difflab.errors import DifflabError, brief
 from difflab.io import fsync_dir
 
 FORMAT_VERSION = 1
@@ -113,17 +117,16 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def _write_error(error: Exception, final: Path) -> DifflabError:
-    reason = " ".join(str(error).split())[:200]
+    reason = brief(error, 200)
     intact = f"the previous checkpoints in {final.parent} are intact"
-    full = getattr(error, "errno", None) == errno.ENOSPC or "os error 28" in reason
-    if full or "No space left" in reason:
+    text = str(error)
+    full = getattr(error, "errno", None) == errno.ENOSPC or "os error 28" in text
+    if full or "No space left" in text:
         return DifflabError(
             f"disk full while writing checkpoint {final.name}; {intact}: free some space, "
             "then resume with --resume"
         )
-    return DifflabError(
-        f"could not write checkpoint {final} ({type(error).__name__}: {reason}); {intact}"
-    )
+    return DifflabError(f"could not write checkpoint {final} ({reason}); {intact}")
 
 
 def _delete(path: Path) -> None:
@@ -228,8 +231,82 @@ def load_weights_into(module: nn.Module, weights: dict[str, torch.Tensor], sourc
     try:
         module.load_state_dict(weights, strict=True)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
         raise DifflabError(
-            f"weights in {source} do not match this network ({first[:160]}); check the config's "
+            f"weights in {source} do not match this network ({brief(error)}); check the config's "
             "network settings"
         ) from None
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+@dataclass
+class LoadedModel:
+    config: Config  # the config stored with the weights
+    net: nn.Module
+    step: int
+    source: Path
+
+
+def load_model(
+    path: str | Path,
+    build: Callable[[Config], nn.Module],
+    checkpoint: str | Path | None = None,
+    ema: bool = True,
+) -> LoadedModel:
+    """``build(config)`` loaded with the weights of a run directory (its newest checkpoint whose
+    weights fit, or ``checkpoint``) or of an exported .safetensors file; EMA weights unless
+    ``ema`` is False."""
+    path = Path(path)
+    if path.is_file():
+        return _load_exported(path, build)
+    if not path.exists():
+        kind = "exported file" if path.suffix == ".safetensors" else "run directory"
+        raise DifflabError(
+            f"{kind} {path} does not exist; give a run directory or an exported .safetensors"
+        )
+    if not path.is_dir():
+        raise DifflabError(f"{path} is neither a run directory nor an exported .safetensors file")
+    config = load_json(path / "config.json")
+    net = build(config)
+
+    def use(ckpt: Checkpoint) -> int:
+        weights = ckpt.ema if ema and ckpt.ema is not None else ckpt.net
+        load_weights_into(net, weights, ckpt.path)
+        return ckpt.step
+
+    step = use(load_checkpoint(Path(checkpoint))) if checkpoint else newest_usable(path, use)
+    if step is None:
+        found = len(list_checkpoints(path))
+        if found:
+            raise DifflabError(
+                f"none of the {found} checkpoints in {checkpoint_dir(path)} can be loaded "
+                "(see the warnings above)"
+            )
+        raise DifflabError(f"{path} has no checkpoint yet; train it first (difflab train)")
+    return LoadedModel(config, net, step, path)
+
+
+def _load_exported(path: Path, build: Callable[[Config], nn.Module]) -> LoadedModel:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:  # safetensors raises several types for foreign files
+        raise DifflabError(
+            f"{path} is not a difflab export or run directory ({brief(error)})"
+        ) from None
+    if "config" not in metadata:
+        raise DifflabError(
+            f"{path} has no difflab config in its metadata: export it with difflab export"
+        )
+    try:
+        values = json.loads(metadata["config"])
+    except json.JSONDecodeError:
+        raise DifflabError(f"{path}: the config in its metadata is not valid JSON") from None
+    if not isinstance(values, dict):
+        raise DifflabError(f"{path}: the config in its metadata is not a difflab config")
+    config = validate(from_dict(values))
+    net = build(config)
+    load_weights_into(net, _load_weights(path), path)
+    step = metadata.get("step", "0")
+    return LoadedModel(config, net, int(step) if step.isdigit() else 0, path)

@@ -42,13 +42,13 @@ def shutdown(world: World) -> None:
         dist.destroy_process_group()
 
 
-def any_rank(world: World, flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one (e.g. a stop request)."""
+def any_rank(world: World, flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on every rank when it is true on at least one (a stop request, a clock)."""
     if not world.distributed:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+        return flags
+    values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [value > 0 for value in values.tolist()]
 
 
 def broadcast_object(world: World, obj: object) -> object:

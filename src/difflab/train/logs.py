@@ -46,9 +46,11 @@ class TrainLog:
             plot_loss(steps, losses, self.run_dir / "loss.png", smoothing=5)
 
     def close(self) -> None:
+        """Plot the loss and close TensorBoard's writer; safe to call more than once."""
         self.plot()
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
 
 
 def read_log(path: Path) -> list[dict[str, float]]:

@@ -5,6 +5,11 @@ of step s come from generators seeded with ``derive_seed(seed, purpose, s)``. So
 counter *is* the RNG state, and resuming at step s is bit-identical to never having stopped.
 Under torchrun every rank draws the whole global batch's randomness and keeps its own slice, so
 N processes compute the same per-sample losses as one.
+
+A step never waits for the device: its loss and gradient norm stay there until the loop reads
+them, all at once, before anything leaves the loop (a log row, a picture, an FID point, a
+checkpoint). A non-finite value stops training there, naming the step where it first appeared,
+so no non-finite weights ever reach a checkpoint.
 """
 
 from __future__ import annotations
@@ -25,15 +30,18 @@ from tqdm.auto import tqdm
 
 from difflab.config import Config, save_json
 from difflab.data import ImageSet, load_images
-from difflab.devices import resolve_device
-from difflab.errors import DifflabError
+from difflab.devices import autocast_dtype, configure, generator, resolve_device, to_device
+from difflab.errors import DifflabError, brief
+from difflab.models import forward_gflops
 from difflab.registry import Method, build_method, build_network, build_sampler
 from difflab.sampling import derive_seed
 from difflab.train import distributed as D
+from difflab.train.batches import batch_indices, images_before
 from difflab.train.checkpoint import (
     Checkpoint,
     checkpoint_dir,
     list_checkpoints,
+    load_model,
     load_weights_into,
     newest_usable,
     prune_checkpoints,
@@ -45,6 +53,7 @@ from difflab.train.pictures import Pictures
 from difflab.train.quality import QualityProbe
 from difflab.train.rundir import RunLock, check_existing_run_dir, check_new_run_dir
 from difflab.train.schedule import ema_beta, lr_at
+from difflab.train.signals import StopRequest
 
 log = logging.getLogger("difflab")
 
@@ -66,59 +75,12 @@ class Interrupted(Exception):
         self.result, self.signum = result, signum
 
 
-class _StopRequest:
-    """Turns SIGINT / SIGTERM into a flag the loop checks after each step."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> _StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-# --------------------------------------------------------------------------- batches
-
-
-def batch_indices(step: int, num_images: int, config: Config) -> Tensor:
-    """Indices of the global batch of optimizer step ``step`` (a pure function of step)."""
-    t = config.train
-    if t.batching == "random":  # the TF notebook: draws with replacement
-        gen = torch.Generator().manual_seed(derive_seed(t.seed, "batch", step))
-        return torch.randint(num_images, (t.batch_size,), generator=gen)
-    # The PyTorch notebook: shuffled passes, the last batch of a pass smaller.
-    per_epoch = math.ceil(num_images / t.batch_size)
-    epoch, position = divmod(step, per_epoch)
-    gen = torch.Generator().manual_seed(derive_seed(t.seed, "epoch", epoch))
-    order = torch.randperm(num_images, generator=gen)
-    return order[position * t.batch_size : (position + 1) * t.batch_size]
-
-
-def images_before(step: int, num_images: int, config: Config) -> int:
-    """Training images seen after ``step`` optimizer steps."""
-    t = config.train
-    if t.batching == "random":
-        return step * t.batch_size
-    per_epoch = math.ceil(num_images / t.batch_size)
-    epochs, position = divmod(step, per_epoch)
-    return epochs * num_images + min(position * t.batch_size, num_images)
-
-
-# --------------------------------------------------------------------------- the trainer
-
-
 class Trainer:
-    """Owns the state of one training process; ``run()`` is the loop."""
+    """Owns the state of one training process.
+
+    ``train_step()`` is one optimizer step (what a benchmark times), ``run()`` the whole loop.
+    Use it as a context manager: leaving it releases the run directory.
+    """
 
     def __init__(
         self,
@@ -129,25 +91,39 @@ class Trainer:
         init: Path | None = None,
         data: ImageSet | None = None,
         progress: bool = True,
+        device: torch.device | None = None,
     ) -> None:
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
-        t = config.train
         # Devices and processes: torchrun gives each rank its own GPU.
-        device = resolve_device(t.device)
+        device = device or resolve_device(config.train.device)
         self.world = D.init_world(device.type)
         if device.type == "cuda" and self.world.distributed:
             device = torch.device("cuda", self.world.local_rank)
             torch.cuda.set_device(device)
         self.device = device
-        self.autocast = device.type == "cuda" and t.precision in ("auto", "bf16")
+        configure(device)
         self.config = dataclasses.replace(config, world_size=self.world.size)
         self.lock = RunLock(self.run_dir) if self.world.is_main else None
+        self.logbook: TrainLog | None = None
         self._claim_run_dir(resume)
         try:
             self._build(data, init, resume)
         except BaseException:
-            self._release()
+            self.close()
             raise
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the run directory and close the logs (idempotent)."""
+        if self.logbook is not None:
+            self.logbook.close()
+        if self.lock is not None:
+            self.lock.__exit__()
 
     def _build(self, data: ImageSet | None, init: Path | None, resume: bool) -> None:
         config, t, device = self.config, self.config.train, self.device
@@ -166,24 +142,29 @@ class Trainer:
         if t.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if init is not None:
-            self._init_from(init)
+            load_model(init, lambda _source_config: self.net)
         self.ema = make_ema(self.net) if t.ema_halflife_kimg > 0 else None
         self.optimizer = self._make_optimizer()
         self.step, self.images_seen, self.elapsed = 0, 0, 0.0
         if resume:
             self._load_state()
         self.conditional = config.network.name == "unet" and config.network.unet.num_classes > 0
+        self.autocast = self._autocast_dtype()
+        self._pending: list[tuple[int, Tensor, Tensor]] = []  # (step, loss, grad norm) on device
+        self._window: list[tuple[float, float]] = []  # read back, not yet in a log row
+        self.last_loss = math.nan
 
         # What the loop calls: DDP and compile wrap the same parameters.
-        train_net: nn.Module = self.net
+        eager: nn.Module = self.net
         self.ddp: DistributedDataParallel | None = None
         if self.world.distributed:
             ids = [device.index] if device.type == "cuda" else None
-            train_net = self.ddp = DistributedDataParallel(self.net, device_ids=ids)
+            eager = self.ddp = DistributedDataParallel(self.net, device_ids=ids)
+        self._eager_denoiser = self.method.denoiser(eager)
+        self.train_denoiser = self._eager_denoiser
         if t.compile:
-            train_net = torch.compile(train_net)
-        self.train_net = train_net
-        self.train_denoiser = self.method.denoiser(train_net)
+            mode = None if t.compile_mode == "default" else t.compile_mode
+            self.train_denoiser = self.method.denoiser(torch.compile(eager, mode=mode))
         self.plan = build_sampler(self.method, config.sampler)
         if self.world.is_main:
             self.logbook = TrainLog(self.run_dir, start_step=self.step)
@@ -217,13 +198,17 @@ class Trainer:
                 params, lr=t.lr, momentum=t.betas[0], weight_decay=t.weight_decay
             )
         cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-        return cls(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        # One fused kernel per step on CUDA; the CPU keeps the default (bit-exact resume there).
+        fused = True if t.fused_optimizer and self.device.type == "cuda" else None
+        return cls(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=fused)
 
-    def _init_from(self, path: Path) -> None:
-        from difflab.api import load_run
-
-        source = load_run(path, device="cpu")
-        load_weights_into(self.net, source.net.state_dict(), Path(path))
+    def _autocast_dtype(self) -> torch.dtype | None:
+        t = self.config.train
+        gflop = 0.0
+        if self.device.type == "cuda" and t.precision == "auto":  # decided by the work per step
+            per_device = t.batch_size / (t.accumulation * self.world.size)
+            gflop = forward_gflops(self.net, 3, self.config.data.image_size) * per_device
+        return autocast_dtype(self.device, t.precision, gflop)
 
     def _load_state(self) -> None:
         """The newest checkpoint that loads and fits; damaged ones are skipped with a warning."""
@@ -255,21 +240,61 @@ class Trainer:
 
     # ----------------------------------------------------------------- the step
 
-    def _train_step(self) -> tuple[float, float]:
-        """One optimizer step on the global batch; returns (mean loss, gradient norm)."""
-        t, world = self.config.train, self.world
-        index = batch_indices(self.step, len(self.images), self.config).to(self.device)
+    def train_step(self) -> None:
+        """One optimizer step on the global batch, then the EMA and the counters.
+
+        Nothing is read back from the device; ``read_back`` does that for many steps at once.
+        """
+        loss, grad_norm = self._optimize()
+        batch_images = images_before(self.step + 1, len(self.images), self.config)
+        batch_images -= self.images_seen
+        self.step += 1
+        self.images_seen += batch_images
+        if self.ema is not None:
+            beta = ema_beta(batch_images, self.images_seen, self.config.train)
+            update_ema(self.ema, self.net, beta)
+        self._pending.append((self.step, loss, grad_norm))
+
+    def read_back(self) -> list[tuple[float, float]]:
+        """(loss, gradient norm) of the steps since the last call, copied from the device in one
+        go; a non-finite value stops training with the step where it first appeared."""
+        if not self._pending:
+            return []
+        steps = [step for step, _, _ in self._pending]
+        values = torch.stack([torch.stack(v) for _, *v in self._pending]).tolist()
+        self._pending = []
+        for step, (loss, norm) in zip(steps, values, strict=True):
+            for what, value in (("loss", loss), ("gradient norm", norm)):
+                if not math.isfinite(value):
+                    self._fail_non_finite(what, value, step)
+        self._window += values
+        self.last_loss = values[-1][0]
+        return values
+
+    def _optimize(self) -> tuple[Tensor, Tensor]:
+        """The optimizer step; a failing ``torch.compile`` falls back to eager with a warning."""
+        try:
+            return self._optimize_once()
+        except torch._dynamo.exc.TorchDynamoException as error:
+            if self.train_denoiser is self._eager_denoiser:
+                raise
+            log.warning("torch.compile failed, training goes on without it (%s)", brief(error))
+            self.train_denoiser = self._eager_denoiser
+            return self._optimize_once()
+
+    def _optimize_once(self) -> tuple[Tensor, Tensor]:
+        t, world, device = self.config.train, self.world, self.device
+        index = to_device(batch_indices(self.step, len(self.images), self.config), device)
         total = len(index)
-        gen = torch.Generator(self.device).manual_seed(derive_seed(t.seed, "noise", self.step))
-        shape = tuple(self.images.shape[1:])
-        draw = self.method.objective.draw(total, shape, gen, self.device)
-        flips = torch.rand(total, generator=gen, device=self.device) < 0.5
+        gen = generator(device, derive_seed(t.seed, "noise", self.step))
+        draw = self.method.objective.draw(total, tuple(self.images.shape[1:]), gen, device)
+        flips = torch.rand(total, generator=gen, device=device) < 0.5
         torch.manual_seed(derive_seed(t.seed, "dropout", self.step, world.rank))
 
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, t)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros((), device=device)
         micro = math.ceil(total / t.accumulation)
         for k, start in enumerate(range(0, total, micro)):
             # This rank's share of micro-batch k; the loss is scaled so that DDP's gradient
@@ -289,14 +314,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip or math.inf)
         if world.distributed:
             torch.distributed.all_reduce(loss_sum)
-        # The step's one device-to-host copy; both values are the same on every rank.
-        loss, norm = torch.stack([loss_sum / total, grad_norm.to(loss_sum)]).tolist()
-        if not math.isfinite(loss):  # stop before the weights go bad
-            self._fail_non_finite("loss", loss)
-        if not math.isfinite(norm):
-            self._fail_non_finite("gradient norm", norm)
         self.optimizer.step()
-        return loss, norm
+        return loss_sum / total, grad_norm.detach().to(loss_sum)
 
     def _batch(self, index: Tensor, flips: Tensor) -> Tensor:
         x0 = self.images[index].float().div_(127.5).sub_(1.0)
@@ -307,8 +326,8 @@ class Trainer:
         return x0
 
     def _autocast(self):
-        if self.autocast:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.autocast is not None:
+            return torch.autocast(self.device.type, dtype=self.autocast)
         return contextlib.nullcontext()
 
     # ----------------------------------------------------------------- the loop
@@ -324,14 +343,8 @@ class Trainer:
         return None
 
     def run(self) -> TrainResult:
-        try:
+        with self:
             return self._run()
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        if self.lock is not None:
-            self.lock.__exit__()
 
     def _run(self) -> TrainResult:
         t = self.config.train
@@ -341,49 +354,37 @@ class Trainer:
         if self.world.is_main and self.step == 0:
             self.pictures.at_start(self.data, self.method.objective)
         bar = self._progress_bar()
-        last_loss, window = math.nan, []
+        self._last_row = (time.monotonic(), self.images_seen)
         stopped_by = None
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             while stopped_by is None:
                 step_start = time.monotonic()
-                loss, grad_norm = self._train_step()
-                batch_images = (
-                    images_before(self.step + 1, len(self.images), self.config) - self.images_seen
-                )
                 previous_images = self.images_seen
-                self.step += 1
-                self.images_seen += batch_images
-                if self.ema is not None:
-                    update_ema(self.ema, self.net, ema_beta(batch_images, self.images_seen, t))
-                last_loss = loss
-                window.append(loss)
-                seconds = time.monotonic() - step_start
-                self.elapsed += seconds
+                self.train_step()
+                self.elapsed += time.monotonic() - step_start
                 if self.world.is_main:
                     bar.update(self._bar_position(started) - bar.n)
-                    bar.set_postfix(
-                        step=self.step, kimg=f"{self.images_seen / 1000:.1f}", loss=f"{loss:.4f}"
-                    )
                     if self.step % t.log_every == 0:
-                        self._log(window, grad_norm, batch_images / max(seconds, 1e-9))
-                        window = []
+                        self._log(bar)
                     if self._crossed(previous_images, t.sample_every_kimg):
                         self._pictures()
                     if self.quality and self._crossed(previous_images, t.eval_every_kimg):
                         self._evaluate()
                 stopped_by = self._limits_reached(started)
-                if D.any_rank(self.world, stop.signum != 0, self.device):
-                    stopped_by = "signal"
+                # Ranks agree on stopping: a signal, or a clock that ran out, on any of them.
+                flags = [stop.signum != 0, stopped_by == "time-limit"]
+                signalled, out_of_time = D.any_rank(self.world, flags, self.device)
+                if signalled or out_of_time:
+                    stopped_by = "signal" if signalled else "time-limit"
                 if stopped_by is None and self.step % t.checkpoint_every == 0:
                     self._checkpoint()
         bar.close()
         self._checkpoint()
-        result = self._result(stopped_by, last_loss)
+        result = self._result(stopped_by, self.last_loss)
         if stopped_by == "signal":
             raise Interrupted(result, stop.signum or signal.SIGTERM)
         if self.world.is_main:
             self._pictures(final=True)
-            self.logbook.close()
         return result
 
     def _crossed(self, previous_images: int, every_kimg: float) -> bool:
@@ -417,25 +418,31 @@ class Trainer:
             return min(time.monotonic() - started, t.time_limit * 60)
         return self.step if t.steps else self.images_seen
 
-    def _fail_non_finite(self, what: str, value: float) -> None:
+    def _fail_non_finite(self, what: str, value: float, step: int) -> None:
         raise DifflabError(
-            f"the {what} became {value} at step {self.step + 1}; training stopped and the last good "
+            f"the {what} became {value} at step {step}; training stopped and the last good "
             f"checkpoint in {self.run_dir / 'checkpoints'} was kept: lower train.lr or set "
             "train.grad_clip, then --resume"
         )
 
-    def _log(self, window: list[float], grad_norm: float, images_per_s: float) -> None:
+    def _log(self, bar: tqdm) -> None:
+        self.read_back()
+        window, self._window = self._window, []
+        now, images = time.monotonic(), self.images_seen
+        seconds = max(now - self._last_row[0], 1e-9)
         row = {
             "step": self.step,
-            "kimg": self.images_seen / 1000,
-            "loss": sum(window) / len(window),
+            "kimg": images / 1000,
+            "loss": sum(loss for loss, _ in window) / len(window),
             "lr": lr_at(self.step - 1, self.config.train),
-            "grad_norm": grad_norm,
-            "images_per_s": images_per_s,
+            "grad_norm": window[-1][1],
+            "images_per_s": (images - self._last_row[1]) / seconds,
             "ema_loss": self._ema_loss(),
             "time_s": self.elapsed,
         }
+        self._last_row = (now, images)
         self.logbook.write(row)
+        bar.set_postfix(step=self.step, kimg=f"{row['kimg']:.1f}", loss=f"{row['loss']:.4f}")
 
     @torch.no_grad()
     def _ema_loss(self) -> float:
@@ -443,9 +450,7 @@ class Trainer:
         if self.ema is None:
             return math.nan
         count = min(len(self.images), self.config.train.batch_size)
-        gen = torch.Generator(self.device).manual_seed(
-            derive_seed(self.config.train.seed, "ema-loss")
-        )
+        gen = generator(self.device, derive_seed(self.config.train.seed, "ema-loss"))
         draw = self.method.objective.draw(count, tuple(self.images.shape[1:]), gen, self.device)
         x0 = self.images[:count].float().div(127.5).sub(1.0)
         labels = self.labels[:count] if self.conditional else None
@@ -455,14 +460,17 @@ class Trainer:
             )
 
     def _evaluate(self) -> None:
+        self.read_back()
         scores = self.quality.measure(self.method.denoiser(self.ema or self.net), self.device)
         self.logbook.write({"step": self.step, "kimg": self.images_seen / 1000, **scores})
 
     def _pictures(self, final: bool = False) -> None:
+        self.read_back()
         self.pictures.preview(self.ema or self.net, self.images_seen, self.device, final=final)
         self.logbook.plot()
 
     def _checkpoint(self) -> None:
+        self.read_back()  # every rank: a non-finite step stops them all before anything is saved
         if not self.world.is_main:
             return
         t = self.config.train

@@ -1,0 +1,82 @@
+"""Device correctness, checked on the CPU: the network lives on PyTorch's ``meta`` device.
+
+A meta tensor has a shape and a device but no values. Mixing it with a CPU tensor that is not
+a 0-d scalar raises "Tensor on device cpu is not on the expected device meta", exactly where a
+CUDA run raises "Expected all tensors to be on the same device"; reading a meta value
+(``.item()``, ``float()``, ``.tolist()``) raises too, which is where a CUDA run would wait for
+the GPU. So a sampler or a training step that runs here end to end keeps every tensor it makes
+on the images' device and does not read the device back.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_PRESET
+
+from difflab.config import SamplerConfig, apply_overrides, from_dict, validate
+from difflab.data import ImageSet
+from difflab.registry import METHODS, SAMPLERS, build_method, build_network, build_sampler
+from difflab.samplers import SampleNoise
+from difflab.sampling import image_seeds
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib
+
+META = torch.device("meta")
+SHAPE = (3, 8, 8)
+
+
+def _config(method: str, *overrides: str):
+    config = from_dict(tomllib.loads(TINY_PRESET))
+    return validate(apply_overrides(config, [f"method.name={method!r}", *overrides]))
+
+
+def _pairs():
+    for method in METHODS:
+        process = build_method(_config(method)).process
+        for sampler, spec in SAMPLERS.items():
+            if spec.requires(process):
+                yield pytest.param(method, sampler, id=f"{method}-{sampler}")
+
+
+@pytest.mark.parametrize(("method", "sampler"), list(_pairs()))
+def test_every_sampler_keeps_the_work_on_the_images_device(method, sampler):
+    config = _config(method, "network.name='unet'")
+    chosen = build_method(config)
+    steps = chosen.default_steps if method == "tutorial" else 3
+    plan = build_sampler(chosen, SamplerConfig(name=sampler, steps=steps))
+    net = build_network(config).to(META)
+    rng = SampleNoise(image_seeds(0, 0, 2), META)
+    noise = rng.randn(SHAPE)
+    seen = []
+    out = plan(chosen.denoiser(net), noise, rng, on_step=lambda i, x, x0: seen.append(x0.device))
+    assert out.device == META and out.shape == (2, *SHAPE)
+    assert seen == [META] * plan.num_steps
+
+
+def test_sample_noise_is_the_same_on_every_device():
+    """Noise comes from per-image CPU generators, so a seed gives one image on every device."""
+    seeds = image_seeds(3, 0, 2)
+    cpu = SampleNoise(seeds).randn(SHAPE)
+    assert SampleNoise(seeds, META).randn(SHAPE).device == META
+    assert torch.equal(cpu, SampleNoise(seeds, "cpu").randn(SHAPE))
+
+
+@pytest.mark.parametrize("method", ["tutorial", "ddpm", "flow", "edm"])
+def test_a_training_step_runs_on_meta_without_reading_the_device(tmp_path, method):
+    from difflab.train.trainer import Trainer
+
+    network = "tutorial" if method == "tutorial" else "unet"
+    config = _config(method, f"network.name={network!r}", "train.batch_size=4", "sampler.steps=0")
+    images = torch.randint(0, 256, (6, *SHAPE), dtype=torch.uint8)
+    data = ImageSet(images, torch.zeros(6, dtype=torch.int64), [], "synthetic")
+    with Trainer(config, tmp_path / "run", data=data, progress=False, device=META) as trainer:
+        trainer.train_step()
+        trainer.train_step()
+        assert (trainer.step, trainer.images_seen) == (2, 8)
+        assert all(p.device == META for p in trainer.net.parameters())
+        if trainer.ema is not None:
+            assert all(p.device == META for p in trainer.ema.parameters())
