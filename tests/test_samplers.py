@@ -213,3 +213,37 @@ def test_clip_x0_keeps_the_estimate_in_the_data_range():
     rng = SampleNoise(range(8))
     plan(ExactDenoiser(method), rng.randn(SHAPE) * 3, rng, on_step=lambda i, x, x0: seen.append(x0))
     assert all(x0.abs().max() <= 1 for x0 in seen)
+
+
+def _ancestral_variance(steps: int, variance: str) -> float:
+    """Output variance of ancestral sampling on N(mu, s^2) with the exact denoiser, by the scalar
+    recursion var' = (c_x0 g + c_xt)^2 var + step variance (Ho et al. 2020, eq. 6-7)."""
+    method, plan = _plan("ddpm", "ancestral", steps, variance=variance)
+    alpha_bar = [float(a) ** 2 for a in method.process.alpha_sigma(plan.grid)[0]]
+    var = 1 - alpha_bar[0]
+    for ab, ab_prev in itertools.pairwise(alpha_bar):
+        beta = 1 - ab / ab_prev
+        g = ab**0.5 * STD**2 / (ab * STD**2 + 1 - ab)
+        c_x0 = ab_prev**0.5 * beta / (1 - ab)
+        c_xt = (1 - beta) ** 0.5 * (1 - ab_prev) / (1 - ab)
+        small = beta * (1 - ab_prev) / (1 - ab)
+        var = (c_x0 * g + c_xt) ** 2 * var + (beta if variance == "large" and ab_prev < 1 else small)
+    return var
+
+
+@pytest.mark.parametrize("variance", ["small", "large"])
+def test_ancestral_variance_choice_follows_its_update_rule(variance):
+    x = _run("ddpm", "ancestral", 20, variance=variance)
+    assert x.mean().item() == pytest.approx(MU, abs=0.01)
+    assert x.var().item() == pytest.approx(_ancestral_variance(20, variance), rel=0.03)
+
+
+def test_large_variance_adds_more_noise_but_none_on_the_last_step():
+    assert _ancestral_variance(20, "large") > 1.05 * _ancestral_variance(20, "small")
+    method, plan = _plan("ddpm", "ancestral", 20, variance="large")
+    rng = SampleNoise(range(4))
+    frames = []
+    plan(ExactDenoiser(method), rng.randn(SHAPE), rng, on_step=lambda i, x, x0: frames.append(x))
+    # The last step lands on the x0 estimate exactly (posterior mean, no noise) as in Ho et al.
+    last_x0 = ExactDenoiser(method)(frames[-2], plan.grid[-2]).x0
+    assert torch.allclose(frames[-1], last_x0, atol=1e-5)

@@ -192,3 +192,14 @@ def test_channels_last_trains_to_the_same_weights(tmp_path, tiny_preset, image_f
         train(config, tmp_path / flag, data=data, progress=False)
     a, b = _weights(tmp_path / "false"), _weights(tmp_path / "true")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_ddpm_paper_is_ho_et_al_exactly():
+    """EMA 0.9999 per step at batch 128 from the first step, and the "fixedlarge" sampler."""
+    config = load_preset("ddpm-paper")
+    t = config.train
+    assert t.batch_size == 128 and t.lr == 2e-4 and t.warmup_steps == 5000 and t.grad_clip == 1
+    for images_seen in (128, 10**6, 10**8):
+        assert ema_beta(128, images_seen, t) == pytest.approx(0.9999, abs=1e-9)
+    assert config.sampler.variance == "large" and config.sampler.clip_x0
+    assert config.sampler.steps == config.method.num_timesteps == 1000
