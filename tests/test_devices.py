@@ -80,3 +80,17 @@ def test_a_training_step_runs_on_meta_without_reading_the_device(tmp_path, metho
         assert all(p.device == META for p in trainer.net.parameters())
         if trainer.ema is not None:
             assert all(p.device == META for p in trainer.ema.parameters())
+
+
+def test_precision_auto_chooses_bf16_by_the_work_of_a_step():
+    from difflab.devices import BF16_MIN_GFLOP_PER_STEP, autocast_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    flow_cpu_batch_32 = 1.95 * 32  # measured faster in fp32 on an H100 (issue 13)
+    edm_paper_batch_128 = 12.44 * 128
+    assert autocast_dtype(cuda, "auto", flow_cpu_batch_32) is None
+    assert autocast_dtype(cuda, "auto", edm_paper_batch_128) is torch.bfloat16
+    assert autocast_dtype(cuda, "auto", BF16_MIN_GFLOP_PER_STEP) is torch.bfloat16
+    assert autocast_dtype(cuda, "bf16", 1.0) is torch.bfloat16
+    assert autocast_dtype(cuda, "fp32", 1e6) is None
+    assert all(autocast_dtype(cpu, p, 1e6) is None for p in ("auto", "bf16", "fp32"))

@@ -515,6 +515,39 @@ def test_out_of_memory_is_one_line_and_the_run_resumes(trained, capsys, monkeypa
     assert code == 0 and "to step 8" in out, err
 
 
+def test_a_failing_compile_falls_back_to_eager_with_a_short_warning(
+    tmp_path, tiny_preset, image_folder, capsys, monkeypatch
+):
+    """A compiler that fails (here: a backend raising 200 KB of "compiler output") costs one
+    warning line; training goes on eagerly and gives the eager run's weights bit for bit."""
+    real_compile = torch.compile
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("CppCompileError: C++ compile error\n" + "g++: error " * 20_000)
+
+    monkeypatch.setattr(
+        torch, "compile", lambda model, mode=None: real_compile(model, backend=broken_backend)
+    )
+    compiled, eager = tmp_path / "compiled", tmp_path / "eager"
+    try:
+        args = train_args(tiny_preset, image_folder, compiled, "--steps", 3)
+        code, _, err = run_cli(capsys, *args, "--set", "train.compile=true")
+    finally:
+        monkeypatch.undo()
+        torch._dynamo.reset()
+    assert code == 0, err[-2000:]
+    warnings = [line for line in err.splitlines() if "torch.compile failed" in line]
+    assert len(warnings) == 1 and len(warnings[0]) < 400, warnings
+    assert "BackendCompilerFailed" in warnings[0]
+    code, _, err = run_cli(capsys, *train_args(tiny_preset, image_folder, eager, "--steps", 3))
+    assert code == 0, err
+    ours, theirs = load_checkpoint(list_checkpoints(compiled)[-1]), load_checkpoint(
+        list_checkpoints(eager)[-1]
+    )
+    assert ours.net.keys() == theirs.net.keys()
+    assert all(torch.equal(ours.net[k], theirs.net[k]) for k in ours.net)
+
+
 # --------------------------------------------------------------------------- data
 
 
