@@ -135,3 +135,26 @@ def test_ranked_sums_the_kid_and_fid_ranks_and_breaks_ties_by_cost(monkeypatch):
     assert report_quality.ranked(evals) == ["cheap", "costly", "worst"]
     evals["cheap"]["evaluations_per_image"] = 200
     assert report_quality.ranked(evals) == ["costly", "cheap", "worst"]
+
+
+def test_gpu_check_runs_every_part_on_the_cpu_and_writes_its_section(tmp_path, monkeypatch):
+    """bench/gpu.py's smoke mode on the CPU: the paths of a preset and its speed rows land in
+    gpu.json and in a "## GPU" section (the GPU itself is only needed for real figures)."""
+    from conftest import make_images
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu
+
+    folder = make_images(tmp_path / "images", 24, size=32, classes=("cars",)) / "cars"
+    results = tmp_path / "results"
+    argv = ["gpu.py", "--data", str(folder), "--device", "cpu", "--quick", "--minutes", "10"]
+    argv += ["--presets", "flow-cpu", "--parts", "paths,speed", "--results", str(results)]
+    assert gpu.main(argv) == 0
+    values = json.loads((results / "gpu.json").read_text())
+    (path,) = values["paths"]
+    assert path["ok"] and path["gif"] and path["checkpoints"] >= 1, path
+    assert path["samplers"] == ["euler", "heun", "edm", "dpm++2m"]
+    assert [row["name"] for row in values["speed"]] == ["flow-cpu, bf16", "flow-cpu, fp32"]
+    assert all(row["ok"] and row["images_per_s"] > 0 for row in values["speed"])
+    text = (results / "benchmarks.md").read_text()
+    assert "## GPU" in text and "| flow-cpu | 4.55M | 1.95 | 32 |" in text

@@ -1,0 +1,144 @@
+"""Turn bench/gpu.py's gpu.json into the "## GPU" section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from common import BENCHMARKS, write_section
+
+HEADING = "## GPU"
+TARGET = 0.35  # issue 13: the paper-size U-Net at 35% of the bf16 matmul peak
+PAPER = "edm-paper"
+
+
+def _check_rows(rows: list[dict]) -> list[str]:
+    lines = ["| check | result | seconds |", "|---|---|---:|"]
+    for row in rows:
+        if row["ok"]:
+            details = ", ".join(
+                f"{k} {_plain(v)}" for k, v in row.items() if k not in ("name", "ok", "seconds")
+            )
+            result = f"ok ({details})" if details else "ok"
+        else:
+            result = f"**failed**: `{row['error'][:160]}`"
+        lines.append(f"| {row['name']} | {result} | {row['seconds']:.0f} |")
+    return lines
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def _variant(row: dict) -> str:
+    parts = [row["autocast"] if row["autocast"] != "None" else "fp32/TF32"]
+    if row["compile"]:
+        parts.append(
+            "compiled" + ("" if row["compile_mode"] == "default" else f" ({row['compile_mode']})")
+        )
+    if row["channels_last"]:
+        parts.append("channels_last")
+    if not row["fused_optimizer"]:
+        parts.append("foreach Adam")
+    return ", ".join(parts)
+
+
+def _speed_rows(rows: list[dict]) -> list[str]:
+    lines = [
+        "| preset | params | fwd GFLOP/img | batch | variant | img/s | TFLOP/s | % of bf16 peak | compile s |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if not row["ok"]:
+            lines.append(f"| {row['name']} | | | | **failed**: `{row['error'][:120]}` | | | | |")
+            continue
+        compile_s = f"{row['compile_s']:.0f}" if row["compile"] else ""
+        lines.append(
+            f"| {row['preset']} | {row['parameters'] / 1e6:.2f}M | {row['forward_gflop']:.2f} | "
+            f"{row['batch']} | {_variant(row)} | {row['images_per_s']:,.0f} | "
+            f"{row['tflops']:.1f} | {row['fraction_of_bf16_peak']:.1%} | {compile_s} |"
+        )
+    return lines
+
+
+def _auto_lines(values: dict[str, Any]) -> list[str]:
+    """Did ``precision = "auto"`` pick the faster of bf16 and fp32 for each preset?"""
+    eager = {}
+    for row in values.get("speed", []):
+        if row["ok"] and not row["compile"] and row["precision"] in ("bf16", "fp32"):
+            eager.setdefault(row["preset"], {})[row["precision"]] = row["images_per_s"]
+    lines: list[str] = []
+    if not values["machine"]["device"].startswith("cuda"):  # autocast is for CUDA only
+        return lines
+    for preset, picks_bf16 in values.get("auto_bf16", {}).items():
+        rates = eager.get(preset, {})
+        if len(rates) < 2:
+            continue
+        faster = max(rates, key=rates.get)
+        picked = "bf16" if picks_bf16 else "fp32"
+        verdict = "the faster" if picked == faster else f"**the slower** ({faster} is faster)"
+        ratio = rates["bf16"] / rates["fp32"]
+        lines.append(f"- `{preset}`: auto picks {picked}, {verdict}; bf16 / fp32 = {ratio:.2f}")
+    return lines
+
+
+def _target_line(values: dict[str, Any]) -> list[str]:
+    rows = [r for r in values.get("speed", []) if r["ok"] and r["preset"] == PAPER]
+    if not rows:
+        return []
+    best = max(rows, key=lambda r: r["fraction_of_bf16_peak"])
+    met = "met" if best["fraction_of_bf16_peak"] >= TARGET else "**not met**"
+    return [
+        f"**Target** (issue 13: the paper-size U-Net at {TARGET:.0%} of the bf16 matmul peak): "
+        f"{met}; best `{PAPER}` row: {_variant(best)}, batch {best['batch']}, "
+        f"{best['images_per_s']:,.0f} img/s, {best['fraction_of_bf16_peak']:.1%} of the peak.",
+        "",
+    ]
+
+
+def section(values: dict[str, Any]) -> str:
+    m = values["machine"]
+    lines = [
+        HEADING,
+        "",
+        f"_Written by `bench/gpu.py` ({m['date']}) on **{m['card']}**, torch {m['torch']}, "
+        f"CUDA {m['cuda']}; host CPU {m['cpu']}. Command: `{m['command']}` "
+        f"(deadline {m['minutes']:g} minutes)._",
+        "",
+        f"- bf16 matmul peak measured in the same run ({m['peak_matmul']}): "
+        f"**{m['bf16_peak_tflops']:.0f} TFLOP/s**. Achieved TFLOP/s = img/s x 3 x forward GFLOP "
+        "per image (`forward_gflops`; backward counted as two forwards).",
+        "- Images/s: `Trainer.train_step` timed over about 3 s after two warm-up steps, the GPU "
+        "queue drained at both ends (losses read back once at the end, as the loop does at its "
+        "log rows). Compile time: the first step minus a timed one.",
+        "",
+    ]
+    if values.get("paths") or values.get("cli"):
+        lines += ["### Every path on the GPU", ""]
+        lines += [*_check_rows(values.get("paths", []) + values.get("cli", [])), ""]
+    if values.get("speed"):
+        lines += ["### Training speed", "", *_speed_rows(values["speed"]), ""]
+        lines += _target_line(values)
+        auto = _auto_lines(values)
+        if auto:
+            lines += ['`train.precision = "auto"` against the measured eager rows:', "", *auto, ""]
+    skipped = [row["name"] for row in values.get("skipped", [])]
+    if skipped:
+        lines += [f"Not measured (deadline): {'; '.join(skipped)}.", ""]
+    tar = next((r for r in values.get("cli", []) if r["ok"] and "tar" in r), None)
+    if tar:
+        lines += [
+            f"Samples: {tar['images']} images of `flow-cpu` after {tar['step']} steps "
+            f"({tar['sampler']}, {tar['images_per_s']:,.0f} img/s) in `{tar['tar']}`; score them "
+            "on the CPU with `tar xf samples.tar && difflab eval samples --ref REF.npz`.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_report(values: dict[str, Any], path: Path = BENCHMARKS) -> Path:
+    return write_section(HEADING, section(values), path)
