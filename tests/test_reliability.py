@@ -541,8 +541,9 @@ def test_a_failing_compile_falls_back_to_eager_with_a_short_warning(
     assert "BackendCompilerFailed" in warnings[0]
     code, _, err = run_cli(capsys, *train_args(tiny_preset, image_folder, eager, "--steps", 3))
     assert code == 0, err
-    ours, theirs = load_checkpoint(list_checkpoints(compiled)[-1]), load_checkpoint(
-        list_checkpoints(eager)[-1]
+    ours, theirs = (
+        load_checkpoint(list_checkpoints(compiled)[-1]),
+        load_checkpoint(list_checkpoints(eager)[-1]),
     )
     assert ours.net.keys() == theirs.net.keys()
     assert all(torch.equal(ours.net[k], theirs.net[k]) for k in ours.net)

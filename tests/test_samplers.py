@@ -227,7 +227,9 @@ def _ancestral_variance(steps: int, variance: str) -> float:
         c_x0 = ab_prev**0.5 * beta / (1 - ab)
         c_xt = (1 - beta) ** 0.5 * (1 - ab_prev) / (1 - ab)
         small = beta * (1 - ab_prev) / (1 - ab)
-        var = (c_x0 * g + c_xt) ** 2 * var + (beta if variance == "large" and ab_prev < 1 else small)
+        var = (c_x0 * g + c_xt) ** 2 * var + (
+            beta if variance == "large" and ab_prev < 1 else small
+        )
     return var
 
 

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from difflab.config import TrainConfig, apply_overrides, load_preset, validate
 from difflab.data import load_images
+from difflab.train.batches import batch_indices, images_before
 from difflab.train.checkpoint import list_checkpoints
 from difflab.train.schedule import ema_beta, lr_at
-from difflab.train.batches import batch_indices, images_before
 from difflab.train.trainer import train
 
 
