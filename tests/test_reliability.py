@@ -474,8 +474,8 @@ def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint(trained, mo
 BAD_SETTINGS = [
     ("method.p_mean=nan", "method.p_mean must be a finite number"),
     ("method.logit_mean=inf", "method.logit_mean must be a finite number"),
-    ("sampler.s_noise=nan", "sampler.s_noise must be >= 0"),
-    ("sampler.s_churn=-1", "sampler.s_churn must be >= 0"),
+    ("sampler.s_noise=nan", "sampler.s_noise must be a number >= 0, got nan"),
+    ("sampler.s_churn=-1", "sampler.s_churn must be a number >= 0, got -1.0"),
     ("train.device='meta'", "unknown device 'meta'"),
     ("train.betas=" + "[" * 3000, "train.betas: expected a list"),
 ]

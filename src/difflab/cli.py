@@ -8,13 +8,24 @@ import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from difflab.config import SamplerConfig, TrainConfig
 from difflab.errors import DifflabError, one_line, shorten
+from difflab.limits import MAX_IMAGES, MAX_SAMPLE_BATCH, Bounded, Limits
 
 log = logging.getLogger("difflab")
 EXIT_ERROR = 2
+GIF_IMAGES = 16  # images in sample's reverse-process.gif
+# Numeric options: parsed and range-checked by the limits their config fields declare.
+SEED = Bounded.like(TrainConfig, "seed")
+SAMPLER_STEPS = Bounded.like(SamplerConfig, "steps", low=1)
+
+
+def _train_option(name: str, **changes) -> Bounded:
+    return Bounded.like(TrainConfig, name, **changes)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -174,25 +185,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.api import load_run
+    from difflab.io import check_output_folder
     from difflab.sampling import strip_indices
     from difflab.viz import save_gif, save_grid, save_images, save_strip
 
+    out = check_output_folder(Path(args.out), "--out")
     run = load_run(
         args.run_dir, checkpoint=args.checkpoint, ema=not args.no_ema, device=args.device
     )
-    _positive(args.num, "--num")
-    _positive(args.batch_size, "--batch-size")
-    out = Path(args.out)
     options = {k: v for k, v in (("eta", args.eta), ("grid", args.grid)) if v is not None}
     plan = run.plan(args.sampler, args.steps, **options)
-    record = args.strip or args.gif
+    record = GIF_IMAGES if args.strip or args.gif else 0
     written, evaluations = 0, 0
     first = None
     for start in range(0, args.num, args.batch_size):
         count = min(args.batch_size, args.num - start)
         result = run.generate(
-            count, args.seed, plan=plan, batch_size=count, start=start, record=record and start == 0
+            count, args.seed, plan=plan, batch_size=count, start=start, record=record
         )
+        record = 0  # the first batch's first images only
         save_images(result.images, out, start_index=start)
         written += count
         evaluations = result.evaluations
@@ -204,17 +215,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.strip:
         save_strip(first.frames[1:, 0][strip_indices(plan.num_steps)], out / "strip.png")
     if args.gif:
-        save_gif(first.frames[:, :16], out / "reverse-process.gif")
+        save_gif(first.frames, out / "reverse-process.gif")
     print(
         f"wrote {written} images to {out} (sampler {plan.name}, {plan.num_steps} steps, "
         f"{evaluations} network evaluations per image, step {run.step} weights)"
     )
     return 0
-
-
-def _positive(value: int, flag: str) -> None:
-    if value < 1:
-        raise DifflabError(f"{flag} must be at least 1, got {value}")
 
 
 # --------------------------------------------------------------------------- presets, export
@@ -252,12 +258,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from difflab.api import load_run
-    from difflab.io import atomic_write
+    from difflab.io import atomic_write, check_output_file
 
-    run = load_run(args.run_dir, checkpoint=args.checkpoint, ema=not args.raw, device="cpu")
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise DifflabError(f"--out {out}: the export file must end in .safetensors")
+    check_output_file(out, "--out")
+    run = load_run(args.run_dir, checkpoint=args.checkpoint, ema=not args.raw, device="cpu")
     weights = {k: v.contiguous() for k, v in run.net.state_dict().items()}
     metadata = {
         "config": run.config.to_json(),
@@ -287,16 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="cifar10 (download) or an image folder")
     train.add_argument("--class", dest="class_name", help="class name or index to train on")
     train.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
-    train.add_argument("--steps", type=int, help="total optimizer steps of the run")
-    train.add_argument("--images", type=int, help="total training images of the run")
-    train.add_argument("--time-limit", type=float, help="minutes of training in this invocation")
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--seed", type=int)
+    train.add_argument("--steps", type=_train_option("steps", low=1), help="total optimizer steps")
+    train.add_argument("--images", type=_train_option("images", low=1), help="total images")
+    train.add_argument(
+        "--time-limit",
+        type=_train_option("time_limit", low_open=True),
+        help="minutes of training in this invocation",
+    )
+    train.add_argument("--batch-size", type=_train_option("batch_size"))
+    train.add_argument("--seed", type=SEED)
     train.add_argument("--method", help="tutorial, ddpm, ddpm-cosine, flow or edm")
     train.add_argument("--network", help="tutorial, tutorial-keras or unet")
     train.add_argument("--sampler", help="sampler for the pictures (default: the method's)")
     train.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
-    train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    train.add_argument(
+        "--checkpoint-every", type=_train_option("checkpoint_every"), help="steps between them"
+    )
     train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any config value"
     )
@@ -309,15 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="sample images from a run")
     sample.add_argument("run_dir", help="run directory or exported .safetensors")
-    sample.add_argument("--num", type=int, default=16)
+    sample.add_argument("--num", type=Bounded(int, Limits(low=1, high=MAX_IMAGES)), default=16)
     sample.add_argument("--out", required=True, help="folder for 00000.png, ... and grid.png")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--batch-size", type=int, default=64)
+    sample.add_argument("--seed", type=SEED, default=0)
+    sample.add_argument(
+        "--batch-size", type=Bounded(int, Limits(low=1, high=MAX_SAMPLE_BATCH)), default=64
+    )
     sample.add_argument(
         "--sampler", help="tutorial, ancestral, ddim, euler, heun, edm, edm-stochastic, dpm++2m"
     )
-    sample.add_argument("--steps", type=int, help="sampler steps")
-    sample.add_argument("--eta", type=float, help="DDIM eta (0 deterministic, 1 ancestral)")
+    sample.add_argument("--steps", type=SAMPLER_STEPS, help="sampler steps")
+    sample.add_argument(
+        "--eta", type=Bounded.like(SamplerConfig, "eta"), help="DDIM eta (0 deterministic)"
+    )
     sample.add_argument(
         "--grid", choices=["default", "edm"], help="time grid (edm: rho = 7 spacing)"
     )
@@ -352,10 +369,27 @@ def _one_line(error: BaseException) -> str:
     return shorten(one_line(str(error)), MESSAGE_LIMIT)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning as one line that says whose it is (not difflab's, no source line)."""
+    parts = Path(filename).parts
+    owner = (
+        parts[parts.index("site-packages") + 1] if "site-packages" in parts else Path(filename).stem
+    )
+    text = shorten(one_line(str(message).strip()), 200)
+    print(f"difflab: note: {owner} warned ({category.__name__}): {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO, format="difflab: %(message)s", force=True)
+    with warnings.catch_warnings():  # restores the warning display when main returns
+        if not debug:
+            warnings.showwarning = _show_warning
+        return _main(argv, debug)
+
+
+def _main(argv: list[str], debug: bool) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.quiet:

@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflab.config import DataConfig, SamplerConfig, TrainConfig
 from difflab.errors import DifflabError
+from difflab.limits import MAX_IMAGES, Bounded, Limits
+
+MAX_EVAL_BATCH = 500  # images through Inception at 299 x 299 at once: about 8 GB of activations
 
 KID_SUBSET = 1000
 
@@ -43,11 +47,13 @@ def reference_stats(
 
 
 def cmd_ref(args: argparse.Namespace) -> int:
+    from difflab.io import check_output_file
     from difflab.metrics import save_stats
 
     out = Path(args.out)
     if out.suffix != ".npz":
         raise DifflabError(f"--out {out}: reference statistics are written as a .npz file")
+    check_output_file(out, "--out")
     stats = reference_stats(
         args.data, args.class_name, args.image_size, _extractor(args), args.batch_size
     )
@@ -98,9 +104,11 @@ def generated_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor],
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from difflab.io import atomic_write_text
+    from difflab.io import atomic_write_text, check_output_file
     from difflab.metrics import extract_features, fid_kid
 
+    if args.json:
+        check_output_file(Path(args.json), "--json")
     extractor = _extractor(args)
     ref = _load_reference(args, extractor)
     batches, num, info = generated_batches(args)
@@ -141,20 +149,31 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("images", help="a folder of PNG/JPEG files, a run directory or an export")
     evaluate.add_argument("--ref", required=True, help="REF.npz from difflab ref, or a data set")
     evaluate.add_argument("--class", dest="class_name", help="class of --ref when it is a data set")
-    evaluate.add_argument("--num", type=int, help="images to score (run: default 1000)")
+    evaluate.add_argument(
+        "--num", type=Bounded(int, Limits(low=2, high=MAX_IMAGES)), help="images (run: 1000)"
+    )
     evaluate.add_argument("--sampler", help="sampler for a run (default: the run's)")
-    evaluate.add_argument("--steps", type=int, help="sampler steps for a run")
+    evaluate.add_argument(
+        "--steps", type=Bounded.like(SamplerConfig, "steps", low=1), help="sampler steps (run)"
+    )
     evaluate.add_argument("--checkpoint", help="a checkpoint folder of the run")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=Bounded.like(TrainConfig, "seed"), default=0)
     evaluate.add_argument("--json", help="where to write the result (default beside the images)")
     _metric_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
 
 def _metric_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image-size", type=int, default=32, help="size images are loaded at")
+    parser.add_argument(
+        "--image-size",
+        type=Bounded.like(DataConfig, "image_size"),
+        default=32,
+        help="size images are loaded at",
+    )
     parser.add_argument(
         "--inception", help="TorchScript Inception weights (default: the metrics extra's)"
     )
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument(
+        "--batch-size", type=Bounded(int, Limits(low=1, high=MAX_EVAL_BATCH)), default=50
+    )
     parser.add_argument("--device", default="auto")

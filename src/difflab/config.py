@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import sys
 import types
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from difflab.errors import DifflabError
+from difflab.limits import MAX_BATCH, MAX_IMAGES, MAX_SAMPLER_STEPS, MAX_STEPS, setting
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,13 +27,14 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CONFIG_VERSION = 1
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
 class DataConfig:
     source: str = "cifar10"  # "cifar10" or a path to an image folder
     class_name: str | None = None  # class name or index; None = all images
-    image_size: int = 32
+    image_size: int = setting(32, low=8, high=512)
     hflip: bool = True  # random horizontal flips while training
 
 
@@ -41,15 +42,15 @@ class DataConfig:
 class UNetOptions:
     """Options of the modern U-Net (``network.name = "unet"``); see ``difflab.models.unet``."""
 
-    channels: int = 64
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
-    num_blocks: int = 2
-    attention_resolutions: list[int] = field(default_factory=lambda: [8])
-    dropout: float = 0.0
-    embedding: str = "fourier"
-    conditioning: str = "scale-shift"
-    num_heads: int = 1
-    num_classes: int = 0
+    channels: int = setting(64, low=2, high=2048)
+    channel_mult: list[int] = setting([1, 2, 2], low=1, high=64)
+    num_blocks: int = setting(2, low=1, high=64)
+    attention_resolutions: list[int] = setting([8], low=1, high=512)
+    dropout: float = setting(0.0, low=0, high=1, high_open=True)
+    embedding: str = setting("fourier", choices=("fourier", "positional"))
+    conditioning: str = setting("scale-shift", choices=("scale-shift", "additive"))
+    num_heads: int = setting(1, low=1, high=256)
+    num_classes: int = setting(0, low=0, high=100_000)
 
 
 @dataclass
@@ -61,73 +62,75 @@ class NetworkConfig:
 @dataclass
 class MethodConfig:
     name: str = "edm"  # "tutorial", "ddpm", "ddpm-cosine", "flow" or "edm"
-    prediction: str = "eps"  # ddpm: "eps", "x0" or "v"
-    num_timesteps: int = 1000  # ddpm
-    beta_start: float = 1e-4  # ddpm, linear schedule
-    beta_end: float = 0.02
-    min_snr_gamma: float = 0.0  # ddpm: 0 = plain MSE, else min-SNR weighting (e.g. 5)
-    time_distribution: str = "uniform"  # flow: "uniform", "logit-normal" or "log-normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    p_mean: float = -1.2  # edm and flow "log-normal": ln(sigma) ~ N(p_mean, p_std^2)
-    p_std: float = 1.2
-    sigma_data: float = 0.5  # edm
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    num_levels: int = 16  # tutorial
+    prediction: str = setting("eps", choices=("eps", "x0", "v"))  # ddpm
+    num_timesteps: int = setting(1000, low=1, high=100_000)  # ddpm
+    beta_start: float = setting(1e-4, low=0, high=1, low_open=True, high_open=True)
+    beta_end: float = setting(0.02, low=0, high=1, low_open=True, high_open=True)
+    min_snr_gamma: float = setting(0.0, low=0)  # ddpm: 0 = plain MSE, else min-SNR weighting
+    time_distribution: str = setting(  # flow
+        "uniform", choices=("uniform", "logit-normal", "log-normal")
+    )
+    logit_mean: float = setting(0.0)
+    logit_std: float = setting(1.0, low=0, low_open=True)
+    p_mean: float = setting(-1.2)  # edm and flow "log-normal": ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = setting(1.2, low=0, low_open=True)
+    sigma_data: float = setting(0.5, low=0, low_open=True)  # edm
+    sigma_min: float = setting(0.002, low=0, low_open=True)
+    sigma_max: float = setting(80.0, low=0, low_open=True)
+    num_levels: int = setting(16, low=1, high=1000)  # tutorial
     stratified: bool = False  # spread the batch's noise levels evenly over their distribution
 
 
 @dataclass
 class SamplerConfig:
     name: str = ""  # empty: the method's default sampler
-    steps: int = 0  # 0: the method's default number of steps
-    eta: float = 0.0  # ddim
+    steps: int = setting(0, low=0, high=MAX_SAMPLER_STEPS)  # 0: the method's default
+    eta: float = setting(0.0, low=0, high=1)  # ddim
     clip_x0: bool = False  # ancestral, ddim: clip the x0 estimate to [-1, 1] (Ho et al. 2020)
-    variance: str = "small"  # ancestral: posterior beta_tilde ("small") or beta ("large")
-    grid: str = "default"  # "default" (the process's own) or "edm" (rho-spaced in sigma/alpha)
-    rho: float = 7.0
-    s_churn: float = 40.0  # edm-stochastic
-    s_tmin: float = 0.05
-    s_tmax: float = 50.0
-    s_noise: float = 1.003
+    variance: str = setting("small", choices=("small", "large"))  # ancestral: beta_tilde or beta
+    grid: str = setting("default", choices=("default", "edm"))  # edm: rho-spaced in sigma/alpha
+    rho: float = setting(7.0, low=0, low_open=True, high=1000)
+    s_churn: float = setting(40.0, low=0)  # edm-stochastic
+    s_tmin: float = setting(0.05, low=0)
+    s_tmax: float = setting(50.0, low=0, finite=False)
+    s_noise: float = setting(1.003, low=0)
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64  # global batch (split across processes under torchrun)
-    accumulation: int = 1  # micro-batches per optimizer step
-    batching: str = "random"  # "epochs" (shuffled passes) or "random" (with replacement)
-    steps: int = 10_000  # total optimizer steps of the run (0 = no step limit)
-    images: int = 0  # total training images of the run (0 = no limit)
-    time_limit: float = 0.0  # minutes of wall clock for this invocation (0 = no limit)
-    seed: int = 0
-    optimizer: str = "adam"  # "adam", "adamw" or "sgd" (momentum betas[0])
-    lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # "constant", "rounds" (the tutorial's) or "cosine"
-    warmup_steps: int = 0
-    round_steps: int = 2000  # "rounds": lr *= round_decay after every round_steps steps
-    round_decay: float = 0.9
-    cosine_steps: int = 100_000  # "cosine": horizon of the decay, independent of --steps
-    min_lr: float = 1e-6
-    grad_clip: float = 0.0  # max global gradient norm; 0 = off
-    ema_halflife_kimg: float = 500.0  # 0 = no EMA (Karras et al. 2022: 500k images)
-    ema_rampup: float = 0.05  # half-life at most this fraction of the images seen
-    checkpoint_every: int = 500  # steps
-    keep_last: int = 2  # rolling checkpoints kept
-    snapshot_every: int = 0  # steps; kept forever for evaluation over time (0 = none)
-    sample_every_kimg: float = 50.0  # picture interval in thousands of images (0 = only at end)
-    num_preview: int = 25  # images in the preview grids
-    log_every: int = 20  # steps between log rows
-    eval_every_kimg: float = 0.0  # FID/KID of eval_num samples every this many kimg (0 = off)
-    eval_num: int = 500
+    batch_size: int = setting(64, low=1, high=MAX_BATCH)  # global (split across processes)
+    accumulation: int = setting(1, low=1, high=MAX_BATCH)  # micro-batches per optimizer step
+    batching: str = setting("random", choices=("random", "epochs"))  # with replacement, passes
+    steps: int = setting(10_000, low=0, high=MAX_STEPS)  # total optimizer steps (0 = no limit)
+    images: int = setting(0, low=0, high=MAX_STEPS * MAX_BATCH)  # total images (0 = no limit)
+    time_limit: float = setting(0.0, low=0, high=10**6)  # minutes of this invocation (0 = none)
+    seed: int = setting(0, low=0, high=2**63 - 1)
+    optimizer: str = setting("adam", choices=("adam", "adamw", "sgd"))  # sgd: momentum betas[0]
+    lr: float = setting(1e-3, low=0, low_open=True)
+    betas: list[float] = setting([0.9, 0.999], low=0, high=1, high_open=True, length=2)
+    weight_decay: float = setting(0.0, low=0)
+    lr_schedule: str = setting("constant", choices=("constant", "rounds", "cosine"))
+    warmup_steps: int = setting(0, low=0, high=MAX_STEPS)
+    round_steps: int = setting(2000, low=1, high=MAX_STEPS)  # "rounds": lr *= round_decay
+    round_decay: float = setting(0.9, low=0, high=1, low_open=True)
+    cosine_steps: int = setting(100_000, low=1, high=MAX_STEPS)  # "cosine": its horizon
+    min_lr: float = setting(1e-6, low=0)
+    grad_clip: float = setting(0.0, low=0)  # max global gradient norm; 0 = off
+    ema_halflife_kimg: float = setting(500.0, low=0)  # 0 = no EMA (Karras et al. 2022: 500k)
+    ema_rampup: float = setting(0.05, low=0)  # half-life at most this fraction of images seen
+    checkpoint_every: int = setting(500, low=1, high=MAX_STEPS)  # steps
+    keep_last: int = setting(2, low=1, high=10_000)  # rolling checkpoints kept
+    snapshot_every: int = setting(0, low=0, high=MAX_STEPS)  # steps; kept forever (0 = none)
+    sample_every_kimg: float = setting(50.0, low=0)  # pictures every this many kimg (0 = end)
+    num_preview: int = setting(25, low=1, high=100)  # images in the preview grids
+    log_every: int = setting(20, low=1, high=MAX_STEPS)  # steps between log rows
+    eval_every_kimg: float = setting(0.0, low=0)  # FID/KID every this many kimg (0 = off)
+    eval_num: int = setting(500, low=2, high=MAX_IMAGES)
     eval_ref: str = ""  # REF.npz from difflab ref (needed when eval_every_kimg > 0)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
-    precision: str = "auto"  # "auto" (CUDA: bf16 for big steps, see devices.py), "fp32", "bf16"
+    precision: str = setting("auto", choices=("auto", "fp32", "bf16"))  # auto: devices.py
     compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead, max-autotune, ...
+    compile_mode: str = setting("default", choices=COMPILE_MODES)  # torch.compile's mode
     channels_last: bool = False
     fused_optimizer: bool = True  # Adam/AdamW's fused CUDA kernel (no effect on the CPU)
 
@@ -141,7 +144,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    world_size: int = 1  # recorded by the trainer: processes of the last training invocation
+    world_size: int = setting(1, low=1, high=MAX_STEPS)  # processes of the last training run
     version: int = CONFIG_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -238,10 +241,7 @@ def preset_text(name: str) -> str:
 def load_preset(name_or_path: str) -> Config:
     """A shipped preset by name, or a user's TOML file in the same format."""
     if name_or_path.endswith(".toml"):
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise DifflabError(f"preset file {path} does not exist")
-        text, name = path.read_text(), path.stem
+        text, name = _read_preset_file(Path(name_or_path)), Path(name_or_path).stem
     else:
         text, name = preset_text(name_or_path), name_or_path
     try:
@@ -250,8 +250,32 @@ def load_preset(name_or_path: str) -> Config:
         raise DifflabError(f"preset {name}: invalid TOML ({error})") from None
     except RecursionError:
         raise DifflabError(f"preset {name}: invalid TOML (nested too deeply)") from None
+    # A preset says what it trains: an empty or partial file would train defaults unannounced.
+    missing = [
+        f"{section}.name"
+        for section in ("method", "network")
+        if not isinstance(values.get(section), dict) or "name" not in values[section]
+    ]
+    if missing:
+        raise DifflabError(
+            f"preset {name} does not set {' and '.join(missing)}; start from a shipped preset "
+            "(src/difflab/presets/, listed by difflab presets)"
+        )
     values.setdefault("preset", name)
     return from_dict(values)
+
+
+def _read_preset_file(path: Path) -> str:
+    if path.is_dir():
+        raise DifflabError(f"preset {path} is a folder; give a .toml file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DifflabError(f"preset file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise DifflabError(f"preset file {path} is not a text (UTF-8 TOML) file") from None
+    except OSError as error:
+        raise DifflabError(f"cannot read preset file {path} ({error.strerror})") from None
 
 
 def parse_value(text: str) -> Any:
@@ -289,103 +313,50 @@ def _check(condition: bool, message: str) -> None:
         raise DifflabError(message)
 
 
-def _finite_positive(value: float, key: str) -> None:
-    _check(math.isfinite(value) and value > 0, f"{key} must be a positive number, got {value}")
-
-
-def _nan_setting(values: dict[str, Any], prefix: str = "") -> str | None:
-    """The first setting that is (or holds) NaN, as ``section.key``."""
-    for key, value in values.items():
-        if isinstance(value, dict):
-            found = _nan_setting(value, f"{prefix}{key}.")
-            if found:
-                return found
-        elif any(isinstance(v, float) and math.isnan(v) for v in _as_list(value)):
-            return f"{prefix}{key}"
-    return None
-
-
-def _as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [value]
+def check_limits(section: Any, prefix: str = "") -> None:
+    """Every field of a config (section) against its declared limits, naming the key."""
+    for item in fields(section):
+        value = getattr(section, item.name)
+        if dataclasses.is_dataclass(value):
+            check_limits(value, f"{prefix}{item.name}.")
+        elif "limits" in item.metadata:
+            item.metadata["limits"].check(value, f"{prefix}{item.name}")
 
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def validate(config: Config) -> Config:
-    """Range checks that do not need the registry (names are checked when objects are built)."""
-    d, t, m, s = config.data, config.train, config.method, config.sampler
+    """Declared limits, then what relates settings to each other (names of methods, networks
+    and samplers are checked when the registry builds them)."""
+    t, m = config.train, config.method
     _check(config.version == CONFIG_VERSION, f"config version {config.version} is not supported")
+    check_limits(config)
     _check(
         _DEVICE.fullmatch(t.device) is not None,
         f"unknown device {t.device!r}; use auto, cpu, cuda, cuda:N or mps",
     )
-    _check(d.image_size >= 8, f"data.image_size must be at least 8, got {d.image_size}")
-    _check(t.batch_size >= 1, f"train.batch_size must be at least 1, got {t.batch_size}")
-    _check(t.accumulation >= 1, f"train.accumulation must be at least 1, got {t.accumulation}")
     _check(
         t.batch_size % t.accumulation == 0,
         f"train.batch_size ({t.batch_size}) must be divisible by train.accumulation "
         f"({t.accumulation})",
     )
-    for key in ("steps", "images", "warmup_steps", "keep_last", "snapshot_every", "seed"):
-        _check(getattr(t, key) >= 0, f"train.{key} must not be negative, got {getattr(t, key)}")
     _check(
         t.steps or t.images or t.time_limit,
         "set a training length: --steps, --images or --time-limit",
     )
-    _check(t.time_limit >= 0 and math.isfinite(t.time_limit), "train.time_limit must be >= 0")
-    for key in ("checkpoint_every", "round_steps", "cosine_steps", "log_every", "num_preview"):
-        _check(getattr(t, key) >= 1, f"train.{key} must be at least 1, got {getattr(t, key)}")
-    _finite_positive(t.lr, "train.lr")
-    _check(math.isfinite(t.min_lr) and t.min_lr >= 0, "train.min_lr must be >= 0")
-    _check(0 < t.round_decay <= 1, f"train.round_decay must be in (0, 1], got {t.round_decay}")
-    _check(
-        len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas: two numbers in [0, 1)"
-    )
-    _check(
-        t.weight_decay >= 0 and t.grad_clip >= 0, "train.weight_decay and grad_clip must be >= 0"
-    )
-    _check(t.ema_halflife_kimg >= 0 and t.ema_rampup >= 0, "train.ema_* must be >= 0")
-    _check(t.sample_every_kimg >= 0, "train.sample_every_kimg must be >= 0")
-    _check(t.eval_every_kimg >= 0 and t.eval_num >= 2, "train.eval_every_kimg >= 0, eval_num >= 2")
     _check(
         t.eval_every_kimg == 0 or t.eval_ref.endswith(".npz"),
         "train.eval_every_kimg needs train.eval_ref=REF.npz (make one with difflab ref)",
     )
-    _check(t.batching in ("epochs", "random"), "train.batching must be 'epochs' or 'random'")
-    _check(t.optimizer in ("adam", "adamw", "sgd"), "train.optimizer must be adam, adamw or sgd")
     _check(
-        t.lr_schedule in ("constant", "rounds", "cosine"),
-        "train.lr_schedule must be 'constant', 'rounds' or 'cosine'",
+        m.beta_start < m.beta_end,
+        f"method.beta_start ({m.beta_start}) must be below method.beta_end ({m.beta_end})",
     )
-    _check(t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
     _check(
-        t.compile_mode in COMPILE_MODES,
-        f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}",
+        m.sigma_min < m.sigma_max,
+        f"method.sigma_min ({m.sigma_min}) must be below method.sigma_max ({m.sigma_max})",
     )
-    _check(s.variance in ("small", "large"), "sampler.variance must be 'small' or 'large'")
-    _check(
-        m.num_timesteps >= 1 and m.num_levels >= 1, "method.num_timesteps/num_levels must be >= 1"
-    )
-    _check(0 < m.beta_start < m.beta_end < 1, "method.beta_start < beta_end, both in (0, 1)")
-    for key in ("sigma_data", "sigma_min", "sigma_max", "p_std", "logit_std"):
-        _finite_positive(getattr(m, key), f"method.{key}")
-    _check(m.sigma_min < m.sigma_max, "method.sigma_min must be below method.sigma_max")
-    _check(m.min_snr_gamma >= 0, "method.min_snr_gamma must be >= 0")
-    for key in ("p_mean", "logit_mean"):
-        _check(math.isfinite(getattr(m, key)), f"method.{key} must be a finite number")
-    for key in ("s_churn", "s_tmin", "s_noise"):
-        value = getattr(s, key)
-        _check(math.isfinite(value) and value >= 0, f"sampler.{key} must be >= 0, got {value}")
-    _check(s.s_tmax >= 0, f"sampler.s_tmax must be >= 0, got {s.s_tmax}")
-    _check(s.steps >= 0, f"sampler.steps must not be negative, got {s.steps}")
-    _check(0 <= s.eta <= 1, f"sampler.eta must be in [0, 1], got {s.eta}")
-    _check(s.grid in ("default", "edm"), "sampler.grid must be 'default' or 'edm'")
-    _finite_positive(s.rho, "sampler.rho")
-    nan = _nan_setting(config.to_dict())
-    _check(nan is None, f"{nan} must be a number, got nan")
     return config
 
 
@@ -402,9 +373,14 @@ def load_json(path: Path) -> Config:
         raise DifflabError(f"{path} not found: is this a difflab run directory?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DifflabError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(values, dict):
-        raise DifflabError(f"{path} is not a difflab config")
-    version = values.get("version")
+    except OSError as error:
+        raise DifflabError(f"cannot read {path} ({error.strerror})") from None
+    if not isinstance(values, dict) or not isinstance(values.get("version"), int):
+        raise DifflabError(
+            f"{path} is not a difflab config (no version number): this folder was not written "
+            "by difflab train"
+        )
+    version = values["version"]
     if version != CONFIG_VERSION:
         raise DifflabError(
             f"{path} was written by an incompatible difflab (config version {version}, "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,12 @@ _FOLDER_HINT = "point --data at an image folder (class subfolders or a flat fold
 _NAMES_IN_MESSAGE = 5
 _CLASSES_IN_MESSAGE = 30
 _SERIAL_BELOW = 64
+#: Pixels (width x height, from the file's header) above which an image is not decoded: 64
+#: megapixels, below PIL's own decompression-bomb warning (89 MP). A 140 KB PNG can claim
+#: 12000 x 12000 and decode to 430 MB.
+MAX_PIXELS = 64_000_000
+UNREADABLE = "unreadable image{s}"
+TOO_LARGE = f"image{{s}} over {MAX_PIXELS // 10**6} megapixels"
 
 
 @dataclass
@@ -53,17 +61,45 @@ def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def image_files(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """Image files directly in `folder` (or anywhere below it), sorted; hidden ones left out."""
+    """Image files directly in `folder` (or anywhere below it), sorted; hidden ones left out.
+
+    An image name that is not a readable file (a dangling link, a link loop) is listed too, so
+    that decoding reports it by name instead of it vanishing.
+    """
     root = Path(folder)
     if not recursive:
         with os.scandir(root) as entries:
-            names = [e.name for e in entries if _is_image_name(e.name) and e.is_file()]
+            names = [e.name for e in entries if _is_image_name(e.name) and not _is_dir(e)]
         return sorted(root / name for name in names)
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+    for dirpath, filenames in _walk(root):
         found.extend(Path(dirpath) / name for name in filenames if _is_image_name(name))
     return sorted(found)
+
+
+def _walk(root: Path) -> Iterator[tuple[str, list[str]]]:
+    """``os.walk`` following links, each real folder once (a link loop is walked once), hidden
+    folders left out; unreadable folders are skipped."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            info = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        yield dirpath, filenames
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop
+        return False
 
 
 def load_images(
@@ -175,7 +211,7 @@ def _load_class_folders(
 def _class_names(folder: Path) -> list[str]:
     """Sorted names of the subfolders that hold images (hidden and image-less ones left out)."""
     with os.scandir(folder) as entries:
-        subfolders = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+        subfolders = [e.name for e in entries if _is_dir(e) and not e.name.startswith(".")]
     return sorted(name for name in subfolders if _contains_image(folder / name))
 
 
@@ -197,51 +233,89 @@ def _class_index(class_name: str | int, names: list[str], where: str) -> int:
 
 def _decode_files(files: list[Path], size: int, folder: Path) -> tuple[torch.Tensor, list[int]]:
     """Decode `files` to uint8 [N, 3, size, size]; also return the indices of the files kept."""
+    _check_memory(len(files), size, folder)
     arrays = _decode_many(files, size)
-    kept = [i for i, array in enumerate(arrays) if array is not None]
-    bad = [files[i].relative_to(folder).as_posix() for i, a in enumerate(arrays) if a is None]
+    kept = [i for i, array in enumerate(arrays) if isinstance(array, np.ndarray)]
     if not kept:
         raise DifflabError(
             f"none of the {len(files)} image files in {folder} could be read "
-            f"(e.g. {bad[0]}); replace the broken files or {_FOLDER_HINT}"
+            f"(e.g. {files[0].relative_to(folder).as_posix()}); replace the broken files or "
+            f"{_FOLDER_HINT}"
         )
-    if bad:
-        _warn_unreadable(bad)
+    for reason in (UNREADABLE, TOO_LARGE):
+        skipped = [
+            f for f, a in zip(files, arrays, strict=True) if isinstance(a, str) and a == reason
+        ]
+        if skipped:
+            _warn_skipped([f.relative_to(folder).as_posix() for f in skipped], reason)
     stacked = np.stack([arrays[i] for i in kept])
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(), kept
 
 
-def _decode_many(files: list[Path], size: int) -> list[np.ndarray | None]:
-    """Decode in threads over contiguous chunks (PIL releases the GIL while decoding)."""
+def _check_memory(count: int, size: int, folder: Path) -> None:
+    """The decoded set lives in memory as uint8: refuse up front what cannot fit."""
+    need = count * 3 * size * size
+    available = _available_memory()
+    if available is not None and need > 0.8 * available:
+        raise DifflabError(
+            f"{count} images at {size}x{size} need {need / 2**30:.1f} GiB in memory and this "
+            f"machine has {available / 2**30:.1f} GiB available; use a smaller --image-size or "
+            f"fewer images than {folder} holds"
+        )
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _decode_many(files: list[Path], size: int) -> list[np.ndarray | str]:
+    """Decode in threads over contiguous chunks (PIL releases the GIL while decoding).
+
+    PIL's own warnings about a file (a decompression bomb, an odd palette) stay inside: a
+    bomb is skipped as too large, with difflab's warning, and nothing else needs saying.
+    """
     workers = min(8, os.cpu_count() or 1)
-    if len(files) < _SERIAL_BELOW or workers == 1:
-        return [_decode(path, size) for path in files]
-    step = -(-len(files) // (4 * workers))
-    chunks = [files[i : i + step] for i in range(0, len(files), step)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = pool.map(lambda chunk: [_decode(path, size) for path in chunk], chunks)
-        return [array for chunk in decoded for array in chunk]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        if len(files) < _SERIAL_BELOW or workers == 1:
+            return [_decode(path, size) for path in files]
+        step = -(-len(files) // (4 * workers))
+        chunks = [files[i : i + step] for i in range(0, len(files), step)]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            decoded = pool.map(lambda chunk: [_decode(path, size) for path in chunk], chunks)
+            return [array for chunk in decoded for array in chunk]
 
 
-def _warn_unreadable(names: list[str]) -> None:
+def _warn_skipped(names: list[str], reason: str) -> None:
     shown = ", ".join(names[:_NAMES_IN_MESSAGE])
     if len(names) > _NAMES_IN_MESSAGE:
         shown += ", ..."
-    plural = "" if len(names) == 1 else "s"
-    log.warning("skipped %d unreadable image%s: %s", len(names), plural, shown)
+    what = reason.format(s="" if len(names) == 1 else "s")
+    log.warning("skipped %d %s: %s", len(names), what, shown)
 
 
-def _decode(path: Path, size: int) -> np.ndarray | None:
-    """One file as uint8 [size, size, 3], or None when it cannot be decoded."""
+def _decode(path: Path, size: int) -> np.ndarray | str:
+    """One file as uint8 [size, size, 3], or why not (``UNREADABLE``, ``TOO_LARGE``)."""
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:  # from the header, before decoding
+                return TOO_LARGE
             image.draft(None, (size, size))  # JPEG: decode large files at a reduced scale
             image.load()  # raises on truncated data while ImageFile.LOAD_TRUNCATED_IMAGES is False
             if "exif" in image.info:
                 ImageOps.exif_transpose(image, in_place=True)
             rgb = _to_rgb(image)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        return TOO_LARGE
     except Exception:  # any failure on the file's bytes makes it unreadable, not fatal
-        return None
+        return UNREADABLE
     return np.asarray(_fit_pil(rgb, size))
 
 
@@ -275,8 +349,4 @@ def _is_image_name(name: str) -> bool:
 
 
 def _contains_image(folder: Path) -> bool:
-    for _, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
-        if any(_is_image_name(name) for name in filenames):
-            return True
-    return False
+    return any(any(map(_is_image_name, filenames)) for _, filenames in _walk(folder))

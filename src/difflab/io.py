@@ -1,11 +1,16 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Writing files: atomically (a reader sees the old file or the new one, never half of one),
+with the permissions an ordinary ``open()`` would give, and output paths checked before work."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from difflab.errors import DifflabError
 
 
 def fsync_dir(folder: Path) -> None:
@@ -16,15 +21,45 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where the kernel says (Linux)."""
+    with contextlib.suppress(OSError, ValueError):
+        status = Path("/proc/self/status").read_text()
+        found = re.search(r"^Umask:\s*([0-7]+)", status, re.M)
+        if found:
+            return int(found.group(1), 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~umask()
+
+
+def file_mode(path: Path) -> int:
+    """The mode ``open(path, "w")`` leaves: the existing file's, else a new file's."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return new_file_mode()
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, fsync it, rename it over ``path``."""
+    """Call ``write(tmp)`` on a temporary file next to ``path``, fsync it, rename it over ``path``.
+
+    The temporary file (0600, like every ``mkstemp`` file, and so are files some libraries
+    write themselves) gets the mode an ordinary ``open()`` would have given ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode(path))
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -36,3 +71,45 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def make_folder(folder: Path, what: str = "folder") -> Path:
+    """``mkdir -p`` with a one-line error that names the part of the path in the way."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DifflabError(f"{what} {folder} exists and is not a folder") from None
+    except NotADirectoryError:
+        blocker = next((p for p in [folder, *folder.parents] if p.is_file()), folder)
+        raise DifflabError(
+            f"cannot create {what} {folder}: {blocker} is a file, not a folder"
+        ) from None
+    except OSError as error:
+        raise DifflabError(f"cannot create {what} {folder} ({error.strerror or error})") from None
+    return folder
+
+
+def check_output_folder(folder: Path, flag: str) -> Path:
+    """Before any work: ``folder`` is (or can become) a writable folder."""
+    if folder.exists() and not folder.is_dir():
+        raise DifflabError(f"{flag} {folder} exists and is not a folder; choose another {flag}")
+    _check_parents_writable(folder, flag)
+    return folder
+
+
+def check_output_file(path: Path, flag: str) -> Path:
+    """Before any work: ``path`` can be written as a file."""
+    if path.is_dir():
+        raise DifflabError(f"{flag} {path} is a folder; give a file name")
+    _check_parents_writable(path.parent, flag)
+    return path
+
+
+def _check_parents_writable(folder: Path, flag: str) -> None:
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise DifflabError(f"{flag}: {existing} is a file, not a folder; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DifflabError(f"{flag}: cannot write in {existing} (permission denied)")

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from difflab.denoisers import Denoiser
 from difflab.registry import SamplingPlan
 from difflab.samplers import SampleNoise
+from difflab.viz import to_uint8
 
 
 def derive_seed(*parts: object) -> int:
@@ -28,7 +29,7 @@ def image_seeds(seed: int, start: int, count: int) -> list[int]:
 @dataclass
 class Generated:
     images: Tensor  # [N, C, H, W] in [-1, 1] (not clipped)
-    frames: Tensor | None  # [steps + 1, N, C, H, W]: the state after every step, noise first
+    frames: Tensor | None  # uint8 [steps + 1, R, C, H, W]: every state of the first R images
     evaluations: int  # network evaluations per image
 
 
@@ -49,16 +50,22 @@ def generate(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     labels: Tensor | None = None,
-    record: bool = False,
+    record: bool | int = False,
     progress: bool = False,
 ) -> Generated:
-    """Sample ``len(seeds)`` images; ``record`` keeps every intermediate state (for strips, GIFs)."""
+    """Sample ``len(seeds)`` images (``labels``: one class per image, bound into the denoiser).
+
+    ``record`` keeps every intermediate state of the first ``record`` images (``True``: all), as
+    uint8 pictures on the host, for strips and GIFs: 3 KB per 32x32 image and step, so memory
+    follows the pictures asked for, not the batch.
+    """
     device = torch.device(device)
+    keep_images = len(seeds) if record is True else int(record)
     _alpha, sigma = denoiser.process.alpha_sigma(plan.grid[:1])
     scale = float(sigma)  # start at the grid's first noise level; alpha * x0 is neglected
     counter = _CountCalls()
     hook = denoiser.net.register_forward_hook(lambda *a: counter())
-    outputs, all_frames, batches = [], [], 0
+    outputs, frames, batches = [], [], 0
     try:
         bar = tqdm(total=len(seeds), desc="sampling", unit="img", disable=not progress)
         for start in range(0, len(seeds), batch_size):
@@ -66,16 +73,15 @@ def generate(
             rng = SampleNoise(chunk, device)
             noise = rng.randn(shape) * scale
             bound = denoiser.bind(None if labels is None else labels[start : start + len(chunk)])
-            frames = [noise.cpu()] if record else None
+            kept = max(min(keep_images - start, len(chunk)), 0)
+            states = [to_uint8(noise[:kept])] if kept else None
 
-            def keep(i: int, x: Tensor, x0: Tensor, frames=frames) -> None:
-                if frames is not None:
-                    frames.append(x.float().cpu())
+            def keep(i: int, x: Tensor, x0: Tensor, states=states, kept=kept) -> None:
+                states.append(to_uint8(x[:kept]))
 
-            on_step = keep if record else None
-            outputs.append(plan(bound, noise, rng, on_step).float().cpu())
-            if record:
-                all_frames.append(torch.stack(frames))
+            outputs.append(plan(bound, noise, rng, keep if kept else None).float().cpu())
+            if kept:
+                frames.append(torch.stack(states))
             batches += 1
             bar.update(len(chunk))
         bar.close()
@@ -83,7 +89,7 @@ def generate(
         hook.remove()
     return Generated(
         images=torch.cat(outputs),
-        frames=torch.cat(all_frames, dim=1) if record else None,
+        frames=torch.cat(frames, dim=1) if frames else None,
         evaluations=counter.calls // max(batches, 1),
     )
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from difflab.config import Config, from_dict, load_json, validate
 from difflab.errors import DifflabError, brief
-from difflab.io import fsync_dir
+from difflab.io import fsync_dir, new_file_mode
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -95,6 +95,7 @@ def _write_files(
         save_file(_state_dict_cpu(ema), str(tmp / "ema.safetensors"), metadata=metadata)
     torch.save({**state, "format": FORMAT_VERSION, "step": step}, tmp / "state.pt")
     for file in tmp.iterdir():
+        os.chmod(file, new_file_mode())  # safetensors writes 0600
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
     fsync_dir(tmp)

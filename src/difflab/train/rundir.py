@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import IO
 
 from difflab.errors import DifflabError
+from difflab.io import check_output_folder, make_folder
 
 
 class RunLock:
@@ -18,7 +19,7 @@ class RunLock:
         self.handle: IO[str] | None = None
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path.parent, "run directory")
         handle = open(self.path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -50,8 +51,7 @@ def check_new_run_dir(run_dir: Path) -> None:
             f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose "
             "another --out"
         )
-    if run_dir.exists() and not run_dir.is_dir():
-        raise DifflabError(f"{run_dir} exists and is not a folder; choose another --out")
+    check_output_folder(run_dir, "--out")
 
 
 def check_existing_run_dir(run_dir: Path) -> None:
