@@ -135,6 +135,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     resolve_device(config.train.device)
     if not args.resume:
         check_new_run_dir(run_dir)
+    if args.init and not Path(args.init).exists():
+        raise DifflabError(
+            f"--init {args.init} does not exist; give an exported .safetensors or a run directory"
+        )
     class_is_default = not args.resume and args.class_name is None
     data = load_images(
         config.data.source,

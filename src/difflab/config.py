@@ -43,7 +43,7 @@ class UNetOptions:
     """Options of the modern U-Net (``network.name = "unet"``); see ``difflab.models.unet``."""
 
     channels: int = setting(64, low=2, high=2048)
-    channel_mult: list[int] = setting([1, 2, 2], low=1, high=64)
+    channel_mult: list[int] = setting([1, 2, 2], low=1, high=64, min_length=1)
     num_blocks: int = setting(2, low=1, high=64)
     attention_resolutions: list[int] = setting([8], low=1, high=512)
     dropout: float = setting(0.0, low=0, high=1, high_open=True)
@@ -343,7 +343,8 @@ def validate(config: Config) -> Config:
     )
     _check(
         t.steps or t.images or t.time_limit,
-        "set a training length: --steps, --images or --time-limit",
+        "set a training length: train.steps, train.images or train.time_limit (--steps, "
+        "--images or --time-limit)",
     )
     _check(
         t.eval_every_kimg == 0 or t.eval_ref.endswith(".npz"),

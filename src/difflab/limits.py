@@ -38,6 +38,7 @@ class Limits:
     finite: bool = True  # inf refused even without a bound (NaN always is)
     choices: tuple[str, ...] = ()
     length: int | None = None  # lists: exactly this many items
+    min_length: int = 0  # lists: at least this many items
     integer: bool = False  # only for the wording: "an integer" rather than "a number"
 
     def describe(self) -> str:
@@ -70,6 +71,10 @@ class Limits:
         if isinstance(value, list):
             if self.length is not None and len(value) != self.length:
                 raise DifflabError(f"{name} must be a list of {self.length}, got {value!r}")
+            if len(value) < self.min_length:
+                raise DifflabError(
+                    f"{name} must be a list of at least {self.min_length}, got {value!r}"
+                )
             for item in value:
                 self.check(item, name)
             return

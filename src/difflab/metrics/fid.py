@@ -11,7 +11,6 @@ scipy is imported lazily so that ``import difflab.metrics`` works without the me
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,15 +203,15 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of an .npz file (no pickles); anything else raises a DifflabError."""
     bad = f"{path} is not a valid .npz statistics file; recompute the reference statistics"
     try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DifflabError(bad) from exc
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise DifflabError(bad)
-    try:
-        with data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        with open(path, "rb") as handle:  # closed whatever numpy raises
+            data = np.load(handle, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise DifflabError(bad)
+            with data:
+                return {key: data[key] for key in data.files}
+    except DifflabError:
+        raise
+    except Exception as exc:  # a damaged zip raises many types (zlib, struct, zipfile, numpy)
         raise DifflabError(bad) from exc
 
 
