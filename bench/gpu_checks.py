@@ -21,7 +21,7 @@ from difflab.config import apply_overrides, load_preset
 from difflab.data import ImageSet
 from difflab.registry import SAMPLERS
 from difflab.train.checkpoint import list_checkpoints
-from difflab.train.trainer import train
+from difflab.train.loop import train
 from difflab.viz import save_images
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}

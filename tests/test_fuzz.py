@@ -28,6 +28,7 @@ from difflab.config import (
     Config,
     MethodConfig,
     SamplerConfig,
+    TutorialMethod,
     apply_overrides,
     from_dict,
     load_preset,
@@ -133,7 +134,7 @@ override = st.one_of(
 @given(st.lists(override, max_size=5))
 @example(["train.betas=" + "[" * 4000])
 @example(["train.device='meta'"])
-@example(["method.p_mean=nan"])
+@example(["method.edm.p_mean=nan"])
 @example(["sampler.s_noise=inf"])
 def test_apply_overrides_only_raises_difflab_errors(overrides):
     config = _accepts_or_refuses(lambda: apply_overrides(Config(), overrides))
@@ -341,7 +342,7 @@ class TinyNet(nn.Module):
 
 def _method(name: str, steps: int):
     """The method; the tutorial runs exactly its levels, so ``steps`` sets them."""
-    options = {"num_levels": steps} if name == "tutorial" else {}
+    options = {"tutorial": TutorialMethod(num_levels=steps)} if name == "tutorial" else {}
     return METHODS[name](MethodConfig(name=name, **options))
 
 

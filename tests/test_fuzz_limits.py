@@ -56,10 +56,10 @@ DECLARED = [(key, hint, limits) for key, hint, limits in FIELDS if limits is not
 RELATED = {
     "train.batch_size": "train.accumulation",
     "train.accumulation": "train.batch_size",
-    "method.beta_start": "method.beta_start",
-    "method.beta_end": "method.beta_end",
-    "method.sigma_min": "method.sigma_min",
-    "method.sigma_max": "method.sigma_max",
+    "method.ddpm.beta_start": "method.ddpm.beta_start",
+    "method.ddpm.beta_end": "method.ddpm.beta_start",
+    "method.edm.sigma_min": "method.edm.sigma_min",
+    "method.edm.sigma_max": "method.edm.sigma_min",
     "train.steps": "train.steps",
     "train.eval_every_kimg": "train.eval_every_kimg",
     "version": "config version",
@@ -157,10 +157,14 @@ def setting_values(draw) -> tuple[str, str, bool]:
 @example(("train.ema_halflife_kimg", "nan", False))
 @example(("train.keep_last", "0", False))
 @example(("sampler.steps", "1000000000", False))
+@example(("method.flow.p_std", "-1", False))
 def test_every_setting_is_checked_against_its_declared_range(case):
     key, text, allowed = case
+    # Only the chosen method's options are read and checked: choose the method the key is for.
+    section = key.split(".")[1] if key.startswith("method.") and key.count(".") == 2 else None
+    chosen = [f"method.name={section!r}"] if section else []
     try:
-        validate(apply_overrides(BASE, [f"{key}={text}"]))
+        validate(apply_overrides(BASE, [*chosen, f"{key}={text}"]))
     except DifflabError as error:
         message = str(error)
         assert "\n" not in message
@@ -242,3 +246,17 @@ def test_an_out_of_range_option_is_one_line_naming_the_flag(command, flag, kind)
     with pytest.raises(DifflabError) as caught:
         build_parser().parse_args(argv)
     assert f"argument {flag}: must be" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_only_the_chosen_methods_options_are_checked():
+    """Another method's options are not read, so they cannot stop a run (issue 15)."""
+    validate(apply_overrides(BASE, ["method.name='edm'", "method.flow.p_std=-1"]))
+    with pytest.raises(DifflabError, match="method.flow.p_std must be a number > 0"):
+        validate(apply_overrides(BASE, ["method.name='flow'", "method.flow.p_std=-1"]))
+
+
+def test_a_setting_that_moved_into_its_methods_section_says_where():
+    with pytest.raises(DifflabError, match="it is method.ddpm.prediction now"):
+        apply_overrides(BASE, ["method.prediction='v'"])
+    with pytest.raises(DifflabError, match="it is method.flow.time_distribution now"):
+        from_dict({"method": {"name": "flow", "time_distribution": "uniform"}})

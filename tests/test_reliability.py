@@ -472,8 +472,8 @@ def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint(trained, mo
 # --------------------------------------------------------------------------- settings
 
 BAD_SETTINGS = [
-    ("method.p_mean=nan", "method.p_mean must be a finite number"),
-    ("method.logit_mean=inf", "method.logit_mean must be a finite number"),
+    ("method.edm.p_mean=nan", "method.edm.p_mean must be a finite number, got nan"),
+    ("method.edm.p_std=inf", "method.edm.p_std must be a number > 0, got inf"),
     ("sampler.s_noise=nan", "sampler.s_noise must be a number >= 0, got nan"),
     ("sampler.s_churn=-1", "sampler.s_churn must be a number >= 0, got -1.0"),
     ("train.device='meta'", "unknown device 'meta'"),

@@ -12,8 +12,8 @@ from difflab.config import TrainConfig, apply_overrides, load_preset, validate
 from difflab.data import load_images
 from difflab.train.batches import batch_indices, images_before
 from difflab.train.checkpoint import list_checkpoints
+from difflab.train.loop import train
 from difflab.train.schedule import ema_beta, lr_at
-from difflab.train.trainer import train
 
 
 def _config(preset, folder, *overrides):
@@ -202,4 +202,4 @@ def test_ddpm_paper_is_ho_et_al_exactly():
     for images_seen in (128, 10**6, 10**8):
         assert ema_beta(128, images_seen, t) == pytest.approx(0.9999, abs=1e-9)
     assert config.sampler.variance == "large" and config.sampler.clip_x0
-    assert config.sampler.steps == config.method.num_timesteps == 1000
+    assert config.sampler.steps == config.method.ddpm.num_timesteps == 1000

@@ -3,6 +3,7 @@
 run = difflab.load_run("runs/cars")
 images = run.sample(16, seed=0)          # float [-1, 1], [16, 3, 32, 32]
 difflab.save_grid(images, "cars.png")
+horses = difflab.load_run("runs/cifar").sample(16, label="horse", guidance=2.0)
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from difflab.classes import LabelRequest, labels_for
 from difflab.config import Config, SamplerConfig
 from difflab.devices import resolve_device
+from difflab.errors import DifflabError
 from difflab.registry import Method, SamplingPlan, build_method, build_network, build_sampler
 from difflab.sampling import Generated, generate, image_seeds
 from difflab.train.checkpoint import load_model
@@ -46,21 +49,40 @@ class Run:
             options["steps"] = steps
         return build_sampler(self.method, dataclasses.replace(config, **options))
 
+    @property
+    def class_names(self) -> list[str]:
+        """The classes a conditional run learned ([] for an unconditional one)."""
+        return self.config.data.class_names
+
     def generate(
         self,
         num: int,
         seed: int = 0,
         *,
+        label: LabelRequest = None,
+        guidance: float | None = None,
         sampler: str | None = None,
         steps: int | None = None,
         plan: SamplingPlan | None = None,
         batch_size: int = 64,
         start: int = 0,
-        record: bool = False,
+        record: bool | int = False,
         progress: bool = False,
     ) -> Generated:
-        """Images ``start .. start + num - 1`` of the sequence that ``seed`` defines."""
+        """Images ``start .. start + num - 1`` of the sequence that ``seed`` defines.
+
+        ``label``: a class name or index, one per image, or "all" (image i asks for class
+        i mod C); None samples without a class. ``guidance``: classifier-free guidance weight
+        w (1 = the plain conditional model, the run's own by default).
+        """
         plan = plan or self.plan(sampler, steps)
+        labels = labels_for(label, self.class_names, num, start)
+        if guidance is None:
+            guidance = self.config.sampler.guidance
+        elif labels is None and guidance != 1.0:
+            raise DifflabError("guidance needs a label to guide towards; give --label / label=")
+        if not (isinstance(guidance, int | float) and 0 <= guidance <= 100):
+            raise DifflabError(f"guidance must be a number in [0, 100], got {guidance!r}")
         return generate(
             self.method.denoiser(self.net),
             plan,
@@ -68,12 +90,15 @@ class Run:
             image_seeds(seed, start, num),
             batch_size=batch_size,
             device=self.device,
+            labels=labels,
+            guidance=guidance,
             record=record,
             progress=progress,
         )
 
     def sample(self, num: int = 16, seed: int = 0, **kwargs) -> Tensor:
-        """``num`` images as a float tensor in [-1, 1] (clip before saving; see ``viz``)."""
+        """``num`` images as a float tensor in [-1, 1] (clip before saving; see ``viz``);
+        ``run.sample(16, label="horse", guidance=2.0)`` takes ``generate``'s options."""
         return self.generate(num, seed, **kwargs).images
 
 

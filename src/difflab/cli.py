@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import sys
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,10 +19,7 @@ GIF_IMAGES = 16  # images in sample's reverse-process.gif
 # Numeric options: parsed and range-checked by the limits their config fields declare.
 SEED = Bounded.like(TrainConfig, "seed")
 SAMPLER_STEPS = Bounded.like(SamplerConfig, "steps", low=1)
-
-
-def _train_option(name: str, **changes) -> Bounded:
-    return Bounded.like(TrainConfig, name, **changes)
+GUIDANCE = Bounded.like(SamplerConfig, "guidance")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,160 +29,15 @@ class _Parser(argparse.ArgumentParser):
         raise DifflabError(f"{message} (see {self.prog} --help)")
 
 
-# --------------------------------------------------------------------------- train
-
-
-def _train_config(args: argparse.Namespace):
-    """Preset, then --method / --network, then the flags, then --set: later wins."""
-    from difflab.config import SamplerConfig, apply_overrides, load_preset, validate
-
-    config = load_preset(args.preset)
-    if args.method:
-        config.method.name = args.method
-        if not args.sampler:  # the preset's sampler belongs to its method: use the new one's
-            config.sampler = SamplerConfig()
-    if args.network:
-        config.network.name = args.network
-    flags = {
-        "data.source": args.data,
-        "data.class_name": args.class_name,
-        "train.steps": args.steps,
-        "train.images": args.images,
-        "train.time_limit": args.time_limit,
-        "train.batch_size": args.batch_size,
-        "train.seed": args.seed,
-        "train.device": args.device,
-        "train.checkpoint_every": args.checkpoint_every,
-        "sampler.name": args.sampler,
-    }
-    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    return validate(apply_overrides(config, overrides + args.set))
-
-
-RESUMABLE = {
-    "train.steps",
-    "train.images",
-    "train.time_limit",
-    "train.device",
-    "train.checkpoint_every",
-}
-
-
-def _resume_config(args: argparse.Namespace):
-    """The run's own config; only its length (and device) may change when resuming."""
-    from difflab.config import apply_overrides, load_json, validate
-    from difflab.train.rundir import check_existing_run_dir
-
-    run_dir = Path(args.resume)
-    check_existing_run_dir(run_dir)
-    config = load_json(run_dir / "config.json")
-    changed = {
-        "--preset": args.preset != "tutorial" and args.preset_given,
-        "--data": args.data,
-        "--class": args.class_name,
-        "--batch-size": args.batch_size,
-        "--seed": args.seed,
-        "--method": args.method and args.method != config.method.name,
-        "--network": args.network and args.network != config.network.name,
-        "--out": args.out and Path(args.out) != run_dir,
-        "--init": args.init,
-    }
-    for flag, value in changed.items():
-        if value:
-            raise DifflabError(
-                f"{flag} cannot change when resuming {run_dir}; only --steps, --images, "
-                "--time-limit and --device can (start a new run for the rest)"
-            )
-    for item in args.set:
-        if item.partition("=")[0].strip() not in RESUMABLE:
-            raise DifflabError(
-                f"--set {item}: only {', '.join(sorted(RESUMABLE))} can change on --resume"
-            )
-    flags = {
-        "train.steps": args.steps,
-        "train.images": args.images,
-        "train.time_limit": args.time_limit,
-        "train.device": args.device,
-        "train.checkpoint_every": args.checkpoint_every,
-    }
-    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    return validate(apply_overrides(config, overrides + args.set)), run_dir
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from difflab.data import load_images
-    from difflab.devices import resolve_device
-    from difflab.registry import build_method, build_network, build_sampler
-    from difflab.train.rundir import check_new_run_dir
-    from difflab.train.trainer import Interrupted, train
-
-    if args.resume:
-        config, run_dir = _resume_config(args)
-    else:
-        config = _train_config(args)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(args.out or f"runs/{config.preset}-{stamp}")
-    # Build everything that can be wrong with the config before touching data or disk.
-    method = build_method(config)
-    build_network(config)
-    build_sampler(method, config.sampler)
-    resolve_device(config.train.device)
-    if not args.resume:
-        check_new_run_dir(run_dir)
-    if args.init and not Path(args.init).exists():
-        raise DifflabError(
-            f"--init {args.init} does not exist; give an exported .safetensors or a run directory"
-        )
-    class_is_default = not args.resume and args.class_name is None
-    data = load_images(
-        config.data.source,
-        config.data.class_name,
-        config.data.image_size,
-        class_is_default=class_is_default,
-    )
-    if not data.class_names and config.data.class_name is not None:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, class_name=None))
-    log.info("data: %d images from %s", len(data.images), data.source)
-    if len(data.images) < config.train.batch_size:
-        log.warning(
-            "the data set (%d images) is smaller than the batch (%d)",
-            len(data.images),
-            config.train.batch_size,
-        )
-    try:
-        result = train(
-            config,
-            run_dir,
-            resume=bool(args.resume),
-            init=Path(args.init) if args.init else None,
-            data=data,
-            progress=not args.no_progress,
-        )
-    except Interrupted as stop:
-        print(
-            f"difflab: stopped by {stop} at step {stop.result.step}; checkpoint saved. "
-            f"Resume with: difflab train --resume {run_dir}",
-            file=sys.stderr,
-        )
-        return 128 + stop.signum
-    if result.stopped_by == "already-done":
-        print(
-            f"{run_dir} already reached its length (step {result.step}, "
-            f"{result.images_seen} images); pass a larger --steps to extend it"
-        )
-    else:
-        print(
-            f"trained {run_dir} to step {result.step} ({result.images_seen} images, "
-            f"stopped by {result.stopped_by}, loss {result.loss:.4f}); pictures in {run_dir}/pictures"
-        )
-    return 0
-
-
 # --------------------------------------------------------------------------- sample
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
     from difflab.api import load_run
+    from difflab.classes import class_rows
     from difflab.io import check_output_folder
     from difflab.sampling import strip_indices
     from difflab.viz import save_gif, save_grid, save_images, save_strip
@@ -199,32 +48,63 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     options = {k: v for k, v in (("eta", args.eta), ("grid", args.grid)) if v is not None}
     plan = run.plan(args.sampler, args.steps, **options)
-    record = GIF_IMAGES if args.strip or args.gif else 0
-    written, evaluations = 0, 0
-    first = None
+    rows = _class_rows(run, args.label, args.num)  # images per class row of the pictures, or None
+    if run.class_names and args.label is None:
+        log.info("sampling p(x) without a class; --label NAME (or all) asks for one")
+    grid_size = len(run.class_names) * min(rows, 8) if rows else min(args.num, 64)
+    record = (
+        (len(run.class_names) * min(rows, 2) if rows else GIF_IMAGES)
+        if args.gif or args.strip
+        else 0
+    )
+    kept, evaluations, frames = [], 0, None
+    bar = tqdm(total=args.num, desc="sampling", unit="img", disable=args.quiet)
     for start in range(0, args.num, args.batch_size):
         count = min(args.batch_size, args.num - start)
         result = run.generate(
-            count, args.seed, plan=plan, batch_size=count, start=start, record=record
-        )
+            count, args.seed, label=args.label, guidance=args.guidance, plan=plan,
+            batch_size=count, start=start, record=record,
+        )  # fmt: skip
+        frames = frames if frames is not None else result.frames
         record = 0  # the first batch's first images only
         save_images(result.images, out, start_index=start)
-        written += count
+        kept.append(result.images[: max(grid_size - start, 0)])
         evaluations = result.evaluations
-        if start == 0:
-            first = result
-        print(f"\rsampled {written}/{args.num}", end="", file=sys.stderr)
-    print(file=sys.stderr)
-    save_grid(first.images[:64], out / "grid.png")
+        bar.update(count)
+    bar.close()
+    grid = torch.cat(kept)
+    if rows:  # one class per row
+        grid = class_rows(grid, len(run.class_names))[0]
+        frames = (
+            None
+            if frames is None
+            else torch.stack([class_rows(f, len(run.class_names))[0] for f in frames])
+        )
+    save_grid(grid, out / "grid.png", nrow=min(rows, 8) if rows else None)
     if args.strip:
-        save_strip(first.frames[1:, 0][strip_indices(plan.num_steps)], out / "strip.png")
+        save_strip(frames[1:, 0][strip_indices(plan.num_steps)], out / "strip.png")
     if args.gif:
-        save_gif(first.frames, out / "reverse-process.gif")
+        save_gif(frames, out / "reverse-process.gif", nrow=min(rows, 2) if rows else None)
+    guided = f", label {args.label}, guidance {args.guidance or run.config.sampler.guidance:g}"
     print(
-        f"wrote {written} images to {out} (sampler {plan.name}, {plan.num_steps} steps, "
-        f"{evaluations} network evaluations per image, step {run.step} weights)"
+        f"wrote {args.num} images to {out} (sampler {plan.name}, {plan.num_steps} steps, "
+        f"{evaluations} network evaluations per image, step {run.step} weights"
+        f"{guided if args.label is not None else ''})"
     )
     return 0
+
+
+def _class_rows(run, label: str | None, num: int) -> int | None:
+    """Images per class with ``--label all`` (which needs a multiple of the class count)."""
+    if label is None or label.strip().lower() != "all" or not run.class_names:
+        return None
+    count = len(run.class_names)
+    if num % count:
+        raise DifflabError(
+            f"--label all gives every class the same number of images: make --num a multiple "
+            f"of {count} (e.g. {max(count, num - num % count)})"
+        )
+    return num // count
 
 
 # --------------------------------------------------------------------------- presets, export
@@ -291,44 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="train a model (or resume one)")
-    train.add_argument(
-        "--preset", default=None, help="preset name or .toml file (default: tutorial)"
-    )
-    train.add_argument("--data", help="cifar10 (download) or an image folder")
-    train.add_argument("--class", dest="class_name", help="class name or index to train on")
-    train.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
-    train.add_argument("--steps", type=_train_option("steps", low=1), help="total optimizer steps")
-    train.add_argument("--images", type=_train_option("images", low=1), help="total images")
-    train.add_argument(
-        "--time-limit",
-        type=_train_option("time_limit", low_open=True),
-        help="minutes of training in this invocation",
-    )
-    train.add_argument("--batch-size", type=_train_option("batch_size"))
-    train.add_argument("--seed", type=SEED)
-    train.add_argument("--method", help="tutorial, ddpm, ddpm-cosine, flow or edm")
-    train.add_argument("--network", help="tutorial, tutorial-keras or unet")
-    train.add_argument("--sampler", help="sampler for the pictures (default: the method's)")
-    train.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
-    train.add_argument(
-        "--checkpoint-every", type=_train_option("checkpoint_every"), help="steps between them"
-    )
-    train.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config value"
-    )
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue this run")
-    train.add_argument(
-        "--init", metavar="FILE", help="start from exported weights (or a run directory)"
-    )
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.set_defaults(func=cmd_train)
+    from difflab.cli_eval import add_eval_commands
+    from difflab.cli_train import add_train_command
+
+    add_train_command(sub)
 
     sample = sub.add_parser("sample", help="sample images from a run")
     sample.add_argument("run_dir", help="run directory or exported .safetensors")
     sample.add_argument("--num", type=Bounded(int, Limits(low=1, high=MAX_IMAGES)), default=16)
     sample.add_argument("--out", required=True, help="folder for 00000.png, ... and grid.png")
     sample.add_argument("--seed", type=SEED, default=0)
+    sample.add_argument("--label", help="a class name or index, or all (conditional runs)")
+    sample.add_argument("--guidance", type=GUIDANCE, help="classifier-free guidance w (1: plain)")
     sample.add_argument(
         "--batch-size", type=Bounded(int, Limits(low=1, high=MAX_SAMPLE_BATCH)), default=64
     )
@@ -358,8 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     export.add_argument("--checkpoint", help="a checkpoint folder of the run (default: newest)")
     export.set_defaults(func=cmd_export)
-
-    from difflab.cli_eval import add_eval_commands
 
     add_eval_commands(sub)
     return parser

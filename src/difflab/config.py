@@ -13,146 +13,60 @@ import re
 import sys
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from difflab.errors import DifflabError
-from difflab.limits import MAX_BATCH, MAX_IMAGES, MAX_SAMPLER_STEPS, MAX_STEPS, setting
+from difflab.schema import (
+    COMPILE_MODES,
+    CONFIG_VERSION,
+    METHOD_SECTIONS,
+    Config,
+    DataConfig,
+    DDPMMethod,
+    EDMMethod,
+    FlowMethod,
+    MethodConfig,
+    NetworkConfig,
+    SamplerConfig,
+    TrainConfig,
+    TutorialMethod,
+    UNetOptions,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-CONFIG_VERSION = 1
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-@dataclass
-class DataConfig:
-    source: str = "cifar10"  # "cifar10" or a path to an image folder
-    class_name: str | None = None  # class name or index; None = all images
-    image_size: int = setting(32, low=8, high=512)
-    hflip: bool = True  # random horizontal flips while training
-
-
-@dataclass
-class UNetOptions:
-    """Options of the modern U-Net (``network.name = "unet"``); see ``difflab.models.unet``."""
-
-    channels: int = setting(64, low=2, high=2048)
-    channel_mult: list[int] = setting([1, 2, 2], low=1, high=64, min_length=1)
-    num_blocks: int = setting(2, low=1, high=64)
-    attention_resolutions: list[int] = setting([8], low=1, high=512)
-    dropout: float = setting(0.0, low=0, high=1, high_open=True)
-    embedding: str = setting("fourier", choices=("fourier", "positional"))
-    conditioning: str = setting("scale-shift", choices=("scale-shift", "additive"))
-    num_heads: int = setting(1, low=1, high=256)
-    num_classes: int = setting(0, low=0, high=100_000)
-
-
-@dataclass
-class NetworkConfig:
-    name: str = "unet"  # "tutorial", "tutorial-keras" or "unet"
-    unet: UNetOptions = field(default_factory=UNetOptions)
-
-
-@dataclass
-class MethodConfig:
-    name: str = "edm"  # "tutorial", "ddpm", "ddpm-cosine", "flow" or "edm"
-    prediction: str = setting("eps", choices=("eps", "x0", "v"))  # ddpm
-    num_timesteps: int = setting(1000, low=1, high=100_000)  # ddpm
-    beta_start: float = setting(1e-4, low=0, high=1, low_open=True, high_open=True)
-    beta_end: float = setting(0.02, low=0, high=1, low_open=True, high_open=True)
-    min_snr_gamma: float = setting(0.0, low=0)  # ddpm: 0 = plain MSE, else min-SNR weighting
-    time_distribution: str = setting(  # flow
-        "uniform", choices=("uniform", "logit-normal", "log-normal")
-    )
-    logit_mean: float = setting(0.0)
-    logit_std: float = setting(1.0, low=0, low_open=True)
-    p_mean: float = setting(-1.2)  # edm and flow "log-normal": ln(sigma) ~ N(p_mean, p_std^2)
-    p_std: float = setting(1.2, low=0, low_open=True)
-    sigma_data: float = setting(0.5, low=0, low_open=True)  # edm
-    sigma_min: float = setting(0.002, low=0, low_open=True)
-    sigma_max: float = setting(80.0, low=0, low_open=True)
-    num_levels: int = setting(16, low=1, high=1000)  # tutorial
-    stratified: bool = False  # spread the batch's noise levels evenly over their distribution
-
-
-@dataclass
-class SamplerConfig:
-    name: str = ""  # empty: the method's default sampler
-    steps: int = setting(0, low=0, high=MAX_SAMPLER_STEPS)  # 0: the method's default
-    eta: float = setting(0.0, low=0, high=1)  # ddim
-    clip_x0: bool = False  # ancestral, ddim: clip the x0 estimate to [-1, 1] (Ho et al. 2020)
-    variance: str = setting("small", choices=("small", "large"))  # ancestral: beta_tilde or beta
-    grid: str = setting("default", choices=("default", "edm"))  # edm: rho-spaced in sigma/alpha
-    rho: float = setting(7.0, low=0, low_open=True, high=1000)
-    s_churn: float = setting(40.0, low=0)  # edm-stochastic
-    s_tmin: float = setting(0.05, low=0)
-    s_tmax: float = setting(50.0, low=0, finite=False)
-    s_noise: float = setting(1.003, low=0)
-
-
-@dataclass
-class TrainConfig:
-    batch_size: int = setting(64, low=1, high=MAX_BATCH)  # global (split across processes)
-    accumulation: int = setting(1, low=1, high=MAX_BATCH)  # micro-batches per optimizer step
-    batching: str = setting("random", choices=("random", "epochs"))  # with replacement, passes
-    steps: int = setting(10_000, low=0, high=MAX_STEPS)  # total optimizer steps (0 = no limit)
-    images: int = setting(0, low=0, high=MAX_STEPS * MAX_BATCH)  # total images (0 = no limit)
-    time_limit: float = setting(0.0, low=0, high=10**6)  # minutes of this invocation (0 = none)
-    seed: int = setting(0, low=0, high=2**63 - 1)
-    optimizer: str = setting("adam", choices=("adam", "adamw", "sgd"))  # sgd: momentum betas[0]
-    lr: float = setting(1e-3, low=0, low_open=True)
-    betas: list[float] = setting([0.9, 0.999], low=0, high=1, high_open=True, length=2)
-    weight_decay: float = setting(0.0, low=0)
-    lr_schedule: str = setting("constant", choices=("constant", "rounds", "cosine"))
-    warmup_steps: int = setting(0, low=0, high=MAX_STEPS)
-    round_steps: int = setting(2000, low=1, high=MAX_STEPS)  # "rounds": lr *= round_decay
-    round_decay: float = setting(0.9, low=0, high=1, low_open=True)
-    cosine_steps: int = setting(100_000, low=1, high=MAX_STEPS)  # "cosine": its horizon
-    min_lr: float = setting(1e-6, low=0)
-    grad_clip: float = setting(0.0, low=0)  # max global gradient norm; 0 = off
-    ema_halflife_kimg: float = setting(500.0, low=0)  # 0 = no EMA (Karras et al. 2022: 500k)
-    ema_rampup: float = setting(0.05, low=0)  # half-life at most this fraction of images seen
-    checkpoint_every: int = setting(500, low=1, high=MAX_STEPS)  # steps
-    keep_last: int = setting(2, low=1, high=10_000)  # rolling checkpoints kept
-    snapshot_every: int = setting(0, low=0, high=MAX_STEPS)  # steps; kept forever (0 = none)
-    sample_every_kimg: float = setting(50.0, low=0)  # pictures every this many kimg (0 = end)
-    num_preview: int = setting(25, low=1, high=100)  # images in the preview grids
-    log_every: int = setting(20, low=1, high=MAX_STEPS)  # steps between log rows
-    eval_every_kimg: float = setting(0.0, low=0)  # FID/KID every this many kimg (0 = off)
-    eval_num: int = setting(500, low=2, high=MAX_IMAGES)
-    eval_ref: str = ""  # REF.npz from difflab ref (needed when eval_every_kimg > 0)
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
-    precision: str = setting("auto", choices=("auto", "fp32", "bf16"))  # auto: devices.py
-    compile: bool = False
-    compile_mode: str = setting("default", choices=COMPILE_MODES)  # torch.compile's mode
-    channels_last: bool = False
-    fused_optimizer: bool = True  # Adam/AdamW's fused CUDA kernel (no effect on the CPU)
-
-
-@dataclass
-class Config:
-    preset: str = "custom"
-    description: str = ""
-    data: DataConfig = field(default_factory=DataConfig)
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    world_size: int = setting(1, low=1, high=MAX_STEPS)  # processes of the last training run
-    version: int = CONFIG_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
+# The schema's classes are re-exported: difflab.config is where configs come from.
+__all__ = [
+    "COMPILE_MODES",
+    "CONFIG_VERSION",
+    "METHOD_SECTIONS",
+    "Config",
+    "DDPMMethod",
+    "DataConfig",
+    "EDMMethod",
+    "FlowMethod",
+    "MethodConfig",
+    "NetworkConfig",
+    "SamplerConfig",
+    "TrainConfig",
+    "TutorialMethod",
+    "UNetOptions",
+    "apply_overrides",
+    "from_dict",
+    "load_json",
+    "load_preset",
+    "parse_value",
+    "preset_names",
+    "save_json",
+    "upgrade",
+    "validate",
+]
 
 # --------------------------------------------------------------------------- building
 
@@ -206,9 +120,14 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
+        hint = _moved_to(cls, unknown[0], prefix)
         raise DifflabError(
-            f"unknown setting {prefix}{unknown[0]}; known settings in "
-            f"{prefix.rstrip('.') or 'the config'}: {', '.join(sorted(known))}"
+            f"unknown setting {prefix}{unknown[0]}; "
+            + (
+                f"it is {hint} now"
+                if hint
+                else f"known settings in {prefix.rstrip('.') or 'the config'}: {', '.join(sorted(known))}"
+            )
         )
     kwargs = {}
     for name, value in values.items():
@@ -218,6 +137,17 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         else:
             kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
     return cls(**kwargs)
+
+
+def _moved_to(cls: type, name: str, prefix: str) -> str | None:
+    """Where a setting called ``name`` lives one level down (``method.prediction`` became
+    ``method.ddpm.prediction``), if it does."""
+    hints = typing.get_type_hints(cls)
+    for item in fields(cls):
+        inner = hints[item.name]
+        if dataclasses.is_dataclass(inner) and name in {f.name for f in fields(inner)}:
+            return f"{prefix}{item.name}.{name}"
+    return None
 
 
 def from_dict(values: dict[str, Any]) -> Config:
@@ -300,7 +230,10 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
                 raise DifflabError(f"unknown setting {key.strip()}; see config.json of a run")
             node = node[part]
         if leaf not in node or isinstance(node[leaf], dict):
-            raise DifflabError(f"unknown setting {key.strip()}; see config.json of a run")
+            moved = [f"{key.strip().rpartition(leaf)[0]}{name}.{leaf}" for name, inner in node.items()
+                     if isinstance(inner, dict) and leaf in inner]  # fmt: skip
+            hint = f"it is {moved[0]} now" if moved else "see config.json of a run"
+            raise DifflabError(f"unknown setting {key.strip()}; {hint}")
         node[leaf] = parse_value(raw.strip())
     return from_dict(values)
 
@@ -313,14 +246,16 @@ def _check(condition: bool, message: str) -> None:
         raise DifflabError(message)
 
 
-def check_limits(section: Any, prefix: str = "") -> None:
-    """Every field of a config (section) against its declared limits, naming the key."""
+def check_limits(section: Any, prefix: str = "", skip: frozenset[str] = frozenset()) -> None:
+    """Every field of a config (section) against its declared limits, naming the key; the
+    sections named in ``skip`` (e.g. another method's options) are not read."""
     for item in fields(section):
-        value = getattr(section, item.name)
+        key, value = f"{prefix}{item.name}", getattr(section, item.name)
         if dataclasses.is_dataclass(value):
-            check_limits(value, f"{prefix}{item.name}.")
+            if key not in skip:
+                check_limits(value, f"{key}.", skip)
         elif "limits" in item.metadata:
-            item.metadata["limits"].check(value, f"{prefix}{item.name}")
+            item.metadata["limits"].check(value, key)
 
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -328,10 +263,12 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 def validate(config: Config) -> Config:
     """Declared limits, then what relates settings to each other (names of methods, networks
-    and samplers are checked when the registry builds them)."""
+    and samplers are checked when the registry builds them). Of the method options, only the
+    chosen method's section is checked: the others are not used."""
     t, m = config.train, config.method
     _check(config.version == CONFIG_VERSION, f"config version {config.version} is not supported")
-    check_limits(config)
+    unused = frozenset(f"method.{name}" for name in set(METHOD_SECTIONS.values()) - {m.section})
+    check_limits(config, skip=unused)
     _check(
         _DEVICE.fullmatch(t.device) is not None,
         f"unknown device {t.device!r}; use auto, cpu, cuda, cuda:N or mps",
@@ -350,13 +287,15 @@ def validate(config: Config) -> Config:
         t.eval_every_kimg == 0 or t.eval_ref.endswith(".npz"),
         "train.eval_every_kimg needs train.eval_ref=REF.npz (make one with difflab ref)",
     )
+    d, e = m.ddpm, m.edm
     _check(
-        m.beta_start < m.beta_end,
-        f"method.beta_start ({m.beta_start}) must be below method.beta_end ({m.beta_end})",
+        m.section != "ddpm" or d.beta_start < d.beta_end,
+        f"method.ddpm.beta_start ({d.beta_start}) must be below method.ddpm.beta_end "
+        f"({d.beta_end})",
     )
     _check(
-        m.sigma_min < m.sigma_max,
-        f"method.sigma_min ({m.sigma_min}) must be below method.sigma_max ({m.sigma_max})",
+        m.section != "edm" or e.sigma_min < e.sigma_max,
+        f"method.edm.sigma_min ({e.sigma_min}) must be below method.edm.sigma_max ({e.sigma_max})",
     )
     return config
 
@@ -365,6 +304,27 @@ def save_json(config: Config, path: Path) -> None:
     from difflab.io import atomic_write_text
 
     atomic_write_text(path, config.to_json() + "\n")
+
+
+def upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """A stored config of an earlier version in this version's layout (runs and exports stay
+    readable): version 1 kept every method's options side by side in ``method``."""
+    if values.get("version") == 1 and isinstance(values.get("method"), dict):
+        flat = dict(values["method"])
+        method = {key: flat.pop(key) for key in ("name", "stratified") if key in flat}
+        for section, cls in _METHOD_CLASSES.items():
+            names = {item.name for item in fields(cls)}
+            method[section] = {key: flat[key] for key in names & set(flat)}
+        values = {**values, "method": method, "version": 2}
+    return values
+
+
+_METHOD_CLASSES = {
+    "tutorial": TutorialMethod,
+    "ddpm": DDPMMethod,
+    "flow": FlowMethod,
+    "edm": EDMMethod,
+}
 
 
 def load_json(path: Path) -> Config:
@@ -381,6 +341,7 @@ def load_json(path: Path) -> Config:
             f"{path} is not a difflab config (no version number): this folder was not written "
             "by difflab train"
         )
+    values = upgrade(values)
     version = values["version"]
     if version != CONFIG_VERSION:
         raise DifflabError(

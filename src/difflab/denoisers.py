@@ -230,8 +230,8 @@ class Denoiser(nn.Module):
         return self.to_x0_eps(self.raw(x, t, labels), x, t)
 
     def bind(self, labels: Tensor | None, guidance: float = 1.0) -> Denoiser:
-        """This denoiser with class labels (one per image) and a guidance weight bound, for
-        samplers that call ``denoiser(x, t)``; unchanged when there are no labels."""
+        """This denoiser with class labels (one per image, -1 for "no class") and a guidance
+        weight bound, for samplers that call ``denoiser(x, t)``; itself when there are none."""
         return self if labels is None else Guided(self, labels, guidance)
 
 
@@ -246,14 +246,14 @@ class Guided(Denoiser):
 
     def __init__(self, base: Denoiser, labels: Tensor, guidance: float = 1.0) -> None:
         super().__init__(base.net, base.process, base.parameterization)
-        self.labels, self.guidance = labels, float(guidance)
+        self.base, self.labels, self.guidance = base, labels, float(guidance)
 
     def raw(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None) -> Tensor:
         t, labels = times_like(t, x), self.labels.to(x.device)
         if self.guidance in (0.0, 1.0):  # one branch only
-            return super().raw(x, t, labels if self.guidance else torch.full_like(labels, -1))
+            return self.base.raw(x, t, labels if self.guidance else torch.full_like(labels, -1))
         # One network call on the doubled batch: conditional half, then unconditional half.
-        both = super().raw(
+        both = self.base.raw(
             torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, -1)])
         )
         cond, uncond = both.chunk(2)

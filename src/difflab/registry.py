@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab import samplers as S
-from difflab.config import Config, MethodConfig, NetworkConfig, SamplerConfig
+from difflab.config import Config, FlowMethod, MethodConfig, NetworkConfig, SamplerConfig
 from difflab.denoisers import (
     Denoiser,
     EDMPreconditioning,
@@ -101,15 +101,16 @@ class Method:
 
 
 def _tutorial(m: MethodConfig) -> Method:
-    process = TutorialPath(num_levels=m.num_levels)
+    num_levels = m.tutorial.num_levels
+    process = TutorialPath(num_levels=num_levels)
     levels = process.time_bar[:-1]  # t for k = 0..num_levels-1: never the clean end
     return Method(
         "tutorial",
         process,
-        NextStepPrediction(process, step=1.0 / m.num_levels),
+        NextStepPrediction(process, step=1.0 / num_levels),
         Objective(discrete_times(levels), norm="l1", stratified=m.stratified),
         default_sampler="tutorial",
-        default_steps=m.num_levels,
+        default_steps=num_levels,
     )
 
 
@@ -121,54 +122,56 @@ PREDICTIONS: dict[str, Callable[[], Parameterization]] = {
 
 
 def _ddpm(m: MethodConfig, schedule: str = "linear") -> Method:
-    if m.prediction not in PREDICTIONS:
-        raise _unknown("DDPM prediction (method.prediction)", m.prediction, PREDICTIONS)
+    d = m.ddpm
+    if d.prediction not in PREDICTIONS:
+        raise _unknown("DDPM prediction (method.ddpm.prediction)", d.prediction, PREDICTIONS)
     process = DDPMSchedule(
-        num_timesteps=m.num_timesteps,
+        num_timesteps=d.num_timesteps,
         schedule=schedule,
-        beta_start=m.beta_start,
-        beta_end=m.beta_end,
+        beta_start=d.beta_start,
+        beta_end=d.beta_end,
     )
-    steps = torch.arange(1, m.num_timesteps + 1, dtype=torch.float64) / m.num_timesteps
+    steps = torch.arange(1, d.num_timesteps + 1, dtype=torch.float64) / d.num_timesteps
     objective = Objective(
-        discrete_times(steps), norm="l2", min_snr_gamma=m.min_snr_gamma, stratified=m.stratified
+        discrete_times(steps), norm="l2", min_snr_gamma=d.min_snr_gamma, stratified=m.stratified
     )
     return Method(
         "ddpm" if schedule == "linear" else "ddpm-cosine",
         process,
-        PREDICTIONS[m.prediction](),
+        PREDICTIONS[d.prediction](),
         objective,
         default_sampler="ancestral",
-        default_steps=m.num_timesteps,
+        default_steps=d.num_timesteps,
     )
 
 
-def _flow_times(m: MethodConfig, process: ForwardProcess):
-    if m.time_distribution == "uniform":
+def _flow_times(f: FlowMethod, process: ForwardProcess):
+    if f.time_distribution == "uniform":
         return uniform_times(0.0, 1.0)
-    if m.time_distribution == "logit-normal":
-        return logit_normal_times(m.logit_mean, m.logit_std)
-    if m.time_distribution == "log-normal":
-        return log_normal_sigma_times(process, m.p_mean, m.p_std)
+    if f.time_distribution == "logit-normal":
+        return logit_normal_times(f.logit_mean, f.logit_std)
+    if f.time_distribution == "log-normal":
+        return log_normal_sigma_times(process, f.p_mean, f.p_std)
     raise _unknown(
-        "time distribution (method.time_distribution)",
-        m.time_distribution,
+        "time distribution (method.flow.time_distribution)",
+        f.time_distribution,
         ["uniform", "logit-normal", "log-normal"],
     )
 
 
 def _flow(m: MethodConfig) -> Method:
     process = LinearPath()
-    objective = Objective(_flow_times(m, process), norm="l2", stratified=m.stratified)
+    objective = Objective(_flow_times(m.flow, process), norm="l2", stratified=m.stratified)
     return Method("flow", process, VelocityPrediction(), objective, "heun", 18)
 
 
 def _edm(m: MethodConfig) -> Method:
-    process = EDMSchedule(sigma_min=m.sigma_min, sigma_max=m.sigma_max)
+    e = m.edm
+    process = EDMSchedule(sigma_min=e.sigma_min, sigma_max=e.sigma_max)
     objective = Objective(
-        log_normal_sigma_times(process, m.p_mean, m.p_std), norm="l2", stratified=m.stratified
+        log_normal_sigma_times(process, e.p_mean, e.p_std), norm="l2", stratified=m.stratified
     )
-    return Method("edm", process, EDMPreconditioning(m.sigma_data), objective, "edm", 18)
+    return Method("edm", process, EDMPreconditioning(e.sigma_data), objective, "edm", 18)
 
 
 METHODS: dict[str, Callable[[MethodConfig], Method]] = {

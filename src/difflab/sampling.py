@@ -50,10 +50,12 @@ def generate(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     labels: Tensor | None = None,
+    guidance: float = 1.0,
     record: bool | int = False,
     progress: bool = False,
 ) -> Generated:
-    """Sample ``len(seeds)`` images (``labels``: one class per image, bound into the denoiser).
+    """Sample ``len(seeds)`` images; ``labels`` (one class per image, -1 for none) and the
+    guidance weight are bound into the denoiser batch by batch (``Denoiser.bind``).
 
     ``record`` keeps every intermediate state of the first ``record`` images (``True``: all), as
     uint8 pictures on the host, for strips and GIFs: 3 KB per 32x32 image and step, so memory
@@ -72,7 +74,8 @@ def generate(
             chunk = seeds[start : start + batch_size]
             rng = SampleNoise(chunk, device)
             noise = rng.randn(shape) * scale
-            bound = denoiser.bind(None if labels is None else labels[start : start + len(chunk)])
+            chunk_labels = None if labels is None else labels[start : start + len(chunk)]
+            bound = denoiser.bind(chunk_labels, guidance)
             kept = max(min(keep_images - start, len(chunk)), 0)
             states = [to_uint8(noise[:kept])] if kept else None
 

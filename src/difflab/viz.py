@@ -67,15 +67,20 @@ def save_strip(frames: torch.Tensor, path: str | Path, labels: Sequence[str] | N
 
 
 def save_gif(
-    frames: torch.Tensor, path: str | Path, duration_ms: int = 120, scale: int = 4
+    frames: torch.Tensor,
+    path: str | Path,
+    duration_ms: int = 120,
+    scale: int = 4,
+    nrow: int | None = None,
 ) -> Path:
-    """Save [F, C, H, W] frames (or [F, N, C, H, W]: a grid per frame) as a looping GIF.
+    """Save [F, C, H, W] frames (or [F, N, C, H, W]: a grid of ``nrow`` per row per frame) as a
+    looping GIF.
 
     Each frame shows for `duration_ms`, the last one longer. Pillow merges identical
     consecutive frames into one with their summed duration.
     """
     if frames.dim() == 5:
-        pictures = [_grid(frame) for frame in frames]
+        pictures = [_grid(frame, nrow) for frame in frames]
     elif frames.dim() == 4:
         pictures = [_to_pil(frame) for frame in to_uint8(frames)]
     else:

@@ -1,7 +1,8 @@
 """Raw denoising networks: `forward(x, noise_condition, labels=None) -> tensor like x`.
 
 Networks know nothing about noise schedules; the condition is whatever float the
-training objective feeds them.
+training objective feeds them. Each says how many classes it takes in `num_classes`
+(0: unconditional); a label of -1 means "no class".
 """
 
 from __future__ import annotations

@@ -66,6 +66,8 @@ class TutorialUNet(nn.Module):
     unconditional: `labels` must be None. Inputs must be `image_size` x `image_size`.
     """
 
+    num_classes = 0  # what every difflab network says: the classes it takes (0: none)
+
     def __init__(self, image_channels: int = 3, image_size: int = 32, variant: str = "pytorch"):
         super().__init__()
         if variant not in VARIANTS:

@@ -208,6 +208,7 @@ class UNet(nn.Module):
                 f"{resolutions}; pick from those"
             )
         self.config = cfg
+        self.num_classes = cfg.num_classes  # the classes it takes (0: unconditional)
         self.image_channels = image_channels
         self.image_size = image_size
         ch, emb_dim = cfg.channels, 4 * cfg.channels

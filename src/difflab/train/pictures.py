@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from difflab.classes import class_rows, labels_for
 from difflab.config import Config
 from difflab.data import ImageSet, to_model_range
 from difflab.objectives import Objective
@@ -61,21 +63,31 @@ class Pictures:
     def preview(
         self, net: nn.Module, images_seen: int, device: torch.device, final: bool = False
     ) -> None:
-        """Samples from fixed seeds, the progress strip of the first, and at the end a GIF."""
-        size = self.config.data.image_size
-        seeds = [
-            derive_seed(PREVIEW_SEED, "preview", i) for i in range(self.config.train.num_preview)
-        ]
+        """Samples from fixed seeds (one row per class for a conditional run, at the run's
+        guidance), the progress strip of the first, and at the end a GIF of them all."""
+        size, count = self.config.data.image_size, self.config.train.num_preview
+        classes = len(self.config.data.class_names)
+        labels, per_row = None, None
+        if classes:  # class i mod C, then rearranged one class per row
+            per_row = math.ceil(count / classes)
+            count = per_row * classes
+            labels = labels_for("all", self.config.data.class_names, count)
+        seeds = [derive_seed(PREVIEW_SEED, "preview", i) for i in range(count)]
         was_training = net.training
         net.eval()
         result = generate(
-            self.method.denoiser(net), self.plan, (3, size, size), seeds, device=device, record=True
-        )
+            self.method.denoiser(net), self.plan, (3, size, size), seeds, device=device,
+            labels=labels, guidance=self.config.sampler.guidance, record=True,
+        )  # fmt: skip
         net.train(was_training)
+        images, frames = result.images, result.frames
+        if classes:
+            images = class_rows(images, classes)[0]
+            frames = torch.stack([class_rows(frame, classes)[0] for frame in frames])
         tag = f"{images_seen // 1000:06d}kimg"
-        save_grid(result.images, self.folder / f"samples-{tag}.png")
-        save_grid(result.images, self.folder / "samples-latest.png")
-        frames = result.frames[1:, 0][strip_indices(self.plan.num_steps)]
-        save_strip(frames, self.folder / f"strip-{tag}.png")
+        save_grid(images, self.folder / f"samples-{tag}.png", nrow=per_row)
+        save_grid(images, self.folder / "samples-latest.png", nrow=per_row)
+        strip = result.frames[1:, 0][strip_indices(self.plan.num_steps)]
+        save_strip(strip, self.folder / f"strip-{tag}.png")
         if final:
-            save_gif(result.frames, self.folder / "reverse-process.gif")
+            save_gif(frames, self.folder / "reverse-process.gif", nrow=per_row)

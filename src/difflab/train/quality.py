@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from difflab.classes import labels_for
 from difflab.config import Config
 from difflab.denoisers import Denoiser
 from difflab.registry import SamplingPlan
@@ -30,7 +31,17 @@ class QualityProbe:
         seeds = [derive_seed(0, "eval", i) for i in range(self.config.train.eval_num)]
         was_training = denoiser.net.training
         denoiser.net.eval()
-        images = generate(denoiser, self.plan, (3, size, size), seeds, device=device).images
+        names = self.config.data.class_names  # a conditional run: equal numbers per class
+        labels = labels_for("all", names, len(seeds)) if names else None
+        images = generate(
+            denoiser,
+            self.plan,
+            (3, size, size),
+            seeds,
+            device=device,
+            labels=labels,
+            guidance=self.config.sampler.guidance,
+        ).images
         denoiser.net.train(was_training)
         features = extract_features(to_uint8(images), self.extractor, progress=False)
         scores = fid_kid(features, self.ref, subset_size=min(1000, len(seeds)))

@@ -1,4 +1,4 @@
-"""The training loop: set up, then one optimizer step after another, in named phases.
+"""The trainer: a run's state, set up once, and its optimizer step.
 
 Randomness is a pure function of (seed, step): the batch indices, flips, noise levels and noise
 of step s come from generators seeded with ``derive_seed(seed, purpose, s)``. So the step
@@ -18,16 +18,13 @@ import contextlib
 import dataclasses
 import logging
 import math
-import signal
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
+from difflab.classes import learn_classes
 from difflab.config import Config, save_json
 from difflab.data import ImageSet, load_images
 from difflab.devices import autocast_dtype, configure, generator, resolve_device, to_device
@@ -48,38 +45,18 @@ from difflab.train.checkpoint import (
     save_checkpoint,
 )
 from difflab.train.ema import make_ema, update_ema
-from difflab.train.logs import TrainLog
-from difflab.train.pictures import Pictures
-from difflab.train.quality import QualityProbe
 from difflab.train.rundir import RunLock, check_existing_run_dir, check_new_run_dir
 from difflab.train.schedule import ema_beta, lr_at
-from difflab.train.signals import StopRequest
 
 log = logging.getLogger("difflab")
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int
-    images_seen: int
-    stopped_by: str  # "steps", "images", "time-limit", "signal", "already-done"
-    loss: float = math.nan
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; a checkpoint was saved."""
-
-    def __init__(self, result: TrainResult, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.result, self.signum = result, signum
-
-
 class Trainer:
-    """Owns the state of one training process.
+    """Owns the state of one training process: data, network, EMA, optimizer, counters.
 
-    ``train_step()`` is one optimizer step (what a benchmark times), ``run()`` the whole loop.
-    Use it as a context manager: leaving it releases the run directory.
+    ``train_step()`` is one optimizer step (what a benchmark times), ``checkpoint()`` saves
+    one; ``difflab.train.loop`` runs the whole loop around them. Use it as a context manager:
+    leaving it releases the run directory.
     """
 
     def __init__(
@@ -104,7 +81,6 @@ class Trainer:
         configure(device)
         self.config = dataclasses.replace(config, world_size=self.world.size)
         self.lock = RunLock(self.run_dir) if self.world.is_main else None
-        self.logbook: TrainLog | None = None
         self._claim_run_dir(resume)
         try:
             self._build(data, init, resume)
@@ -119,9 +95,7 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
-        """Release the run directory and close the logs (idempotent)."""
-        if self.logbook is not None:
-            self.logbook.close()
+        """Release the run directory (idempotent)."""
         if self.lock is not None:
             self.lock.__exit__()
 
@@ -131,6 +105,10 @@ class Trainer:
         data = data or load_images(
             config.data.source, config.data.class_name, config.data.image_size
         )
+        # A conditional run learns the data's classes: the config (and config.json) say which.
+        self.config = config = learn_classes(config, data.class_names, data.source)
+        if self.world.is_main:
+            save_json(config, self.run_dir / "config.json")
         self.labels = data.labels.to(device)
         self.images = data.images.to(device)
         self.data = data
@@ -148,10 +126,10 @@ class Trainer:
         self.step, self.images_seen, self.elapsed = 0, 0, 0.0
         if resume:
             self._load_state()
-        self.conditional = config.network.name == "unet" and config.network.unet.num_classes > 0
+        self.conditional = self.net.num_classes > 0  # the network says whether it takes classes
         self.autocast = self._autocast_dtype()
         self._pending: list[tuple[int, Tensor, Tensor]] = []  # (step, loss, grad norm) on device
-        self._window: list[tuple[float, float]] = []  # read back, not yet in a log row
+        self.window: list[tuple[float, float]] = []  # read back; the loop takes them for a log row
         self.last_loss = math.nan
 
         # What the loop calls: DDP and compile wrap the same parameters.
@@ -166,10 +144,6 @@ class Trainer:
             mode = None if t.compile_mode == "default" else t.compile_mode
             self.train_denoiser = self.method.denoiser(torch.compile(eager, mode=mode))
         self.plan = build_sampler(self.method, config.sampler)
-        if self.world.is_main:
-            self.logbook = TrainLog(self.run_dir, start_step=self.step)
-            self.pictures = Pictures(self.run_dir, self.method, self.plan, config)
-            self.quality = QualityProbe(config, self.plan) if t.eval_every_kimg > 0 else None
 
     # ----------------------------------------------------------------- setup phases
 
@@ -183,7 +157,6 @@ class Trainer:
                 else:
                     check_new_run_dir(self.run_dir)
                 self.lock.__enter__()
-                save_json(self.config, self.run_dir / "config.json")
             except DifflabError as e:
                 error = str(e)
         error = D.broadcast_object(self.world, error)
@@ -267,7 +240,7 @@ class Trainer:
             for what, value in (("loss", loss), ("gradient norm", norm)):
                 if not math.isfinite(value):
                     self._fail_non_finite(what, value, step)
-        self._window += values
+        self.window += values
         self.last_loss = values[-1][0]
         return values
 
@@ -289,6 +262,7 @@ class Trainer:
         gen = generator(device, derive_seed(t.seed, "noise", self.step))
         draw = self.method.objective.draw(total, tuple(self.images.shape[1:]), gen, device)
         flips = torch.rand(total, generator=gen, device=device) < 0.5
+        labels = self._dropped_labels(index, gen) if self.conditional else None
         torch.manual_seed(derive_seed(t.seed, "dropout", self.step, world.rank))
 
         for group in self.optimizer.param_groups:
@@ -306,8 +280,10 @@ class Trainer:
             sync = self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext()
             with sync, self._autocast():
                 x0 = self._batch(index[rows], flips[rows])
-                labels = self.labels[index[rows]] if self.conditional else None
-                per_sample = self.method.objective.loss(self.train_denoiser, x0, draw[rows], labels)
+                mine_labels = None if labels is None else labels[rows]
+                per_sample = self.method.objective.loss(
+                    self.train_denoiser, x0, draw[rows], mine_labels
+                )
                 loss = per_sample.sum() * (world.size / total)
                 loss.backward()
             loss_sum += per_sample.detach().sum()
@@ -316,6 +292,20 @@ class Trainer:
             torch.distributed.all_reduce(loss_sum)
         self.optimizer.step()
         return loss_sum / total, grad_norm.detach().to(loss_sum)
+
+    def _dropped_labels(self, index: Tensor, gen: torch.Generator) -> Tensor:
+        """The batch's labels, each replaced by -1 ("no class") with probability
+        ``train.label_dropout``, so one network learns p(x | class) and p(x) (Ho & Salimans
+        2022, Algorithm 1)."""
+        drop = torch.rand(len(index), generator=gen, device=self.device)
+        return torch.where(drop < self.config.train.label_dropout, -1, self.labels[index])
+
+    def _fail_non_finite(self, what: str, value: float, step: int) -> None:
+        raise DifflabError(
+            f"the {what} became {value} at step {step}; training stopped and the last good "
+            f"checkpoint in {self.run_dir / 'checkpoints'} was kept: lower train.lr or set "
+            "train.grad_clip, then --resume"
+        )
 
     def _batch(self, index: Tensor, flips: Tensor) -> Tensor:
         x0 = self.images[index].float().div_(127.5).sub_(1.0)
@@ -332,120 +322,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
 
-    def _limits_reached(self, started: float) -> str | None:
-        t = self.config.train
-        if t.steps and self.step >= t.steps:
-            return "steps"
-        if t.images and self.images_seen >= t.images:
-            return "images"
-        if t.time_limit and time.monotonic() - started >= t.time_limit * 60:
-            return "time-limit"
-        return None
-
-    def run(self) -> TrainResult:
-        with self:
-            return self._run()
-
-    def _run(self) -> TrainResult:
-        t = self.config.train
-        started = time.monotonic()
-        if self._limits_reached(started):
-            return self._result("already-done", math.nan)
-        if self.world.is_main and self.step == 0:
-            self.pictures.at_start(self.data, self.method.objective)
-        bar = self._progress_bar()
-        self._last_row = (time.monotonic(), self.images_seen)
-        stopped_by = None
-        with StopRequest() as stop:
-            while stopped_by is None:
-                step_start = time.monotonic()
-                previous_images = self.images_seen
-                self.train_step()
-                self.elapsed += time.monotonic() - step_start
-                if self.world.is_main:
-                    bar.update(self._bar_position(started) - bar.n)
-                    if self.step % t.log_every == 0:
-                        self._log(bar)
-                    if self._crossed(previous_images, t.sample_every_kimg):
-                        self._pictures()
-                    if self.quality and self._crossed(previous_images, t.eval_every_kimg):
-                        self._evaluate()
-                stopped_by = self._limits_reached(started)
-                # Ranks agree on stopping: a signal, or a clock that ran out, on any of them.
-                flags = [stop.signum != 0, stopped_by == "time-limit"]
-                signalled, out_of_time = D.any_rank(self.world, flags, self.device)
-                if signalled or out_of_time:
-                    stopped_by = "signal" if signalled else "time-limit"
-                if stopped_by is None and self.step % t.checkpoint_every == 0:
-                    self._checkpoint()
-        bar.close()
-        self._checkpoint()
-        result = self._result(stopped_by, self.last_loss)
-        if stopped_by == "signal":
-            raise Interrupted(result, stop.signum or signal.SIGTERM)
-        if self.world.is_main:
-            self._pictures(final=True)
-        return result
-
-    def _crossed(self, previous_images: int, every_kimg: float) -> bool:
-        if every_kimg <= 0:
-            return False
-        every = every_kimg * 1000
-        return math.floor(self.images_seen / every) > math.floor(previous_images / every)
-
-    def _progress_bar(self) -> tqdm:
-        """Counts whichever limit is meant to end the run: wall clock, steps or images."""
-        t = self.config.train
-        if t.time_limit:
-            total, unit = t.time_limit * 60, "s"
-            layout = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"
-        else:
-            total, unit = (t.steps, "step") if t.steps else (t.images, "img")
-            layout = None
-        return tqdm(
-            total=total or None,
-            initial=0 if t.time_limit else self._bar_position(0.0),
-            unit=unit,
-            desc="training",
-            bar_format=layout,
-            disable=not (self.progress and self.world.is_main),
-            dynamic_ncols=True,
-        )
-
-    def _bar_position(self, started: float) -> float:
-        t = self.config.train
-        if t.time_limit:
-            return min(time.monotonic() - started, t.time_limit * 60)
-        return self.step if t.steps else self.images_seen
-
-    def _fail_non_finite(self, what: str, value: float, step: int) -> None:
-        raise DifflabError(
-            f"the {what} became {value} at step {step}; training stopped and the last good "
-            f"checkpoint in {self.run_dir / 'checkpoints'} was kept: lower train.lr or set "
-            "train.grad_clip, then --resume"
-        )
-
-    def _log(self, bar: tqdm) -> None:
-        self.read_back()
-        window, self._window = self._window, []
-        now, images = time.monotonic(), self.images_seen
-        seconds = max(now - self._last_row[0], 1e-9)
-        row = {
-            "step": self.step,
-            "kimg": images / 1000,
-            "loss": sum(loss for loss, _ in window) / len(window),
-            "lr": lr_at(self.step - 1, self.config.train),
-            "grad_norm": window[-1][1],
-            "images_per_s": (images - self._last_row[1]) / seconds,
-            "ema_loss": self._ema_loss(),
-            "time_s": self.elapsed,
-        }
-        self._last_row = (now, images)
-        self.logbook.write(row)
-        bar.set_postfix(step=self.step, kimg=f"{row['kimg']:.1f}", loss=f"{row['loss']:.4f}")
-
     @torch.no_grad()
-    def _ema_loss(self) -> float:
+    def ema_loss(self) -> float:
         """Loss of the EMA weights on a fixed batch: a less noisy view of progress."""
         if self.ema is None:
             return math.nan
@@ -459,18 +337,10 @@ class Trainer:
                 self.method.objective.loss(self.method.denoiser(self.ema), x0, draw, labels).mean()
             )
 
-    def _evaluate(self) -> None:
+    def checkpoint(self) -> None:
+        """Write a checkpoint of the current step (rank 0), after checking the pending losses:
+        every rank reads them, so a non-finite step stops them all before anything is saved."""
         self.read_back()
-        scores = self.quality.measure(self.method.denoiser(self.ema or self.net), self.device)
-        self.logbook.write({"step": self.step, "kimg": self.images_seen / 1000, **scores})
-
-    def _pictures(self, final: bool = False) -> None:
-        self.read_back()
-        self.pictures.preview(self.ema or self.net, self.images_seen, self.device, final=final)
-        self.logbook.plot()
-
-    def _checkpoint(self) -> None:
-        self.read_back()  # every rank: a non-finite step stops them all before anything is saved
         if not self.world.is_main:
             return
         t = self.config.train
@@ -484,15 +354,3 @@ class Trainer:
         }
         save_checkpoint(self.run_dir, self.step, self.net, self.ema, state)
         prune_checkpoints(self.run_dir, t.keep_last, t.snapshot_every)
-
-    def _result(self, stopped_by: str, loss: float) -> TrainResult:
-        return TrainResult(self.run_dir, self.step, self.images_seen, stopped_by, loss)
-
-
-def train(config: Config, run_dir: Path, **kwargs) -> TrainResult:
-    """Train (or resume) the run in ``run_dir``; see ``Trainer`` for the keyword arguments."""
-    trainer = Trainer(config, run_dir, **kwargs)
-    try:
-        return trainer.run()
-    finally:
-        D.shutdown(trainer.world)

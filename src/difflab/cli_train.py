@@ -1,0 +1,204 @@
+"""``difflab train``: a config from a preset and flags (or a run's own, to resume), then the
+trainer's loop."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from difflab.config import TrainConfig
+from difflab.errors import DifflabError
+from difflab.limits import Bounded
+
+log = logging.getLogger("difflab")
+SEED = Bounded.like(TrainConfig, "seed")
+
+
+def _train_option(name: str, **changes) -> Bounded:
+    return Bounded.like(TrainConfig, name, **changes)
+
+
+def _train_config(args: argparse.Namespace):
+    """Preset, then --method / --network, then the flags, then --set: later wins."""
+    from difflab.config import SamplerConfig, apply_overrides, load_preset, validate
+
+    config = load_preset(args.preset)
+    if args.method:
+        config.method.name = args.method
+        if not args.sampler:  # the preset's sampler belongs to its method: use the new one's
+            config.sampler = SamplerConfig()
+    if args.network:
+        config.network.name = args.network
+    flags = {
+        "data.source": args.data,
+        "data.class_name": args.class_name,
+        "train.steps": args.steps,
+        "train.images": args.images,
+        "train.time_limit": args.time_limit,
+        "train.batch_size": args.batch_size,
+        "train.seed": args.seed,
+        "train.device": args.device,
+        "train.checkpoint_every": args.checkpoint_every,
+        "sampler.name": args.sampler,
+    }
+    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    return validate(apply_overrides(config, overrides + args.set))
+
+
+RESUMABLE = {
+    "train.steps",
+    "train.images",
+    "train.time_limit",
+    "train.device",
+    "train.checkpoint_every",
+}
+
+
+def _resume_config(args: argparse.Namespace):
+    """The run's own config; only its length (and device) may change when resuming."""
+    from difflab.config import apply_overrides, load_json, validate
+    from difflab.train.rundir import check_existing_run_dir
+
+    run_dir = Path(args.resume)
+    check_existing_run_dir(run_dir)
+    config = load_json(run_dir / "config.json")
+    changed = {
+        "--preset": args.preset != "tutorial" and args.preset_given,
+        "--data": args.data,
+        "--class": args.class_name,
+        "--batch-size": args.batch_size,
+        "--seed": args.seed,
+        "--method": args.method and args.method != config.method.name,
+        "--network": args.network and args.network != config.network.name,
+        "--out": args.out and Path(args.out) != run_dir,
+        "--init": args.init,
+    }
+    for flag, value in changed.items():
+        if value:
+            raise DifflabError(
+                f"{flag} cannot change when resuming {run_dir}; only --steps, --images, "
+                "--time-limit and --device can (start a new run for the rest)"
+            )
+    for item in args.set:
+        if item.partition("=")[0].strip() not in RESUMABLE:
+            raise DifflabError(
+                f"--set {item}: only {', '.join(sorted(RESUMABLE))} can change on --resume"
+            )
+    flags = {
+        "train.steps": args.steps,
+        "train.images": args.images,
+        "train.time_limit": args.time_limit,
+        "train.device": args.device,
+        "train.checkpoint_every": args.checkpoint_every,
+    }
+    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    return validate(apply_overrides(config, overrides + args.set)), run_dir
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from difflab.data import load_images
+    from difflab.devices import resolve_device
+    from difflab.registry import build_method, build_network, build_sampler
+    from difflab.train.loop import Interrupted, train
+    from difflab.train.rundir import check_new_run_dir
+
+    if args.resume:
+        config, run_dir = _resume_config(args)
+    else:
+        config = _train_config(args)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.out or f"runs/{config.preset}-{stamp}")
+    # Build everything that can be wrong with the config before touching data or disk.
+    method = build_method(config)
+    build_network(config)
+    build_sampler(method, config.sampler)
+    resolve_device(config.train.device)
+    if not args.resume:
+        check_new_run_dir(run_dir)
+    if args.init and not Path(args.init).exists():
+        raise DifflabError(
+            f"--init {args.init} does not exist; give an exported .safetensors or a run directory"
+        )
+    class_is_default = not args.resume and args.class_name is None
+    data = load_images(
+        config.data.source,
+        config.data.class_name,
+        config.data.image_size,
+        class_is_default=class_is_default,
+    )
+    if not data.class_names and config.data.class_name is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, class_name=None))
+    log.info("data: %d images from %s", len(data.images), data.source)
+    if len(data.images) < config.train.batch_size:
+        log.warning(
+            "the data set (%d images) is smaller than the batch (%d)",
+            len(data.images),
+            config.train.batch_size,
+        )
+    try:
+        result = train(
+            config,
+            run_dir,
+            resume=bool(args.resume),
+            init=Path(args.init) if args.init else None,
+            data=data,
+            progress=not args.no_progress,
+        )
+    except Interrupted as stop:
+        print(
+            f"difflab: stopped by {stop} at step {stop.result.step}; checkpoint saved. "
+            f"Resume with: difflab train --resume {run_dir}",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
+    if result.stopped_by == "already-done":
+        print(
+            f"{run_dir} already reached its length (step {result.step}, "
+            f"{result.images_seen} images); pass a larger --steps to extend it"
+        )
+    else:
+        print(
+            f"trained {run_dir} to step {result.step} ({result.images_seen} images, "
+            f"stopped by {result.stopped_by}, loss {result.loss:.4f}); pictures in {run_dir}/pictures"
+        )
+    return 0
+
+
+def add_train_command(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train a model (or resume one)")
+    train.add_argument(
+        "--preset", default=None, help="preset name or .toml file (default: tutorial)"
+    )
+    train.add_argument("--data", help="cifar10 (download) or an image folder")
+    train.add_argument("--class", dest="class_name", help="class name or index to train on")
+    train.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
+    train.add_argument("--steps", type=_train_option("steps", low=1), help="total optimizer steps")
+    train.add_argument("--images", type=_train_option("images", low=1), help="total images")
+    train.add_argument(
+        "--time-limit",
+        type=_train_option("time_limit", low_open=True),
+        help="minutes of training in this invocation",
+    )
+    train.add_argument("--batch-size", type=_train_option("batch_size"))
+    train.add_argument("--seed", type=SEED)
+    train.add_argument("--method", help="tutorial, ddpm, ddpm-cosine, flow or edm")
+    train.add_argument("--network", help="tutorial, tutorial-keras or unet")
+    train.add_argument("--sampler", help="sampler for the pictures (default: the method's)")
+    train.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    train.add_argument(
+        "--checkpoint-every", type=_train_option("checkpoint_every"), help="steps between them"
+    )
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config value"
+    )
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue this run")
+    train.add_argument(
+        "--init", metavar="FILE", help="start from exported weights (or a run directory)"
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)

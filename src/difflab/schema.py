@@ -1,0 +1,183 @@
+"""The config's schema: typed sections with declared ranges (``difflab.limits``).
+
+``difflab.config`` loads, overrides, checks and stores them; everything else reads them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from difflab.limits import MAX_BATCH, MAX_IMAGES, MAX_SAMPLER_STEPS, MAX_STEPS, setting
+
+CONFIG_VERSION = 2  # 2: one options section per method (1 had them side by side)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class DataConfig:
+    source: str = "cifar10"  # "cifar10" or a path to an image folder
+    class_name: str | None = None  # class name or index; None = all images
+    image_size: int = setting(32, low=8, high=512)
+    hflip: bool = True  # random horizontal flips while training
+    conditional: bool = False  # learn p(x | class) for every class in the data (see classes.py)
+    class_names: list[str] = field(default_factory=list)  # filled by difflab train from the data
+
+
+@dataclass
+class UNetOptions:
+    """Options of the modern U-Net (``network.name = "unet"``); see ``difflab.models.unet``."""
+
+    channels: int = setting(64, low=2, high=2048)
+    channel_mult: list[int] = setting([1, 2, 2], low=1, high=64, min_length=1)
+    num_blocks: int = setting(2, low=1, high=64)
+    attention_resolutions: list[int] = setting([8], low=1, high=512)
+    dropout: float = setting(0.0, low=0, high=1, high_open=True)
+    embedding: str = setting("fourier", choices=("fourier", "positional"))
+    conditioning: str = setting("scale-shift", choices=("scale-shift", "additive"))
+    num_heads: int = setting(1, low=1, high=256)
+    num_classes: int = setting(0, low=0, high=100_000)
+
+
+@dataclass
+class NetworkConfig:
+    name: str = "unet"  # "tutorial", "tutorial-keras" or "unet"
+    unet: UNetOptions = field(default_factory=UNetOptions)
+
+
+@dataclass
+class TutorialMethod:
+    num_levels: int = setting(16, low=1, high=1000)  # the tutorial's time_bar levels
+
+
+@dataclass
+class DDPMMethod:
+    """Options of "ddpm" (linear betas) and "ddpm-cosine" (Nichol & Dhariwal 2021)."""
+
+    prediction: str = setting("eps", choices=("eps", "x0", "v"))
+    num_timesteps: int = setting(1000, low=1, high=100_000)
+    beta_start: float = setting(1e-4, low=0, high=1, low_open=True, high_open=True)  # linear
+    beta_end: float = setting(0.02, low=0, high=1, low_open=True, high_open=True)
+    min_snr_gamma: float = setting(0.0, low=0)  # 0 = plain MSE, else min-SNR weighting (e.g. 5)
+
+
+@dataclass
+class FlowMethod:
+    time_distribution: str = setting("uniform", choices=("uniform", "logit-normal", "log-normal"))
+    logit_mean: float = setting(0.0)  # "logit-normal": t = sigmoid(N(logit_mean, logit_std^2))
+    logit_std: float = setting(1.0, low=0, low_open=True)
+    p_mean: float = setting(-1.2)  # "log-normal": ln(t / (1 - t)) ~ N(p_mean, p_std^2)
+    p_std: float = setting(1.2, low=0, low_open=True)
+
+
+@dataclass
+class EDMMethod:
+    p_mean: float = setting(-1.2)  # ln(sigma) ~ N(p_mean, p_std^2) (Karras et al. 2022)
+    p_std: float = setting(1.2, low=0, low_open=True)
+    sigma_data: float = setting(0.5, low=0, low_open=True)
+    sigma_min: float = setting(0.002, low=0, low_open=True)
+    sigma_max: float = setting(80.0, low=0, low_open=True)
+
+
+#: The options section each method reads.
+METHOD_SECTIONS = {
+    "tutorial": "tutorial",
+    "ddpm": "ddpm",
+    "ddpm-cosine": "ddpm",
+    "flow": "flow",
+    "edm": "edm",
+}
+
+
+@dataclass
+class MethodConfig:
+    """The method's name, what all methods share, and one section of options per method; only
+    the section of the chosen method is read and checked."""
+
+    name: str = "edm"  # "tutorial", "ddpm", "ddpm-cosine", "flow" or "edm"
+    stratified: bool = False  # spread the batch's noise levels evenly over their distribution
+    tutorial: TutorialMethod = field(default_factory=TutorialMethod)
+    ddpm: DDPMMethod = field(default_factory=DDPMMethod)
+    flow: FlowMethod = field(default_factory=FlowMethod)
+    edm: EDMMethod = field(default_factory=EDMMethod)
+
+    @property
+    def section(self) -> str | None:
+        """The name of the options section the chosen method reads."""
+        return METHOD_SECTIONS.get(self.name)
+
+
+@dataclass
+class SamplerConfig:
+    name: str = ""  # empty: the method's default sampler
+    steps: int = setting(0, low=0, high=MAX_SAMPLER_STEPS)  # 0: the method's default
+    eta: float = setting(0.0, low=0, high=1)  # ddim
+    clip_x0: bool = False  # ancestral, ddim: clip the x0 estimate to [-1, 1] (Ho et al. 2020)
+    variance: str = setting("small", choices=("small", "large"))  # ancestral: beta_tilde or beta
+    grid: str = setting("default", choices=("default", "edm"))  # edm: rho-spaced in sigma/alpha
+    rho: float = setting(7.0, low=0, low_open=True, high=1000)
+    s_churn: float = setting(40.0, low=0)  # edm-stochastic
+    s_tmin: float = setting(0.05, low=0)
+    s_tmax: float = setting(50.0, low=0, finite=False)
+    s_noise: float = setting(1.003, low=0)
+    guidance: float = setting(1.0, low=0, high=100)  # classifier-free guidance w (1 = plain)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = setting(64, low=1, high=MAX_BATCH)  # global (split across processes)
+    accumulation: int = setting(1, low=1, high=MAX_BATCH)  # micro-batches per optimizer step
+    batching: str = setting("random", choices=("random", "epochs"))  # with replacement, passes
+    steps: int = setting(10_000, low=0, high=MAX_STEPS)  # total optimizer steps (0 = no limit)
+    images: int = setting(0, low=0, high=MAX_STEPS * MAX_BATCH)  # total images (0 = no limit)
+    time_limit: float = setting(0.0, low=0, high=10**6)  # minutes of this invocation (0 = none)
+    seed: int = setting(0, low=0, high=2**63 - 1)
+    optimizer: str = setting("adam", choices=("adam", "adamw", "sgd"))  # sgd: momentum betas[0]
+    lr: float = setting(1e-3, low=0, low_open=True)
+    betas: list[float] = setting([0.9, 0.999], low=0, high=1, high_open=True, length=2)
+    weight_decay: float = setting(0.0, low=0)
+    lr_schedule: str = setting("constant", choices=("constant", "rounds", "cosine"))
+    warmup_steps: int = setting(0, low=0, high=MAX_STEPS)
+    round_steps: int = setting(2000, low=1, high=MAX_STEPS)  # "rounds": lr *= round_decay
+    round_decay: float = setting(0.9, low=0, high=1, low_open=True)
+    cosine_steps: int = setting(100_000, low=1, high=MAX_STEPS)  # "cosine": its horizon
+    min_lr: float = setting(1e-6, low=0)
+    grad_clip: float = setting(0.0, low=0)  # max global gradient norm; 0 = off
+    label_dropout: float = setting(0.1, low=0, high=1)  # conditional: P(label -> "no class")
+    ema_halflife_kimg: float = setting(500.0, low=0)  # 0 = no EMA (Karras et al. 2022: 500k)
+    ema_rampup: float = setting(0.05, low=0)  # half-life at most this fraction of images seen
+    checkpoint_every: int = setting(500, low=1, high=MAX_STEPS)  # steps
+    keep_last: int = setting(2, low=1, high=10_000)  # rolling checkpoints kept
+    snapshot_every: int = setting(0, low=0, high=MAX_STEPS)  # steps; kept forever (0 = none)
+    sample_every_kimg: float = setting(50.0, low=0)  # pictures every this many kimg (0 = end)
+    num_preview: int = setting(25, low=1, high=100)  # images in the preview grids
+    log_every: int = setting(20, low=1, high=MAX_STEPS)  # steps between log rows
+    eval_every_kimg: float = setting(0.0, low=0)  # FID/KID every this many kimg (0 = off)
+    eval_num: int = setting(500, low=2, high=MAX_IMAGES)
+    eval_ref: str = ""  # REF.npz from difflab ref (needed when eval_every_kimg > 0)
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    precision: str = setting("auto", choices=("auto", "fp32", "bf16"))  # auto: devices.py
+    compile: bool = False
+    compile_mode: str = setting("default", choices=COMPILE_MODES)  # torch.compile's mode
+    channels_last: bool = False
+    fused_optimizer: bool = True  # Adam/AdamW's fused CUDA kernel (no effect on the CPU)
+
+
+@dataclass
+class Config:
+    preset: str = "custom"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    world_size: int = setting(1, low=1, high=MAX_STEPS)  # processes of the last training run
+    version: int = CONFIG_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

@@ -1,0 +1,198 @@
+"""The training loop around a ``Trainer``: steps until a limit, with logs, pictures, FID points
+and checkpoints in between, in named phases.
+
+Only rank 0 writes logs and pictures; every rank checkpoints (rank 0 writes) and agrees on when
+to stop.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from difflab.config import Config
+from difflab.train import distributed as D
+from difflab.train.logs import TrainLog
+from difflab.train.pictures import Pictures
+from difflab.train.quality import QualityProbe
+from difflab.train.schedule import lr_at
+from difflab.train.signals import StopRequest
+from difflab.train.trainer import Trainer
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    images_seen: int
+    stopped_by: str  # "steps", "images", "time-limit", "signal", "already-done"
+    loss: float = math.nan
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint was saved."""
+
+    def __init__(self, result: TrainResult, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.result, self.signum = result, signum
+
+
+def train(config: Config, run_dir: Path, **kwargs) -> TrainResult:
+    """Train (or resume) the run in ``run_dir``; see ``Trainer`` for the keyword arguments."""
+    progress = kwargs.pop("progress", True)
+    trainer = Trainer(config, run_dir, **kwargs)
+    try:
+        with trainer:
+            return Loop(trainer, progress).run()
+    finally:
+        D.shutdown(trainer.world)
+
+
+class Loop:
+    def __init__(self, trainer: Trainer, progress: bool = True) -> None:
+        self.trainer, self.progress = trainer, progress
+        t, config = trainer, trainer.config
+        self.main = t.world.is_main
+        if self.main:
+            self.logbook = TrainLog(t.run_dir, start_step=t.step)
+            self.pictures = Pictures(t.run_dir, t.method, t.plan, config)
+        probe = self.main and config.train.eval_every_kimg > 0
+        self.quality = QualityProbe(config, t.plan) if probe else None
+
+    def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            if self.main:
+                self.logbook.close()
+
+    def _run(self) -> TrainResult:
+        trainer, t = self.trainer, self.trainer.config.train
+        started = time.monotonic()
+        if self._limit_reached(started):
+            return self._result("already-done")
+        if self.main and trainer.step == 0:
+            self.pictures.at_start(trainer.data, trainer.method.objective)
+        bar = self._progress_bar()
+        self.last_row = (time.monotonic(), trainer.images_seen)
+        stopped_by = None
+        with StopRequest() as stop:
+            while stopped_by is None:
+                step_start = time.monotonic()
+                previous_images = trainer.images_seen
+                trainer.train_step()
+                trainer.elapsed += time.monotonic() - step_start
+                if self.main:
+                    bar.update(self._bar_position(started) - bar.n)
+                    if trainer.step % t.log_every == 0:
+                        self._log(bar)
+                    if self._crossed(previous_images, t.sample_every_kimg):
+                        self._pictures()
+                    if self.quality and self._crossed(previous_images, t.eval_every_kimg):
+                        self._evaluate()
+                stopped_by = self._limit_reached(started)
+                # Ranks agree on stopping: a signal, or a clock that ran out, on any of them.
+                flags = [stop.signum != 0, stopped_by == "time-limit"]
+                signalled, out_of_time = D.any_rank(trainer.world, flags, trainer.device)
+                if signalled or out_of_time:
+                    stopped_by = "signal" if signalled else "time-limit"
+                if stopped_by is None and trainer.step % t.checkpoint_every == 0:
+                    trainer.checkpoint()
+        bar.close()
+        trainer.checkpoint()
+        result = self._result(stopped_by)
+        if stopped_by == "signal":
+            raise Interrupted(result, stop.signum or signal.SIGTERM)
+        if self.main:
+            self._pictures(final=True)
+        return result
+
+    # ----------------------------------------------------------------- when
+
+    def _limit_reached(self, started: float) -> str | None:
+        trainer, t = self.trainer, self.trainer.config.train
+        if t.steps and trainer.step >= t.steps:
+            return "steps"
+        if t.images and trainer.images_seen >= t.images:
+            return "images"
+        if t.time_limit and time.monotonic() - started >= t.time_limit * 60:
+            return "time-limit"
+        return None
+
+    def _crossed(self, previous_images: int, every_kimg: float) -> bool:
+        if every_kimg <= 0:
+            return False
+        every = every_kimg * 1000
+        return math.floor(self.trainer.images_seen / every) > math.floor(previous_images / every)
+
+    # ----------------------------------------------------------------- what leaves the loop
+
+    def _progress_bar(self) -> tqdm:
+        """Counts whichever limit is meant to end the run: wall clock, steps or images."""
+        t = self.trainer.config.train
+        if t.time_limit:
+            total, unit = t.time_limit * 60, "s"
+            layout = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"
+        else:
+            total, unit = (t.steps, "step") if t.steps else (t.images, "img")
+            layout = None
+        return tqdm(
+            total=total or None,
+            initial=0 if t.time_limit else self._bar_position(0.0),
+            unit=unit,
+            desc="training",
+            bar_format=layout,
+            disable=not (self.progress and self.main),
+            dynamic_ncols=True,
+        )
+
+    def _bar_position(self, started: float) -> float:
+        trainer, t = self.trainer, self.trainer.config.train
+        if t.time_limit:
+            return min(time.monotonic() - started, t.time_limit * 60)
+        return trainer.step if t.steps else trainer.images_seen
+
+    def _log(self, bar: tqdm) -> None:
+        trainer = self.trainer
+        trainer.read_back()
+        window, trainer.window = trainer.window, []
+        now, images = time.monotonic(), trainer.images_seen
+        seconds = max(now - self.last_row[0], 1e-9)
+        row = {
+            "step": trainer.step,
+            "kimg": images / 1000,
+            "loss": sum(loss for loss, _ in window) / len(window),
+            "lr": lr_at(trainer.step - 1, trainer.config.train),
+            "grad_norm": window[-1][1],
+            "images_per_s": (images - self.last_row[1]) / seconds,
+            "ema_loss": trainer.ema_loss(),
+            "time_s": trainer.elapsed,
+        }
+        self.last_row = (now, images)
+        self.logbook.write(row)
+        bar.set_postfix(step=trainer.step, kimg=f"{row['kimg']:.1f}", loss=f"{row['loss']:.4f}")
+
+    def _evaluate(self) -> None:
+        trainer = self.trainer
+        trainer.read_back()
+        net = trainer.ema or trainer.net
+        scores = self.quality.measure(trainer.method.denoiser(net), trainer.device)
+        self.logbook.write({"step": trainer.step, "kimg": trainer.images_seen / 1000, **scores})
+
+    def _pictures(self, final: bool = False) -> None:
+        trainer = self.trainer
+        trainer.read_back()
+        net = trainer.ema or trainer.net
+        self.pictures.preview(net, trainer.images_seen, trainer.device, final=final)
+        self.logbook.plot()
+
+    def _result(self, stopped_by: str) -> TrainResult:
+        trainer = self.trainer
+        return TrainResult(
+            trainer.run_dir, trainer.step, trainer.images_seen, stopped_by, trainer.last_loss
+        )
