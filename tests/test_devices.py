@@ -42,9 +42,11 @@ def _pairs():
                 yield pytest.param(method, sampler, id=f"{method}-{sampler}")
 
 
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "class-guided"])
 @pytest.mark.parametrize(("method", "sampler"), list(_pairs()))
-def test_every_sampler_keeps_the_work_on_the_images_device(method, sampler):
-    config = _config(method, "network.name='unet'")
+def test_every_sampler_keeps_the_work_on_the_images_device(method, sampler, guided):
+    """Every sampler, also with a class-conditional network, labels bound and guidance 2."""
+    config = _config(method, "network.name='unet'", f"network.unet.num_classes={2 * guided}")
     chosen = build_method(config)
     steps = chosen.default_steps if method == "tutorial" else 3
     plan = build_sampler(chosen, SamplerConfig(name=sampler, steps=steps))
@@ -52,7 +54,8 @@ def test_every_sampler_keeps_the_work_on_the_images_device(method, sampler):
     rng = SampleNoise(image_seeds(0, 0, 2), META)
     noise = rng.randn(SHAPE)
     seen = []
-    out = plan(chosen.denoiser(net), noise, rng, on_step=lambda i, x, x0: seen.append(x0.device))
+    denoiser = chosen.denoiser(net).bind(torch.tensor([0, 1]) if guided else None, 2.0)
+    out = plan(denoiser, noise, rng, on_step=lambda i, x, x0: seen.append(x0.device))
     assert out.device == META and out.shape == (2, *SHAPE)
     assert seen == [META] * plan.num_steps
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from difflab.classes import LabelRequest, labels_for
+from difflab.classes import LabelRequest, bind_request
 from difflab.config import Config, SamplerConfig
 from difflab.devices import resolve_device
-from difflab.errors import DifflabError
 from difflab.registry import Method, SamplingPlan, build_method, build_network, build_sampler
 from difflab.sampling import Generated, generate, image_seeds
 from difflab.train.checkpoint import load_model
@@ -76,13 +75,9 @@ class Run:
         w (1 = the plain conditional model, the run's own by default).
         """
         plan = plan or self.plan(sampler, steps)
-        labels = labels_for(label, self.class_names, num, start)
-        if guidance is None:
-            guidance = self.config.sampler.guidance
-        elif labels is None and guidance != 1.0:
-            raise DifflabError("guidance needs a label to guide towards; give --label / label=")
-        if not (isinstance(guidance, int | float) and 0 <= guidance <= 100):
-            raise DifflabError(f"guidance must be a number in [0, 100], got {guidance!r}")
+        labels, guidance = bind_request(
+            label, guidance, self.class_names, num, start, self.config.sampler.guidance
+        )
         return generate(
             self.method.denoiser(self.net),
             plan,

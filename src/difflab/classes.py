@@ -40,7 +40,8 @@ def learn_classes(config: Config, class_names: list[str], source: str) -> Config
             f"data.conditional needs a network that takes classes (unet), not "
             f"{config.network.name}; drop data.conditional or use --network unet"
         )
-    names = list(class_names) if len(class_names) >= 2 else []
+    restricted = config.data.class_name is not None  # --class: one class, so no classes
+    names = list(class_names) if len(class_names) >= 2 and not restricted else []
     if not names:
         log.warning("%s has one class here: training unconditionally", source)
     stored = config.data.class_names
@@ -74,6 +75,46 @@ def labels_for(
     if len(chosen) != num:
         raise DifflabError(f"got {len(chosen)} labels for {num} images; give one per image")
     return torch.tensor(chosen, dtype=torch.int64)
+
+
+def bind_request(
+    request: LabelRequest,
+    guidance: float | None,
+    class_names: list[str],
+    num: int,
+    start: int = 0,
+    default_guidance: float = 1.0,
+) -> tuple[Tensor | None, float]:
+    """The labels of images ``start .. start + num - 1`` and the guidance weight for a request,
+    checked: guidance without labels has nothing to guide towards."""
+    labels = labels_for(request, class_names, num, start)
+    if guidance is None:
+        return labels, default_guidance
+    if (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, int | float)
+        or not 0 <= guidance <= 100
+    ):
+        raise DifflabError(f"guidance must be a number in [0, 100], got {guidance!r}")
+    if labels is None and guidance != 1.0:
+        raise DifflabError("guidance needs a label to guide towards; give --label / label=")
+    return labels, float(guidance)
+
+
+def per_class(
+    request: LabelRequest, class_names: list[str], num: int, flag: str = "--num"
+) -> int | None:
+    """Images per class when ``request`` is "all" (None otherwise); "all" gives every class the
+    same number, so ``num`` must be a multiple of the class count."""
+    if not (isinstance(request, str) and request.strip().lower() == "all" and class_names):
+        return None
+    count = len(class_names)
+    if num % count:
+        raise DifflabError(
+            f"label all gives each of the {count} classes the same number of images: make {flag} "
+            f"a multiple of {count} (e.g. {max(count, num - num % count)})"
+        )
+    return num // count
 
 
 def class_index(label: str | int, class_names: list[str]) -> int:

@@ -37,7 +37,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from difflab.api import load_run
-    from difflab.classes import class_rows
+    from difflab.classes import bind_request, class_rows, per_class
     from difflab.io import check_output_folder
     from difflab.sampling import strip_indices
     from difflab.viz import save_gif, save_grid, save_images, save_strip
@@ -48,7 +48,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     options = {k: v for k, v in (("eta", args.eta), ("grid", args.grid)) if v is not None}
     plan = run.plan(args.sampler, args.steps, **options)
-    rows = _class_rows(run, args.label, args.num)  # images per class row of the pictures, or None
+    bind_request(args.label, args.guidance, run.class_names, args.num)  # checked before work
+    rows = per_class(args.label, run.class_names, args.num)  # --label all: images per class row
     if run.class_names and args.label is None:
         log.info("sampling p(x) without a class; --label NAME (or all) asks for one")
     grid_size = len(run.class_names) * min(rows, 8) if rows else min(args.num, 64)
@@ -92,19 +93,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         f"{guided if args.label is not None else ''})"
     )
     return 0
-
-
-def _class_rows(run, label: str | None, num: int) -> int | None:
-    """Images per class with ``--label all`` (which needs a multiple of the class count)."""
-    if label is None or label.strip().lower() != "all" or not run.class_names:
-        return None
-    count = len(run.class_names)
-    if num % count:
-        raise DifflabError(
-            f"--label all gives every class the same number of images: make --num a multiple "
-            f"of {count} (e.g. {max(count, num - num % count)})"
-        )
-    return num // count
 
 
 # --------------------------------------------------------------------------- presets, export

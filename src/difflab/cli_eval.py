@@ -77,17 +77,26 @@ def generated_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor],
     source = Path(args.images)
     if (source / "config.json").is_file() or source.suffix == ".safetensors":
         from difflab.api import load_run
+        from difflab.classes import bind_request, per_class
 
         run = load_run(source, checkpoint=args.checkpoint, device=args.device)
         num = args.num or 1000
         plan = run.plan(args.sampler, args.steps)
-
+        # A conditional run: every class equally (image i asks for class i mod C) by default.
+        label = args.label or ("all" if run.class_names else None)
+        guidance = args.guidance if args.guidance is not None else run.config.sampler.guidance
+        per_class(label, run.class_names, num)  # a wrong label fails before any work
+        bind_request(label, args.guidance, run.class_names, num)
         info = {"run": str(source), "step": run.step, "sampler": plan.name, "steps": plan.num_steps}
+        if label is not None:
+            info.update(label=label, guidance=guidance)
 
         def sample() -> Iterator[torch.Tensor]:
             for start in range(0, num, args.batch_size):
                 count = min(args.batch_size, num - start)
-                generated = run.generate(count, args.seed, plan=plan, start=start)
+                generated = run.generate(
+                    count, args.seed, label=label, guidance=guidance, plan=plan, start=start
+                )
                 info["evaluations"] = generated.evaluations  # network evaluations per image
                 yield to_uint8(generated.images)
 
@@ -129,7 +138,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _default_json(source: Path, info: dict, num: int) -> Path:
     if "run" in info and source.is_dir():
-        return source / f"eval-step{info['step']}-{info['sampler']}{info['steps']}-n{num}.json"
+        guided = f"-{info['label']}-w{info['guidance']:g}" if "label" in info else ""
+        name = f"eval-step{info['step']}-{info['sampler']}{info['steps']}{guided}-n{num}.json"
+        return source / name
     return (source if source.is_dir() else source.parent) / "eval.json"
 
 
@@ -158,6 +169,12 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--checkpoint", help="a checkpoint folder of the run")
     evaluate.add_argument("--seed", type=Bounded.like(TrainConfig, "seed"), default=0)
+    evaluate.add_argument(
+        "--label", help="class(es) to sample from a conditional run (default all)"
+    )
+    evaluate.add_argument(
+        "--guidance", type=Bounded.like(SamplerConfig, "guidance"), help="guidance w (run)"
+    )
     evaluate.add_argument("--json", help="where to write the result (default beside the images)")
     _metric_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
