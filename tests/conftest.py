@@ -56,6 +56,15 @@ def make_images(folder: Path, count: int, size: int = 8, seed: int = 0, classes=
     return folder
 
 
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """``difflab ARGS`` in-process: (exit code, stdout, stderr)."""
+    from difflab.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_images(tmp_path / "images", 12)

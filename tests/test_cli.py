@@ -9,16 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
 import difflab
-from difflab.cli import main
-
-
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
 from difflab.api import load_run
-from difflab.cli import main
 from difflab.config import MethodConfig, SamplerConfig, load_json
 from difflab.denoisers import Denoiser, times_like
 from difflab.registry import METHODS, build_sampler
@@ -164,12 +164,6 @@ def test_label_dropout_replaces_the_expected_share_with_no_class(tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end
-
-
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

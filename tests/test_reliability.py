@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from safetensors.torch import save_file
 
 from difflab.api import load_run
-from difflab.cli import main
 from difflab.config import from_dict
 from difflab.errors import DifflabError
 from difflab.metrics.fid import FeatureStats, load_stats, save_stats
@@ -42,12 +42,6 @@ WAIT_S = 90  # generous: the machine is shared, so a step can take a while
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> str:

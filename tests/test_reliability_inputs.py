@@ -12,17 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_images
+from conftest import make_images, run_cli
 from PIL import Image
 
-from difflab.cli import main
 from difflab.metrics.fid import FeatureStats, save_stats
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
