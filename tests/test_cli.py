@@ -322,3 +322,17 @@ def test_module_entry_point():
         [sys.executable, "-m", "difflab", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_a_sample_folder_lists_its_samples_so_eval_skips_the_pictures(trained, tmp_path, capsys):
+    """grid.png, strip.png and the GIF beside the samples are not samples (they used to be
+    scored with them)."""
+    from difflab.data import load_images
+
+    out = tmp_path / "s"
+    code, _, err = run_cli(capsys, "sample", trained, "--num", 5, "--out", out, "--strip", "--gif")
+    assert code == 0, err
+    manifest = json.loads((out / "samples.json").read_text())
+    assert manifest["images"] == [f"{i:05d}.png" for i in range(5)] and manifest["label"] is None
+    assert {"grid.png", "strip.png", "reverse-process.gif"} <= {p.name for p in out.iterdir()}
+    assert len(load_images(str(out), None, 8)) == 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import warnings
@@ -37,8 +38,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from difflab.api import load_run
-    from difflab.classes import bind_request, class_rows, per_class
-    from difflab.io import check_output_folder
+    from difflab.classes import bind_request, class_rows, labels_for, per_class
+    from difflab.data import SAMPLES_MANIFEST
+    from difflab.io import atomic_write_text, check_output_folder
     from difflab.sampling import strip_indices
     from difflab.viz import save_gif, save_grid, save_images, save_strip
 
@@ -86,7 +88,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         save_strip(frames[1:, 0][strip_indices(plan.num_steps)], out / "strip.png")
     if args.gif:
         save_gif(frames, out / "reverse-process.gif", nrow=min(rows, 2) if rows else None)
-    guided = f", label {args.label}, guidance {args.guidance or run.config.sampler.guidance:g}"
+    guidance = args.guidance if args.guidance is not None else run.config.sampler.guidance
+    labels = labels_for(args.label, run.class_names, args.num)
+    manifest = {
+        "run": str(args.run_dir), "step": run.step, "sampler": plan.name,
+        "steps": plan.num_steps, "evaluations": evaluations, "seed": args.seed,
+        "label": args.label, "guidance": guidance if labels is not None else None,
+        "images": [f"{i:05d}.png" for i in range(args.num)],
+        "classes": None if labels is None else [run.class_names[i] for i in labels.tolist()],
+    }  # fmt: skip
+    atomic_write_text(out / SAMPLES_MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    guided = f", label {args.label}, guidance {guidance:g}"
     print(
         f"wrote {args.num} images to {out} (sampler {plan.name}, {plan.num_steps} steps, "
         f"{evaluations} network evaluations per image, step {run.step} weights"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -26,6 +27,7 @@ _FOLDER_HINT = "point --data at an image folder (class subfolders or a flat fold
 _NAMES_IN_MESSAGE = 5
 _CLASSES_IN_MESSAGE = 30
 _SERIAL_BELOW = 64
+SAMPLES_MANIFEST = "samples.json"  # written by difflab sample: which files are the samples
 #: Pixels (width x height, from the file's header) above which an image is not decoded: 64
 #: megapixels, below PIL's own decompression-bomb warning (89 MP). A 140 KB PNG can claim
 #: 12000 x 12000 and decode to 430 MB.
@@ -167,7 +169,7 @@ def _load_folder(
     names = _class_names(folder)
     if names:
         return _load_class_folders(folder, names, class_name, image_size)
-    files = image_files(folder)
+    files = _listed_samples(folder) or image_files(folder)
     if not files:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise DifflabError(f"no image files ({extensions}) in {folder}; {_FOLDER_HINT}")
@@ -183,6 +185,21 @@ def _load_folder(
     images, _ = _decode_files(files, image_size, folder)
     labels = torch.zeros(len(images), dtype=torch.int64)
     return ImageSet(images, labels, [], f"folder {folder} ({len(images)} images)")
+
+
+def _listed_samples(folder: Path) -> list[Path] | None:
+    """The images a ``samples.json`` (written by ``difflab sample``) lists, so that the grid,
+    strip and GIF beside them are not taken for samples; None without a readable list."""
+    manifest = folder / SAMPLES_MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        names = json.loads(manifest.read_text())["images"]
+        files = [folder / Path(name).name for name in names]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.warning("ignored %s (%s): reading every image in %s", manifest, brief(error), folder)
+        return None
+    return files
 
 
 def _load_class_folders(

@@ -1,0 +1,86 @@
+"""bench/conditional.py's results as the "## Classes" section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from common import ROOT
+
+FIGURE = "bench-flow-cond.png"
+
+
+def _best(rows: list[dict]) -> dict:
+    """The guidance weight with the lowest KID (FID-1k breaks a tie)."""
+    return min(rows, key=lambda row: (row["kid"], row["fid"]))
+
+
+def section(values: dict, settings) -> str:
+    sweep = values["sweep"]
+    rows, best = sweep["rows"], _best(sweep["rows"])
+    lines = [
+        "## Classes",
+        "",
+        f"_Written by `bench/conditional.py report` ({sweep['date']}, {sweep['machine']})._",
+        "",
+        "Protocol (issue 15): `flow-cpu-cond` (flow-cpu with the ten CIFAR-10 classes as labels, "
+        "label dropout 0.1) trains for "
+        f"{values['train-cond']:.1f} minutes on all 50,000 training images "
+        "(`../shared/data/cifar10-jpg/train`), then samples 1,000 images, 100 per class "
+        "(`--label all`), at each guidance weight w (D = D_uncond + w (D_cond - D_uncond); w = 1 "
+        "is the plain conditional model). FID-1k and KID are measured against 5,000 training "
+        "images, 500 per class; the 100 images that asked for `automobile` are also scored "
+        "against the 5,000 training cars (KID only: FID at n = 100 means little).",
+        "",
+        "| guidance w | FID-1k (10 classes) | KID | KID of its 100 cars vs the cars | sampling img/s |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        mark = "**" if row is best else ""
+        rate = row["num"] / row["sample_seconds"]
+        lines.append(
+            f"| {mark}{row['guidance']:g}{mark} | {row['fid']:.1f} | {row['kid']:.4f} ± "
+            f"{row['kid_std']:.4f} | {row['car_kid']:.4f} ± {row['car_kid_std']:.4f} | "
+            f"{rate:.2f} |"
+        )
+    lines += ["", *_cars_lines(values, best), *_figure(best)]
+    return "\n".join(lines) + "\n"
+
+
+def _cars_lines(values: dict, best: dict) -> list[str]:
+    cars = values.get("cars")
+    if not cars:
+        return ["The cars-only comparison is not measured yet (`bench/conditional.py cars`).", ""]
+    small, full = cars["n100"], cars["n1000"]
+    diff = best["car_kid"] - small["kid"]
+    noise = (best["car_kid_std"] ** 2 + small["kid_std"] ** 2) ** 0.5
+    verdict = (
+        "within the subset noise of each other"
+        if abs(diff) <= 2 * noise
+        else ("worse for the shared network" if diff > 0 else "better for the shared network")
+    )
+    return [
+        f"Cars alone, same budget: `flow-cpu` trained {values['train-cars']:.1f} minutes on the "
+        f"5,000 training cars scores KID {small['kid']:.4f} ± {small['kid_std']:.4f} with 100 "
+        f"samples (FID-1k {full['fid']:.1f}, KID {full['kid']:.4f} with 1,000) against the "
+        f"training cars. The conditional network's 100 cars at w = {best['guidance']:g} score "
+        f"KID {best['car_kid']:.4f} ± {best['car_kid_std']:.4f}: {verdict} (difference "
+        f"{diff:+.4f}, subset std of the difference {noise:.4f}). The conditional network "
+        "spent a tenth of its training images on cars.",
+        "",
+    ]
+
+
+def _figure(best: dict) -> list[str]:
+    grid = Path(best["folder"]) / "grid.png"
+    if not grid.exists():
+        return []
+    target = ROOT / "docs" / "figures" / FIGURE
+    shutil.copyfile(grid, target)
+    return [
+        f"![one row per class at w = {best['guidance']:g}](figures/{FIGURE})",
+        "",
+        f"One row per class (airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck; "
+        f"8 samples each) at w = {best['guidance']:g}, from the sweep's samples.",
+        "",
+    ]
