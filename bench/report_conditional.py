@@ -43,7 +43,8 @@ def section(values: dict, settings) -> str:
             f"{row['kid_std']:.4f} | {row['car_kid']:.4f} ± {row['car_kid_std']:.4f} | "
             f"{rate:.2f} |"
         )
-    lines += ["", *_cars_lines(values, best), *_figure(best)]
+    figures = settings.out if settings.quick else ROOT / "docs" / "figures"
+    lines += ["", *_cars_lines(values, best), *_figure(best, figures)]
     return "\n".join(lines) + "\n"
 
 
@@ -71,11 +72,11 @@ def _cars_lines(values: dict, best: dict) -> list[str]:
     ]
 
 
-def _figure(best: dict) -> list[str]:
+def _figure(best: dict, figures: Path) -> list[str]:
     grid = Path(best["folder"]) / "grid.png"
     if not grid.exists():
         return []
-    target = ROOT / "docs" / "figures" / FIGURE
+    target = figures / FIGURE
     shutil.copyfile(grid, target)
     return [
         f"![one row per class at w = {best['guidance']:g}](figures/{FIGURE})",
