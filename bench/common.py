@@ -184,9 +184,7 @@ def trainer_for(
     """A quiet ``Trainer`` of ``preset`` on a temporary run directory, closed afterwards."""
     config = apply_overrides(load_preset(preset), [*QUIET, *overrides])
     with tempfile.TemporaryDirectory(prefix="difflab-bench-") as folder:
-        trainer = Trainer(
-            config, Path(folder) / "run", data=data, progress=False, device=torch.device(device)
-        )
+        trainer = Trainer(config, Path(folder) / "run", data=data, device=torch.device(device))
         with trainer:
             try:
                 yield trainer

@@ -152,7 +152,7 @@ def test_label_dropout_replaces_the_expected_share_with_no_class(tmp_path):
     )
     images = torch.zeros(40, 3, 8, 8, dtype=torch.uint8)
     data = ImageSet(images, torch.arange(40) % 2, ["a", "b"], "two classes")
-    with Trainer(config, tmp_path / "run", data=data, progress=False) as trainer:
+    with Trainer(config, tmp_path / "run", data=data) as trainer:
         assert trainer.conditional and trainer.net.num_classes == 2
         index = torch.randint(40, (4000,))
         generator = torch.Generator().manual_seed(1)

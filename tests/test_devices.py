@@ -76,7 +76,7 @@ def test_a_training_step_runs_on_meta_without_reading_the_device(tmp_path, metho
     config = _config(method, f"network.name={network!r}", "train.batch_size=4", "sampler.steps=0")
     images = torch.randint(0, 256, (6, *SHAPE), dtype=torch.uint8)
     data = ImageSet(images, torch.zeros(6, dtype=torch.int64), [], "synthetic")
-    with Trainer(config, tmp_path / "run", data=data, progress=False, device=META) as trainer:
+    with Trainer(config, tmp_path / "run", data=data, device=META) as trainer:
         trainer.train_step()
         trainer.train_step()
         assert (trainer.step, trainer.images_seen) == (2, 8)

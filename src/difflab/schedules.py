@@ -157,7 +157,7 @@ class DDPMSchedule(ForwardProcess):
 
     def t_from_ratio(self, ratio: Tensor) -> Tensor:
         """The step whose sigma/alpha = sqrt((1 - ab) / ab) is nearest to ``ratio`` (from above)."""
-        table = ((1 - self.alpha_bar) / self.alpha_bar).sqrt()
+        table = ((1 - self._table(ratio.device)) / self._table(ratio.device)).sqrt()
         index = torch.searchsorted(table, ratio.to(table.dtype)).clamp_max(self.num_timesteps)
         return index.to(torch.float64) / self.num_timesteps
 

@@ -67,10 +67,9 @@ class Trainer:
         resume: bool = False,
         init: Path | None = None,
         data: ImageSet | None = None,
-        progress: bool = True,
         device: torch.device | None = None,
     ) -> None:
-        self.config, self.run_dir, self.progress = config, Path(run_dir), progress
+        self.config, self.run_dir = config, Path(run_dir)
         # Devices and processes: torchrun gives each rank its own GPU.
         device = device or resolve_device(config.train.device)
         self.world = D.init_world(device.type)
@@ -320,7 +319,7 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=self.autocast)
         return contextlib.nullcontext()
 
-    # ----------------------------------------------------------------- the loop
+    # ----------------------------------------------------------------- for the loop
 
     @torch.no_grad()
     def ema_loss(self) -> float:
