@@ -3,8 +3,9 @@
     python bench/gpu.py --data FOLDER [--results DIR] [--minutes 8] [--device cuda]
     python bench/gpu.py --render DIR/gpu.json      # write the "## GPU" section on any machine
 
-Needs only the checkout (``PYTHONPATH=src``) and a folder of images (e.g. the 5,000 cars); never
-the Inception weights. In order, each part skipped with a note once the deadline is near:
+Needs only the checkout (``PYTHONPATH=src``) and a folder of images (class folders named as
+CIFAR-10's, e.g. 500 of each class, so the ``-cond`` presets learn classes); never the Inception
+weights. In order, each part skipped with a note once the deadline is near:
 
 1. Paths: every preset trains a few steps through ``difflab.train`` with a preview (pictures,
    strips, GIF, checkpoints, EMA), then samples with every sampler its method allows.

@@ -111,6 +111,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
+    from difflab.classes import learn_classes
     from difflab.config import load_preset, preset_names
     from difflab.models import count_parameters, forward_gflops
     from difflab.registry import build_network
@@ -118,6 +119,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
     rows = []
     for name in preset_names():
         config = load_preset(name)
+        if config.data.conditional:  # counted with CIFAR-10's ten class embeddings
+            config = learn_classes(config, [f"class {i}" for i in range(10)], "CIFAR-10")
         net = build_network(config)
         gflops = forward_gflops(net, 3, config.data.image_size)
         rows.append(
