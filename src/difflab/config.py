@@ -120,15 +120,14 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        hint = _moved_to(cls, unknown[0], prefix)
-        raise DifflabError(
-            f"unknown setting {prefix}{unknown[0]}; "
-            + (
-                f"it is {hint} now"
-                if hint
-                else f"known settings in {prefix.rstrip('.') or 'the config'}: {', '.join(sorted(known))}"
-            )
+        moved = _moved_to(cls, unknown[0], prefix)
+        where = prefix.rstrip(".") or "the config"
+        advice = (
+            f"it is {moved} now"
+            if moved
+            else f"known settings in {where}: {', '.join(sorted(known))}"
         )
+        raise DifflabError(f"unknown setting {prefix}{unknown[0]}; {advice}")
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
@@ -229,12 +228,11 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
             if not isinstance(node.get(part), dict):
                 raise DifflabError(f"unknown setting {key.strip()}; see config.json of a run")
             node = node[part]
-        if leaf not in node or isinstance(node[leaf], dict):
-            moved = [f"{key.strip().rpartition(leaf)[0]}{name}.{leaf}" for name, inner in node.items()
-                     if isinstance(inner, dict) and leaf in inner]  # fmt: skip
-            hint = f"it is {moved[0]} now" if moved else "see config.json of a run"
-            raise DifflabError(f"unknown setting {key.strip()}; {hint}")
-        node[leaf] = parse_value(raw.strip())
+        if isinstance(node.get(leaf), dict):
+            raise DifflabError(
+                f"{key.strip()} is a section; set one of its keys: {key.strip()}.KEY=..."
+            )
+        node[leaf] = parse_value(raw.strip())  # an unknown key is named by from_dict
     return from_dict(values)
 
 
