@@ -15,6 +15,7 @@ the same update rule must give, computed independently by a scalar recursion, wi
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ import torch
 from difflab import samplers as S
 from difflab.config import MethodConfig, SamplerConfig
 from difflab.denoisers import Denoiser, times_like
+from difflab.errors import DifflabError
 from difflab.registry import METHODS, build_sampler
 from difflab.samplers import SampleNoise
 from difflab.sampling import image_seeds
@@ -249,3 +251,55 @@ def test_large_variance_adds_more_noise_but_none_on_the_last_step():
     # The last step lands on the x0 estimate exactly (posterior mean, no noise) as in Ho et al.
     last_x0 = ExactDenoiser(method)(frames[-2], plan.grid[-2]).x0
     assert torch.allclose(frames[-1], last_x0, atol=1e-5)
+
+
+def _error_on_a_uniform_sigma_grid(function, steps: int) -> float:
+    """Largest error against the exact probability-flow map of N(MU, STD^2) from sigma 2 to 0.2
+    (y(s) = MU + (y - MU) sqrt(s^2 + STD^2) / sqrt(S^2 + STD^2)), on a grid uniform in sigma."""
+    method = METHODS["edm"](MethodConfig(name="edm"))
+    grid = torch.linspace(2.0, 0.2, steps + 1, dtype=torch.float64)
+    x = torch.linspace(-4.0, 4.0, 9).reshape(9, 1, 1, 1)
+    exact = MU + (x.double() - MU) * (0.2**2 + STD**2) ** 0.5 / (2.0**2 + STD**2) ** 0.5
+    return (function(ExactDenoiser(method), x, grid).double() - exact).abs().max().item()
+
+
+@pytest.mark.parametrize(
+    ("function", "order"),
+    [(S.euler_sampler, 1), (S.heun_sampler, 2), (S.ipndm_sampler, 4)],
+    ids=["euler", "heun", "ipndm"],
+)
+def test_error_falls_with_steps_at_the_methods_order(function, order):
+    """Halving the step divides the error by about 2^order (iPNDM: fourth-order Adams-Bashforth
+    once warmed up; its lower-order first steps cost little on this smooth ODE)."""
+    errors = [_error_on_a_uniform_sigma_grid(function, n) for n in (10, 20, 40)]
+    observed = [math.log2(a / b) for a, b in itertools.pairwise(errors)]
+    assert all(order - 0.4 < o < order + 0.6 for o in observed), observed
+
+
+def test_ipndm_beats_euler_and_dpm_solver_at_five_evaluations():
+    """On EDM's grid at 5 network evaluations, as diff-sampler's table ranks them."""
+    errors = {}
+    for sampler in ("ipndm", "dpm++2m", "euler"):
+        method, plan = _plan("edm", sampler, 5, grid="edm")
+        x = torch.linspace(-2.0, 2.0, 9).reshape(9, 1, 1, 1) * float(plan.grid[0])
+        exact = MU + (x.double() - MU) * STD / (float(plan.grid[0]) ** 2 + STD**2) ** 0.5
+        errors[sampler] = (plan(ExactDenoiser(method), x).double() - exact).abs().max().item()
+    assert errors["ipndm"] < 0.8 * errors["dpm++2m"] < 0.8 * errors["euler"], errors
+
+
+def test_grids_are_chosen_by_name_for_any_sampler():
+    """sampler.grid picks the grid; "default" is the sampler's own (EDM's for edm and ipndm)."""
+    method = METHODS["flow"](MethodConfig(name="flow"))
+    grids = {
+        name: build_sampler(method, SamplerConfig(name="euler", steps=8, grid=name)).grid
+        for name in ("process", "edm", "logsnr")
+    }
+    assert torch.allclose(grids["process"], torch.linspace(1, 0, 9, dtype=torch.float64))
+    alpha, sigma = method.process.alpha_sigma(grids["logsnr"][:-1])
+    log_snr = (alpha / sigma).log()
+    assert torch.allclose(log_snr.diff(), log_snr.diff()[:1].expand(7), atol=1e-9)  # even
+    assert torch.equal(
+        build_sampler(method, SamplerConfig(name="ipndm", steps=8)).grid, grids["edm"]
+    )
+    with pytest.raises(DifflabError, match="starts below pure noise"):
+        build_sampler(method, SamplerConfig(name="ipndm", steps=8, grid="process"))

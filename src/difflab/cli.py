@@ -190,14 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=Bounded(int, Limits(low=1, high=MAX_SAMPLE_BATCH)), default=64
     )
     sample.add_argument(
-        "--sampler", help="tutorial, ancestral, ddim, euler, heun, edm, edm-stochastic, dpm++2m"
+        "--sampler",
+        help="tutorial, ancestral, ddim, euler, heun, edm, edm-stochastic, dpm++2m, ipndm",
     )
     sample.add_argument("--steps", type=SAMPLER_STEPS, help="sampler steps")
     sample.add_argument(
         "--eta", type=Bounded.like(SamplerConfig, "eta"), help="DDIM eta (0 deterministic)"
     )
     sample.add_argument(
-        "--grid", choices=["default", "edm"], help="time grid (edm: rho = 7 spacing)"
+        "--grid",
+        choices=["default", "process", "edm", "logsnr"],
+        help="time grid: the sampler's, the process's, EDM's rho = 7 spacing, even in log SNR",
     )
     sample.add_argument("--checkpoint", help="a checkpoint folder of the run (default: newest)")
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")

@@ -39,6 +39,7 @@ from difflab.schedules import (
     ForwardProcess,
     LinearPath,
     TutorialPath,
+    logsnr_grid,
     ratio_grid,
 )
 
@@ -201,6 +202,7 @@ class SamplerSpec:
     requires: Callable[[ForwardProcess], bool]
     requirement: str
     options: Callable[[SamplerConfig], dict] = lambda s: {}
+    grid: str = "process"  # the grid of sampler.grid = "default" (see GRIDS)
 
 
 def _is_tutorial(p: ForwardProcess) -> bool:
@@ -223,7 +225,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     ),
     "euler": SamplerSpec(S.euler_sampler, lambda p: p.differentiable, "a flow or EDM model"),
     "heun": SamplerSpec(S.heun_sampler, lambda p: p.differentiable, "a flow or EDM model"),
-    "edm": SamplerSpec(S.heun_sampler, lambda p: p.differentiable, "a flow or EDM model"),
+    "edm": SamplerSpec(
+        S.heun_sampler, lambda p: p.differentiable, "a flow or EDM model", grid="edm"
+    ),
     "edm-stochastic": SamplerSpec(
         S.edm_stochastic_sampler,
         lambda p: p.variance_exploding,
@@ -234,10 +238,21 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "s_tmax": s.s_tmax,
             "s_noise": s.s_noise,
         },
+        grid="edm",
     ),
     "dpm++2m": SamplerSpec(
         S.dpmpp_2m_sampler, lambda p: not _is_tutorial(p), "a DDPM, flow or EDM model"
     ),
+    "ipndm": SamplerSpec(
+        S.ipndm_sampler, lambda p: not _is_tutorial(p), "a DDPM, flow or EDM model", grid="edm"
+    ),
+}
+
+#: Time grids by name: each maps (process, steps, rho) to a descending grid ending clean.
+GRIDS: dict[str, Callable[[ForwardProcess, int, float], Tensor]] = {
+    "process": lambda process, steps, rho: process.grid(steps),
+    "edm": ratio_grid,
+    "logsnr": logsnr_grid,
 }
 
 
@@ -280,10 +295,12 @@ def build_sampler(method: Method, sampler: SamplerConfig) -> SamplingPlan:
             f"the tutorial sampler only runs the {method.process.num_levels} levels it was "
             f"trained on; drop --steps or use {method.process.num_levels}"
         )
-    if name in ("edm", "edm-stochastic") or sampler.grid == "edm":
-        if _is_tutorial(method.process):
-            raise DifflabError("the rho-spaced EDM grid is not defined for the tutorial method")
-        grid = ratio_grid(method.process, steps, rho=sampler.rho)
-    else:
-        grid = method.process.grid(steps)
+    grid_name = spec.grid if sampler.grid == "default" else sampler.grid
+    if grid_name != "process" and _is_tutorial(method.process):
+        raise DifflabError(f"the {grid_name} grid is not defined for the tutorial method")
+    grid = GRIDS[grid_name](method.process, steps, sampler.rho)
+    if name == "ipndm" and float(method.process.alpha_sigma(grid[:1])[0]) == 0:
+        raise DifflabError(
+            "ipndm needs a grid that starts below pure noise; use --grid edm or logsnr"
+        )
     return SamplingPlan(name, spec.function, spec.options(sampler), grid)

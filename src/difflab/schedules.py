@@ -217,8 +217,25 @@ def ratio_grid(process: ForwardProcess, num_steps: int, rho: float = 7.0) -> Ten
     The range is the process's own where it has one (EDM's sigma_min, sigma_max), else EDM's
     defaults 0.002..80 (Karras et al. 2022, sec. 5).
     """
-    sigma_min = getattr(process, "sigma_min", 0.002)
-    sigma_max = getattr(process, "sigma_max", 80.0)
-    sigmas = edm_sigma_grid(num_steps, sigma_min, sigma_max, rho)
+    sigma_min, sigma_max = _ratio_range(process)
+    return _on_process(process, edm_sigma_grid(num_steps, sigma_min, sigma_max, rho))
+
+
+def logsnr_grid(process: ForwardProcess, num_steps: int, rho: float = 7.0) -> Tensor:
+    """``num_steps`` noise levels evenly spaced in log SNR over the same range as
+    ``ratio_grid``, then the clean end (DPM-Solver's "logSNR" schedule, Lu et al. 2022, sec. 3.4;
+    ``rho`` is not used)."""
+    sigma_min, sigma_max = _ratio_range(process)
+    ratios = torch.logspace(
+        math.log10(sigma_max), math.log10(sigma_min), num_steps, dtype=torch.float64
+    )
+    return _on_process(process, torch.cat([ratios, torch.zeros(1, dtype=torch.float64)]))
+
+
+def _ratio_range(process: ForwardProcess) -> tuple[float, float]:
+    return getattr(process, "sigma_min", 0.002), getattr(process, "sigma_max", 80.0)
+
+
+def _on_process(process: ForwardProcess, ratios: Tensor) -> Tensor:
     # A discrete process (DDPM) maps neighbouring levels to the same step: keep one of each.
-    return torch.unique_consecutive(process.t_from_ratio(sigmas))
+    return torch.unique_consecutive(process.t_from_ratio(ratios))
