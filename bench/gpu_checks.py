@@ -47,7 +47,7 @@ def preset_paths(preset: str, data: ImageSet, device: torch.device, folder: Path
     run = difflab.load_run(run_dir, device=device)
     samplers = []
     for name, spec in SAMPLERS.items():
-        if spec.requires(run.method.process):
+        if spec.requires(run.method):
             steps = None if preset.startswith("tutorial") else 3
             images = run.sample(2, sampler=name, steps=steps)
             if not torch.isfinite(images).all():

@@ -36,9 +36,9 @@ def _config(method: str, *overrides: str):
 
 def _pairs():
     for method in METHODS:
-        process = build_method(_config(method)).process
+        chosen = build_method(_config(method))
         for sampler, spec in SAMPLERS.items():
-            if spec.requires(process):
+            if spec.requires(chosen):
                 yield pytest.param(method, sampler, id=f"{method}-{sampler}")
 
 

@@ -351,7 +351,7 @@ def compatible_pairs() -> list[tuple[str, str]]:
         (method, sampler)
         for method in METHODS
         for sampler, spec in SAMPLERS.items()
-        if spec.requires(_method(method, 16).process)
+        if spec.requires(_method(method, 16))
     ]
 
 

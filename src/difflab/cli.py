@@ -175,9 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     from difflab.cli_eval import add_eval_commands
-    from difflab.cli_train import add_train_command
+    from difflab.cli_train import add_distill_command, add_train_command
 
     add_train_command(sub)
+    add_distill_command(sub)
 
     sample = sub.add_parser("sample", help="sample images from a run")
     sample.add_argument("run_dir", help="run directory or exported .safetensors")

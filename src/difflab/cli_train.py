@@ -101,30 +101,76 @@ def _resume_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from difflab.data import load_images
-    from difflab.devices import resolve_device
-    from difflab.registry import build_method, build_network, build_sampler
-    from difflab.train.loop import Interrupted, train
-    from difflab.train.rundir import check_new_run_dir
-
     if args.resume:
         config, run_dir = _resume_config(args)
     else:
         config = _train_config(args)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{config.preset}-{stamp}")
-    # Build everything that can be wrong with the config before touching data or disk.
+    init = Path(args.init) if args.init else None
+    class_is_default = not args.resume and args.class_name is None
+    return _run_training(config, run_dir, args, init=init, class_is_default=class_is_default)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """A consistency model from a diffusion run: its data, network and training settings, the
+    run as the teacher (or, with --no-teacher, consistency training started from its weights)."""
+    from difflab.config import SamplerConfig, apply_overrides, validate
+    from difflab.train.checkpoint import stored_config
+
+    teacher = Path(args.run_dir)
+    base = stored_config(teacher)
+    if base.method.name == "consistency":
+        raise DifflabError(f"{teacher} is a consistency model already; distil a diffusion run")
+    options = dataclasses.replace(
+        base.method.consistency, teacher="" if args.no_teacher else str(teacher.resolve())
+    )
+    method = dataclasses.replace(base.method, name="consistency", consistency=options)
+    length = dataclasses.replace(base.train, steps=0, images=0, time_limit=0.0)  # the flags say
+    config = dataclasses.replace(
+        base,
+        preset=f"{base.preset}-consistency",
+        description=f"consistency model of {teacher}",
+        method=method,
+        sampler=SamplerConfig(),
+        train=length,
+    )
+    flags = {
+        "train.steps": args.steps,
+        "train.images": args.images,
+        "train.time_limit": args.time_limit,
+        "train.batch_size": args.batch_size,
+        "train.seed": args.seed,
+        "train.device": args.device,
+        "train.checkpoint_every": args.checkpoint_every,
+    }
+    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    config = validate(apply_overrides(config, overrides + args.set))
+    init = None if args.from_scratch else teacher
+    return _run_training(config, Path(args.out), args, init=init, class_is_default=True)
+
+
+def _run_training(
+    config, run_dir: Path, args: argparse.Namespace, *, init: Path | None, class_is_default: bool
+) -> int:
+    """Check everything that can be wrong before touching data or disk, load the data, train."""
+    from difflab.data import load_images
+    from difflab.devices import resolve_device
+    from difflab.registry import build_method, build_network, build_sampler
+    from difflab.train.loop import Interrupted, train
+    from difflab.train.rundir import check_new_run_dir
+
+    resume = bool(getattr(args, "resume", None))
     method = build_method(config)
     build_network(config)
     build_sampler(method, config.sampler)
     resolve_device(config.train.device)
-    if not args.resume:
+    if not resume:
         check_new_run_dir(run_dir)
-    if args.init and not Path(args.init).exists():
+    if init is not None and not init.exists():
         raise DifflabError(
-            f"--init {args.init} does not exist; give an exported .safetensors or a run directory"
+            f"--init {init} does not exist; give an exported .safetensors or a run directory"
         )
-    class_is_default = not args.resume and args.class_name is None
     data = load_images(
         config.data.source,
         config.data.class_name,
@@ -142,12 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     try:
         result = train(
-            config,
-            run_dir,
-            resume=bool(args.resume),
-            init=Path(args.init) if args.init else None,
-            data=data,
-            progress=not args.no_progress,
+            config, run_dir, resume=resume, init=init, data=data, progress=not args.no_progress
         )
     except Interrupted as stop:
         print(
@@ -186,7 +227,7 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--batch-size", type=_train_option("batch_size"))
     train.add_argument("--seed", type=SEED)
-    train.add_argument("--method", help="tutorial, ddpm, ddpm-cosine, flow or edm")
+    train.add_argument("--method", help="tutorial, ddpm, ddpm-cosine, flow, edm or consistency")
     train.add_argument("--network", help="tutorial, tutorial-keras or unet")
     train.add_argument("--sampler", help="sampler for the pictures (default: the method's)")
     train.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
@@ -202,3 +243,38 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+
+
+def add_distill_command(sub: argparse._SubParsersAction) -> None:
+    distill = sub.add_parser(
+        "distill", help="a one- or few-step consistency model from a trained diffusion run"
+    )
+    distill.add_argument("run_dir", help="the teacher: a diffusion run directory or export")
+    distill.add_argument("--out", required=True, help="the student's run directory")
+    distill.add_argument(
+        "--method", choices=["consistency"], default="consistency", help="consistency models"
+    )
+    distill.add_argument(
+        "--no-teacher",
+        action="store_true",
+        help="consistency training from the run's weights instead (ECT-style fine-tuning)",
+    )
+    distill.add_argument(
+        "--from-scratch", action="store_true", help="do not start from the run's weights"
+    )
+    distill.add_argument("--steps", type=_train_option("steps", low=1), help="total steps")
+    distill.add_argument("--images", type=_train_option("images", low=1), help="total images")
+    distill.add_argument(
+        "--time-limit", type=_train_option("time_limit", low_open=True), help="minutes"
+    )
+    distill.add_argument("--batch-size", type=_train_option("batch_size"))
+    distill.add_argument("--seed", type=SEED)
+    distill.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    distill.add_argument(
+        "--checkpoint-every", type=_train_option("checkpoint_every"), help="steps between them"
+    )
+    distill.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config value"
+    )
+    distill.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distill.set_defaults(func=cmd_distill)

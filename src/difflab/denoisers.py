@@ -201,6 +201,36 @@ def times_like(t: Tensor | float, x: Tensor) -> Tensor:
     return t.expand(x.shape[0]) if t.numel() == 1 else t
 
 
+class ConsistencyParameterization(Parameterization):
+    """A consistency function f(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (Song et al.
+    2023, eq. 7 and App. C): c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2) and c_out =
+    sd (sigma - sigma_min) / sqrt(sd^2 + sigma^2), so f(x, sigma_min) = x exactly (the boundary
+    condition, their eq. 5) whatever the network says. Its output is the clean image reached
+    by following the ODE from (x, sigma) to the end; it has no per-sample regression target:
+    the consistency objective compares two of its outputs.
+    """
+
+    name = "consistency"
+
+    def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002) -> None:
+        self.sigma_data, self.sigma_min = sigma_data, sigma_min
+
+    def _scales(self, c: Coefficients) -> tuple[Tensor, Tensor, Tensor]:
+        sd2, s2, gap = self.sigma_data**2, c.sigma**2, c.sigma - self.sigma_min
+        c_skip = sd2 / (gap**2 + sd2)
+        c_out = self.sigma_data * gap / (sd2 + s2).sqrt()
+        c_in = 1 / (s2 + sd2).sqrt()
+        return c_skip, c_out, c_in
+
+    def network_input(self, x: Tensor, c: Coefficients) -> Tensor:
+        return self._scales(c)[2] * x
+
+    def to_x0_eps(self, out: Tensor, x: Tensor, c: Coefficients) -> Prediction:
+        c_skip, c_out, _ = self._scales(c)
+        x0 = c_skip * x + c_out * out
+        return Prediction(x0, (x - x0) / c.sigma)
+
+
 class Denoiser(nn.Module):
     """A raw network wrapped with a forward process and a parameterization.
 

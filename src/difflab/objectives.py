@@ -8,13 +8,18 @@ They differ only in the time distribution, the parameterization, the norm and th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from difflab.denoisers import Coefficients, Denoiser
-from difflab.schedules import ForwardProcess
+from difflab.schedules import (
+    ForwardProcess,
+    _per_sample,
+    consistency_levels,
+    consistency_sigmas,
+)
 
 #: maps uniform u in (0, 1) to times t, so that every distribution can be stratified.
 TimeTransform = Callable[[Tensor], Tensor]
@@ -74,8 +79,15 @@ class Objective:
     stratified: bool = False
 
     def draw(
-        self, batch_size: int, shape: tuple[int, ...], generator: torch.Generator, device
+        self,
+        batch_size: int,
+        shape: tuple[int, ...],
+        generator: torch.Generator,
+        device,
+        images_seen: int = 0,
     ) -> Draw:
+        """Times and noise of one batch; ``images_seen`` (how far the run is) only matters to
+        objectives with a curriculum."""
         u = draw_uniform(batch_size, generator, device, self.stratified)
         eps = torch.randn((batch_size, *shape), generator=generator, device=device)
         return Draw(self.times(u), eps)
@@ -94,6 +106,9 @@ class Objective:
             per_sample = per_sample * self._min_snr_weight(denoiser, c)
         return per_sample
 
+    def prepare(self, device: torch.device) -> None:
+        """Load what the loss needs besides the network being trained (nothing here)."""
+
     def _min_snr_weight(self, denoiser: Denoiser, c: Coefficients) -> Tensor:
         snr = (c.alpha / c.sigma).flatten() ** 2
         implicit = denoiser.parameterization.snr_weight(snr)
@@ -108,3 +123,92 @@ class Objective:
     ) -> Tensor:
         draw = self.draw(x0.shape[0], tuple(x0.shape[1:]), generator, x0.device)
         return self.loss(denoiser, x0, draw, labels)
+
+
+@dataclass
+class ConsistencyDraw(Draw):
+    """A pair of neighbouring noise levels of the discretisation per sample: t > t_low."""
+
+    t_low: Tensor
+
+    def __getitem__(self, index: slice) -> ConsistencyDraw:
+        return ConsistencyDraw(self.t[index], self.eps[index], self.t_low[index])
+
+
+@dataclass
+class ConsistencyObjective(Objective):
+    """Consistency training or distillation (Song et al. 2023, Algorithms 2 and 3, with the
+    improvements of Song & Dhariwal 2023): for neighbouring levels sigma_n < sigma_{n+1} of
+    the current discretisation, f(x_{n+1}, sigma_{n+1}) is pulled towards f(x_n, sigma_n) of the
+    same network, not differentiated (their target network with mu = 0). x_n is a teacher's ODE
+    step back from x_{n+1} (distillation) or x0 + sigma_n z with the same z (training).
+
+    Loss per sample: lambda(sigma) * (sqrt(|a - b|^2 + c^2) - c), the pseudo-Huber distance with
+    c = 0.00054 sqrt(dimensions) and lambda = 1 / (sigma_{n+1} - sigma_n) (improved CT, sec. 3.3
+    and 3.5); levels drawn log-normally over the discretisation (their sec. 3.4).
+    """
+
+    times: TimeTransform = field(default=lambda u: u)  # unused: levels come from the curriculum
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    p_mean: float = -1.1
+    p_std: float = 2.0
+    start_levels: int = 10
+    max_levels: int = 1280
+    double_every_kimg: float = 8.0
+    huber_c: float = 0.0
+    teacher: Callable[[torch.device], Denoiser] | None = None  # loads the teacher on a device
+    teacher_solver: str = "heun"
+    _teacher: Denoiser | None = field(default=None, repr=False)
+
+    def prepare(self, device: torch.device) -> None:
+        if self.teacher is not None and self._teacher is None:
+            self._teacher = self.teacher(device)
+
+    def draw(self, batch_size, shape, generator, device, images_seen: int = 0) -> ConsistencyDraw:
+        levels = consistency_levels(
+            images_seen, self.start_levels, self.max_levels, self.double_every_kimg
+        )
+        sigmas = consistency_sigmas(levels, self.sigma_min, self.sigma_max, self.rho)
+        erf = torch.special.erf((sigmas.log() - self.p_mean) / (2**0.5 * self.p_std))
+        weights = (erf[1:] - erf[:-1]).clamp_min(1e-12).to(device=device, dtype=torch.float32)
+        n = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+        eps = torch.randn((batch_size, *shape), generator=generator, device=device)
+        sigmas = sigmas.to(device=device, dtype=torch.float32)
+        return ConsistencyDraw(sigmas[n + 1], eps, sigmas[n])
+
+    def loss(self, denoiser, x0, draw, labels=None) -> Tensor:
+        high = _per_sample(draw.t, x0.ndim)
+        x_high = x0 + high * draw.eps
+        x_low = self._step_back(x_high, draw, labels) if self.teacher else None
+        if x_low is None:
+            x_low = x0 + _per_sample(draw.t_low, x0.ndim) * draw.eps
+        online = denoiser(x_high, draw.t, labels).x0.float()
+        with torch.no_grad():
+            target = denoiser(x_low, draw.t_low, labels).x0.float()
+        dims = x0[0].numel()
+        c = self.huber_c or 0.00054 * dims**0.5
+        distance = ((online - target).flatten(1).pow(2).sum(1) + c**2).sqrt() - c
+        return distance / (draw.t - draw.t_low)
+
+    @torch.no_grad()
+    def _step_back(self, x_high: Tensor, draw: ConsistencyDraw, labels: Tensor | None) -> Tensor:
+        """One step of the teacher's probability-flow ODE from sigma_{n+1} to sigma_n, in EDM's
+        variables (y = x / alpha, s = sigma / alpha: dy/ds = (y - D(y, s)) / s), whatever the
+        teacher's own process (Euler, or Heun: Karras et al. 2022, Algorithm 1)."""
+        teacher = self._teacher
+        high, low = draw.t, draw.t_low
+
+        def slope(y: Tensor, s: Tensor) -> Tensor:
+            t = teacher.process.t_from_ratio(s)
+            alpha = _per_sample(teacher.process.alpha_sigma(t)[0], y.ndim)
+            x0 = teacher(alpha * y, t, labels).x0.float()
+            return (y - x0) / _per_sample(s, y.ndim)
+
+        h = _per_sample(low - high, x_high.ndim)
+        d = slope(x_high, high)
+        y = x_high + h * d
+        if self.teacher_solver == "heun":
+            y = x_high + h * 0.5 * (d + slope(y, low))
+        return y

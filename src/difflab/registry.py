@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from difflab import samplers as S
 from difflab.config import Config, FlowMethod, MethodConfig, NetworkConfig, SamplerConfig
 from difflab.denoisers import (
+    ConsistencyParameterization,
     Denoiser,
     EDMPreconditioning,
     EpsilonPrediction,
@@ -27,6 +28,7 @@ from difflab.denoisers import (
 )
 from difflab.errors import DifflabError
 from difflab.objectives import (
+    ConsistencyObjective,
     Objective,
     discrete_times,
     log_normal_sigma_times,
@@ -39,6 +41,7 @@ from difflab.schedules import (
     ForwardProcess,
     LinearPath,
     TutorialPath,
+    consistency_grid,
     logsnr_grid,
     ratio_grid,
 )
@@ -175,12 +178,45 @@ def _edm(m: MethodConfig) -> Method:
     return Method("edm", process, EDMPreconditioning(e.sigma_data), objective, "edm", 18)
 
 
+def _consistency(m: MethodConfig) -> Method:
+    c = m.consistency
+    process = EDMSchedule(sigma_min=c.sigma_min, sigma_max=c.sigma_max)
+    objective = ConsistencyObjective(
+        sigma_min=c.sigma_min,
+        sigma_max=c.sigma_max,
+        rho=c.rho,
+        p_mean=c.p_mean,
+        p_std=c.p_std,
+        start_levels=c.start_levels,
+        max_levels=c.max_levels,
+        double_every_kimg=c.double_every_kimg,
+        huber_c=c.huber_c,
+        teacher=functools.partial(_load_teacher, c.teacher) if c.teacher else None,
+        teacher_solver=c.teacher_solver,
+    )
+    parameterization = ConsistencyParameterization(c.sigma_data, c.sigma_min)
+    return Method("consistency", process, parameterization, objective, "consistency", 1)
+
+
+def _load_teacher(path: str, device: torch.device) -> Denoiser:
+    """A diffusion run (or export) as a frozen denoiser on ``device``: what distillation asks."""
+    from difflab.train.checkpoint import load_model
+
+    loaded = load_model(path, lambda config: build_network(config).to(device))
+    teacher = build_method(loaded.config)
+    if teacher.parameterization.name == "consistency":
+        raise DifflabError(f"the teacher {path} is a consistency model; distil a diffusion run")
+    loaded.net.eval().requires_grad_(False)
+    return teacher.denoiser(loaded.net)
+
+
 METHODS: dict[str, Callable[[MethodConfig], Method]] = {
     "tutorial": _tutorial,
     "ddpm": _ddpm,
     "ddpm-cosine": functools.partial(_ddpm, schedule="cosine"),
     "flow": _flow,
     "edm": _edm,
+    "consistency": _consistency,
 }
 
 
@@ -196,41 +232,56 @@ def build_method(config: Config) -> Method:
 
 @dataclass
 class SamplerSpec:
-    """A sampler function, the processes it is valid for, and how it reads its options."""
+    """A sampler function, the methods it is valid for, and how it reads its options."""
 
     function: Callable[..., Tensor]
-    requires: Callable[[ForwardProcess], bool]
+    requires: Callable[[Method], bool]
     requirement: str
     options: Callable[[SamplerConfig], dict] = lambda s: {}
     grid: str = "process"  # the grid of sampler.grid = "default" (see GRIDS)
 
 
-def _is_tutorial(p: ForwardProcess) -> bool:
-    return isinstance(p, TutorialPath)
+def _is_tutorial(m: Method) -> bool:
+    return isinstance(m.process, TutorialPath)
+
+
+def _is_consistency(m: Method) -> bool:
+    return m.parameterization.name == "consistency"
+
+
+def _ode(m: Method) -> bool:
+    """A diffusion model whose denoiser defines an ODE with differentiable alpha, sigma."""
+    return m.process.differentiable and not _is_consistency(m)
+
+
+def _variance_preserving(m: Method) -> bool:
+    return m.process.variance_preserving
+
+
+def _diffusion(m: Method) -> bool:
+    return not _is_tutorial(m) and not _is_consistency(m)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "tutorial": SamplerSpec(S.tutorial_sampler, _is_tutorial, "a model of the tutorial method"),
     "ancestral": SamplerSpec(
         S.ancestral_sampler,
-        lambda p: p.variance_preserving,
+        _variance_preserving,
         "a DDPM-family (VP) model",
         lambda s: {"clip_x0": s.clip_x0, "variance": s.variance},
     ),
     "ddim": SamplerSpec(
         S.ddim_sampler,
-        lambda p: p.variance_preserving,
+        _variance_preserving,
         "a DDPM-family (VP) model",
         lambda s: {"eta": s.eta, "clip_x0": s.clip_x0},
     ),
-    "euler": SamplerSpec(S.euler_sampler, lambda p: p.differentiable, "a flow or EDM model"),
-    "heun": SamplerSpec(S.heun_sampler, lambda p: p.differentiable, "a flow or EDM model"),
-    "edm": SamplerSpec(
-        S.heun_sampler, lambda p: p.differentiable, "a flow or EDM model", grid="edm"
-    ),
+    "euler": SamplerSpec(S.euler_sampler, _ode, "a flow or EDM model"),
+    "heun": SamplerSpec(S.heun_sampler, _ode, "a flow or EDM model"),
+    "edm": SamplerSpec(S.heun_sampler, _ode, "a flow or EDM model", grid="edm"),
     "edm-stochastic": SamplerSpec(
         S.edm_stochastic_sampler,
-        lambda p: p.variance_exploding,
+        lambda m: m.process.variance_exploding and not _is_consistency(m),
         "an EDM model",
         lambda s: {
             "s_churn": s.s_churn,
@@ -240,11 +291,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
         },
         grid="edm",
     ),
-    "dpm++2m": SamplerSpec(
-        S.dpmpp_2m_sampler, lambda p: not _is_tutorial(p), "a DDPM, flow or EDM model"
-    ),
-    "ipndm": SamplerSpec(
-        S.ipndm_sampler, lambda p: not _is_tutorial(p), "a DDPM, flow or EDM model", grid="edm"
+    "dpm++2m": SamplerSpec(S.dpmpp_2m_sampler, _diffusion, "a DDPM, flow or EDM model"),
+    "ipndm": SamplerSpec(S.ipndm_sampler, _diffusion, "a DDPM, flow or EDM model", grid="edm"),
+    "consistency": SamplerSpec(
+        S.consistency_sampler, _is_consistency, "a consistency model", grid="consistency"
     ),
 }
 
@@ -253,6 +303,7 @@ GRIDS: dict[str, Callable[[ForwardProcess, int, float], Tensor]] = {
     "process": lambda process, steps, rho: process.grid(steps),
     "edm": ratio_grid,
     "logsnr": logsnr_grid,
+    "consistency": consistency_grid,
 }
 
 
@@ -284,19 +335,19 @@ def build_sampler(method: Method, sampler: SamplerConfig) -> SamplingPlan:
     spec = SAMPLERS.get(name)
     if spec is None:
         raise _unknown("sampler", name, SAMPLERS)
-    if not spec.requires(method.process):
+    if not spec.requires(method):
         raise DifflabError(
             f"sampler {name!r} needs {spec.requirement}, but this run uses the {method.name} "
             f"method; its default sampler is {method.default_sampler!r}"
         )
     steps = sampler.steps or method.default_steps
-    if _is_tutorial(method.process) and steps != method.process.num_levels:
+    if _is_tutorial(method) and steps != method.process.num_levels:
         raise DifflabError(
             f"the tutorial sampler only runs the {method.process.num_levels} levels it was "
             f"trained on; drop --steps or use {method.process.num_levels}"
         )
     grid_name = spec.grid if sampler.grid == "default" else sampler.grid
-    if grid_name != "process" and _is_tutorial(method.process):
+    if grid_name != "process" and _is_tutorial(method):
         raise DifflabError(f"the {grid_name} grid is not defined for the tutorial method")
     grid = GRIDS[grid_name](method.process, steps, sampler.rho)
     if name == "ipndm" and float(method.process.alpha_sigma(grid[:1])[0]) == 0:

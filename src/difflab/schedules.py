@@ -232,6 +232,15 @@ def logsnr_grid(process: ForwardProcess, num_steps: int, rho: float = 7.0) -> Te
     return _on_process(process, torch.cat([ratios, torch.zeros(1, dtype=torch.float64)]))
 
 
+def consistency_grid(process: ForwardProcess, num_steps: int, rho: float = 7.0) -> Tensor:
+    """The noise levels of a ``num_steps``-step consistency sampler, then the clean end: the
+    first ``num_steps`` levels of EDM's rho grid with one more level (1 step: sigma_max; 2
+    steps: sigma_max and about 2.5 at rho = 7)."""
+    sigma_min, sigma_max = _ratio_range(process)
+    levels = edm_sigma_grid(num_steps + 1, sigma_min, sigma_max, rho)[:num_steps]
+    return _on_process(process, torch.cat([levels, torch.zeros(1, dtype=torch.float64)]))
+
+
 def _ratio_range(process: ForwardProcess) -> tuple[float, float]:
     return getattr(process, "sigma_min", 0.002), getattr(process, "sigma_max", 80.0)
 
@@ -239,3 +248,17 @@ def _ratio_range(process: ForwardProcess) -> tuple[float, float]:
 def _on_process(process: ForwardProcess, ratios: Tensor) -> Tensor:
     # A discrete process (DDPM) maps neighbouring levels to the same step: keep one of each.
     return torch.unique_consecutive(process.t_from_ratio(ratios))
+
+
+def consistency_levels(images_seen: int, start: int, end: int, double_every_kimg: float) -> int:
+    """N(k), the number of noise levels of consistency training at this point of the run:
+    min(s0 * 2^floor(k / K'), s1) + 1 (Song & Dhariwal 2023, eq. 8), with k counted in images
+    (every ``double_every_kimg`` thousand images the discretisation doubles)."""
+    doublings = min(math.floor(images_seen / (1000 * double_every_kimg)), 62)
+    return min(start * 2**doublings, end) + 1
+
+
+def consistency_sigmas(levels: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
+    """The ``levels`` noise levels of the discretisation, ascending: Karras et al.'s rho spacing
+    (their eq. 5) from sigma_min to sigma_max, as consistency models use it."""
+    return edm_sigma_grid(levels, sigma_min, sigma_max, rho)[:-1].flip(0)

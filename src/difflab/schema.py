@@ -80,11 +80,31 @@ class EDMMethod:
     sigma_max: float = setting(80.0, low=0, low_open=True)
 
 
+@dataclass
+class ConsistencyMethod:
+    """Consistency models (Song et al. 2023; improved training, Song & Dhariwal 2023): one
+    network maps any noise level straight to the clean end."""
+
+    teacher: str = ""  # a diffusion run or export to distil from; "" = consistency training
+    teacher_solver: str = setting("heun", choices=("heun", "euler"))  # its ODE step per pair
+    sigma_data: float = setting(0.5, low=0, low_open=True)
+    sigma_min: float = setting(0.002, low=0, low_open=True)
+    sigma_max: float = setting(80.0, low=0, low_open=True)
+    rho: float = setting(7.0, low=0, low_open=True, high=1000)  # discretisation (Karras eq. 5)
+    p_mean: float = setting(-1.1)  # noise levels: log-normal over the discretisation
+    p_std: float = setting(2.0, low=0, low_open=True)
+    start_levels: int = setting(10, low=1, high=100_000)  # N(k): s0 at the start, doubling
+    max_levels: int = setting(1280, low=1, high=100_000)  # ... up to s1
+    double_every_kimg: float = setting(8.0, low=0, low_open=True)  # ... every this many kimg
+    huber_c: float = setting(0.0, low=0)  # pseudo-Huber c; 0 = 0.00054 sqrt(dimensions)
+
+
 #: The options section each method reads.
 METHOD_SECTIONS = {
     "tutorial": "tutorial",
     "ddpm": "ddpm",
     "ddpm-cosine": "ddpm",
+    "consistency": "consistency",
     "flow": "flow",
     "edm": "edm",
 }
@@ -95,12 +115,13 @@ class MethodConfig:
     """The method's name, what all methods share, and one section of options per method; only
     the section of the chosen method is read and checked."""
 
-    name: str = "edm"  # "tutorial", "ddpm", "ddpm-cosine", "flow" or "edm"
+    name: str = "edm"  # "tutorial", "ddpm", "ddpm-cosine", "flow", "edm" or "consistency"
     stratified: bool = False  # spread the batch's noise levels evenly over their distribution
     tutorial: TutorialMethod = field(default_factory=TutorialMethod)
     ddpm: DDPMMethod = field(default_factory=DDPMMethod)
     flow: FlowMethod = field(default_factory=FlowMethod)
     edm: EDMMethod = field(default_factory=EDMMethod)
+    consistency: ConsistencyMethod = field(default_factory=ConsistencyMethod)
 
     @property
     def section(self) -> str | None:

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from difflab.config import Config, from_dict, load_json, validate
+from difflab.config import Config, from_dict, load_json, upgrade, validate
 from difflab.errors import DifflabError, brief
 from difflab.io import fsync_dir, new_file_mode
 
@@ -259,17 +259,11 @@ def load_model(
     weights fit, or ``checkpoint``) or of an exported .safetensors file; EMA weights unless
     ``ema`` is False."""
     path = Path(path)
-    if path.is_file():
-        return _load_exported(path, build)
-    if not path.exists():
-        kind = "exported file" if path.suffix == ".safetensors" else "run directory"
-        raise DifflabError(
-            f"{kind} {path} does not exist; give a run directory or an exported .safetensors"
-        )
-    if not path.is_dir():
-        raise DifflabError(f"{path} is neither a run directory nor an exported .safetensors file")
-    config = load_json(path / "config.json")
+    config = stored_config(path)
     net = build(config)
+    if path.is_file():
+        load_weights_into(net, _load_weights(path), path)
+        return LoadedModel(config, net, _exported_step(path), path)
 
     def use(ckpt: Checkpoint) -> int:
         weights = ckpt.ema if ema and ckpt.ema is not None else ckpt.net
@@ -288,7 +282,22 @@ def load_model(
     return LoadedModel(config, net, step, path)
 
 
-def _load_exported(path: Path, build: Callable[[Config], nn.Module]) -> LoadedModel:
+def stored_config(path: str | Path) -> Config:
+    """The config stored with a run directory (config.json) or an exported .safetensors."""
+    path = Path(path)
+    if path.is_file():
+        return validate(from_dict(upgrade(_exported_metadata(path, "config"))))
+    if not path.exists():
+        kind = "exported file" if path.suffix == ".safetensors" else "run directory"
+        raise DifflabError(
+            f"{kind} {path} does not exist; give a run directory or an exported .safetensors"
+        )
+    if not path.is_dir():
+        raise DifflabError(f"{path} is neither a run directory nor an exported .safetensors file")
+    return load_json(path / "config.json")
+
+
+def _exported_metadata(path: Path, key: str) -> dict:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -296,18 +305,20 @@ def _load_exported(path: Path, build: Callable[[Config], nn.Module]) -> LoadedMo
         raise DifflabError(
             f"{path} is not a difflab export or run directory ({brief(error)})"
         ) from None
-    if "config" not in metadata:
+    if key not in metadata:
         raise DifflabError(
-            f"{path} has no difflab config in its metadata: export it with difflab export"
+            f"{path} has no difflab {key} in its metadata: export it with difflab export"
         )
     try:
-        values = json.loads(metadata["config"])
+        values = json.loads(metadata[key])
     except json.JSONDecodeError:
-        raise DifflabError(f"{path}: the config in its metadata is not valid JSON") from None
+        raise DifflabError(f"{path}: the {key} in its metadata is not valid JSON") from None
     if not isinstance(values, dict):
-        raise DifflabError(f"{path}: the config in its metadata is not a difflab config")
-    config = validate(from_dict(values))
-    net = build(config)
-    load_weights_into(net, _load_weights(path), path)
-    step = metadata.get("step", "0")
-    return LoadedModel(config, net, int(step) if step.isdigit() else 0, path)
+        raise DifflabError(f"{path}: the {key} in its metadata is not a difflab {key}")
+    return values
+
+
+def _exported_step(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as handle:
+        step = (handle.metadata() or {}).get("step", "0")
+    return int(step) if step.isdigit() else 0

@@ -114,6 +114,7 @@ class Trainer:
 
         # Model, EMA, optimizer.
         self.method: Method = build_method(config)
+        self.method.objective.prepare(device)  # e.g. a distillation teacher, on the device
         torch.manual_seed(derive_seed(t.seed, "init"))  # the same seed gives the same network
         self.net: nn.Module = build_network(config).to(device)
         if t.channels_last:
@@ -259,7 +260,8 @@ class Trainer:
         index = to_device(batch_indices(self.step, len(self.images), self.config), device)
         total = len(index)
         gen = generator(device, derive_seed(t.seed, "noise", self.step))
-        draw = self.method.objective.draw(total, tuple(self.images.shape[1:]), gen, device)
+        shape = tuple(self.images.shape[1:])
+        draw = self.method.objective.draw(total, shape, gen, device, self.images_seen)
         flips = torch.rand(total, generator=gen, device=device) < 0.5
         labels = self._dropped_labels(index, gen) if self.conditional else None
         torch.manual_seed(derive_seed(t.seed, "dropout", self.step, world.rank))
@@ -328,7 +330,8 @@ class Trainer:
             return math.nan
         count = min(len(self.images), self.config.train.batch_size)
         gen = generator(self.device, derive_seed(self.config.train.seed, "ema-loss"))
-        draw = self.method.objective.draw(count, tuple(self.images.shape[1:]), gen, self.device)
+        shape = tuple(self.images.shape[1:])
+        draw = self.method.objective.draw(count, shape, gen, self.device, self.images_seen)
         x0 = self.images[:count].float().div(127.5).sub(1.0)
         labels = self.labels[:count] if self.conditional else None
         with self._autocast():
