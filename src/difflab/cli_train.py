@@ -47,7 +47,17 @@ def _train_config(args: argparse.Namespace):
         "sampler.name": args.sampler,
     }
     overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    return validate(apply_overrides(config, overrides + args.set))
+    return _absolute_data(validate(apply_overrides(config, overrides + args.set)))
+
+
+def _absolute_data(config):
+    """A folder given as the data is stored as an absolute path, so that --resume and distill
+    find it from any working directory."""
+    source = config.data.source
+    if source.strip().lower() == "cifar10":
+        return config
+    absolute = str(Path(source).expanduser().resolve())
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, source=absolute))
 
 
 RESUMABLE = {
@@ -136,6 +146,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         train=length,
     )
     flags = {
+        "data.source": args.data,
         "train.steps": args.steps,
         "train.images": args.images,
         "train.time_limit": args.time_limit,
@@ -145,7 +156,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         "train.checkpoint_every": args.checkpoint_every,
     }
     overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    config = validate(apply_overrides(config, overrides + args.set))
+    config = _absolute_data(validate(apply_overrides(config, overrides + args.set)))
     init = None if args.from_scratch else teacher
     return _run_training(config, Path(args.out), args, init=init, class_is_default=True)
 
@@ -251,6 +262,7 @@ def add_distill_command(sub: argparse._SubParsersAction) -> None:
     )
     distill.add_argument("run_dir", help="the teacher: a diffusion run directory or export")
     distill.add_argument("--out", required=True, help="the student's run directory")
+    distill.add_argument("--data", help="the images to distil on (default: the teacher's)")
     distill.add_argument(
         "--method", choices=["consistency"], default="consistency", help="consistency models"
     )

@@ -1,0 +1,74 @@
+"""bench/fewstep.py's results as the "## One and two steps" section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difflab.viz import plot_lines
+
+FIGURE = "fewstep.png"
+TARGETS = {2: 0.15, 1: 0.35}  # issue 16: FID-1k within 15% (2 evaluations), 35% (1) of the
+# teacher's at 35 evaluations
+
+
+def section(values: dict, settings, figures: Path) -> str:
+    student, teacher = values.get("student", []), values["teacher"]
+    lines = [
+        "## One and two steps",
+        "",
+        f"_Written by `bench/fewstep.py report`; teacher `{settings.teacher.name}` (flow-cpu, 30 "
+        f"minutes on the cars), student distilled for {values['distill_minutes']:.1f} minutes "
+        "with `difflab distill` (consistency distillation, section 2.8 of docs/methods.md)._",
+        "",
+        "1,000 samples each, FID-1k and KID against the 5,000 training cars, as in the quality "
+        "benchmark. Sampling images/s: 100 images in-process on this CPU after a warm-up.",
+        "",
+        "| model | sampler | network evaluations | FID-1k | KID | sampling img/s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for who, rows in (("student", student), ("teacher", teacher)):
+        for r in sorted(rows, key=lambda r: (r["evaluations"], r["sampler"])):
+            lines.append(
+                f"| {who} | {r['sampler']} {r['steps']} | {r['evaluations']} | {r['fid']:.1f} | "
+                f"{r['kid']:.4f} ± {r['kid_std']:.4f} | {r['images_per_s']:.1f} |"
+            )
+    lines += ["", *_targets(student, teacher), *_plot(student, teacher, figures)]
+    return "\n".join(lines) + "\n"
+
+
+def _targets(student: list[dict], teacher: list[dict]) -> list[str]:
+    full = next((r for r in teacher if r["evaluations"] == 35), None)
+    if full is None or not student:
+        return []
+    lines = []
+    for evaluations, margin in TARGETS.items():
+        row = next((r for r in student if r["evaluations"] == evaluations), None)
+        if row is None:
+            continue
+        ratio = row["fid"] / full["fid"] - 1
+        met = "met" if ratio <= margin else "**not met**"
+        lines.append(
+            f"- {evaluations} evaluation(s): student FID-1k {row['fid']:.1f} against the "
+            f"teacher's {full['fid']:.1f} at 35 ({ratio:+.0%}; target at most {margin:+.0%}): {met}."
+        )
+    fastest = max(student, key=lambda r: r["images_per_s"])
+    lines.append(
+        f"- Speed: the 1-step student samples {fastest['images_per_s']:.1f} img/s against the "
+        f"teacher's {full['images_per_s']:.1f} at 35 evaluations "
+        f"({fastest['images_per_s'] / full['images_per_s']:.0f}x)."
+    )
+    return [*lines, ""]
+
+
+def _plot(student: list[dict], teacher: list[dict], figures: Path) -> list[str]:
+    series = {}
+    for name, rows in [("student (consistency)", student)] + [
+        (f"teacher, {s}", [r for r in teacher if r["sampler"] == s])
+        for s in sorted({r["sampler"] for r in teacher})
+    ]:
+        rows = sorted(rows, key=lambda r: r["evaluations"])
+        if rows:
+            series[name] = ([r["evaluations"] for r in rows], [r["fid"] for r in rows])
+    plot_lines(series, figures / FIGURE, xlabel="network evaluations per image", ylabel="FID-1k",
+               logy=True, logx=True)  # fmt: skip
+    return [f"![FID-1k against network evaluations](figures/{FIGURE})", ""]
