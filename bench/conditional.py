@@ -11,6 +11,7 @@ Resumable pieces; every result lands in bench/results/conditional/*.json when me
                                           # 100 cars against the car reference
     python bench/conditional.py cars      # flow-cpu on the cars alone, same budget: KID of 100
                                           # samples against the car reference (same n)
+    python bench/conditional.py rates     # sampling images/s of each, in-process, machine quiet
     python bench/conditional.py report
     python bench/conditional.py all       # every missing piece, in this order
 
@@ -137,6 +138,28 @@ def piece_cars(settings: Settings) -> None:
     save(results, {"n100": small, "n1000": full})
 
 
+def piece_rates(settings: Settings, num: int = 100) -> None:
+    """Sampling images/s at each guidance weight and of the cars-only run, in-process after a
+    warm-up (the sweep's own sampling may share the CPU with other work)."""
+    from difflab.api import load_run
+
+    results = settings.result("rates")
+    if results.exists():
+        return
+    rates = {}
+    for name, requests in (("cond", [{"label": "all", "guidance": w} for w in GUIDANCE]),
+                           ("cars", [{}])):  # fmt: skip
+        run = load_run(settings.run_dir(name), device="cpu")
+        for request in requests:
+            run.generate(10, **request)
+            started = time.monotonic()
+            run.generate(num, **request)
+            rates[f"{name} {request.get('guidance', '')}".strip()] = num / (
+                time.monotonic() - started
+            )
+    save(results, {"images_per_s": rates, "num": num})
+
+
 def piece_report(settings: Settings) -> None:
     from report_conditional import section
 
@@ -146,6 +169,8 @@ def piece_report(settings: Settings) -> None:
     values = {"sweep": json.loads(sweep.read_text())}
     if cars.exists():
         values["cars"] = json.loads(cars.read_text())
+    if settings.result("rates").exists():
+        values["rates"] = json.loads(settings.result("rates").read_text())["images_per_s"]
     for name in ("cond", "cars"):
         values[f"train-{name}"] = quality._elapsed_minutes(settings.run_dir(name))
     target = settings.out / "benchmarks.md" if settings.quick else BENCHMARKS
@@ -154,7 +179,9 @@ def piece_report(settings: Settings) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("piece", choices=["ref", "train", "sweep", "cars", "report", "all"])
+    parser.add_argument(
+        "piece", choices=["ref", "train", "sweep", "cars", "rates", "report", "all"]
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="class folders of images")
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--chunks", type=int, default=3)
@@ -166,7 +193,7 @@ def main() -> None:
     if args.quick:
         settings.num = 20
     pieces = {"ref": piece_ref, "train": piece_train, "sweep": piece_sweep,
-              "cars": piece_cars, "report": piece_report}  # fmt: skip
+              "cars": piece_cars, "rates": piece_rates, "report": piece_report}  # fmt: skip
     for name in list(pieces) if args.piece == "all" else [args.piece]:
         pieces[name](settings)
 

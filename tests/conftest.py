@@ -75,3 +75,17 @@ def tiny_preset(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_PRESET)
     return path
+
+
+@pytest.fixture
+def checkpointed(tmp_path, tiny_preset, image_folder, capsys) -> Path:
+    """A run of the tiny preset with checkpoints at steps 3 and 6 (pictures off)."""
+    from difflab.train.checkpoint import list_checkpoints
+
+    run_dir = tmp_path / "run"
+    args = ["train", "--preset", tiny_preset, "--data", image_folder, "--out", run_dir]
+    args += ["--no-progress", "--set", "train.sample_every_kimg=0", "--steps", 6]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000003", "step-00000006"]
+    return run_dir

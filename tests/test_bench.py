@@ -153,7 +153,7 @@ def test_gpu_check_runs_every_part_on_the_cpu_and_writes_its_section(tmp_path, m
     values = json.loads((results / "gpu.json").read_text())
     (path,) = values["paths"]
     assert path["ok"] and path["gif"] and path["checkpoints"] >= 1, path
-    assert path["samplers"] == ["euler", "heun", "edm", "dpm++2m"]
+    assert path["samplers"] == ["euler", "heun", "edm", "dpm++2m", "ipndm"]
     assert [row["name"] for row in values["speed"]] == ["flow-cpu, bf16", "flow-cpu, fp32"]
     assert all(row["ok"] and row["images_per_s"] > 0 for row in values["speed"])
     text = (results / "benchmarks.md").read_text()
