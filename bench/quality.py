@@ -318,7 +318,16 @@ def load_results(settings: Settings, piece: str) -> dict[str, dict]:
 def piece_report(settings: Settings) -> None:
     import report_quality
 
+    from difflab.report import write_report
+
     report_quality.write(settings, load_results, [*ENTRIES, "lucidrains"])
+    runs = [
+        settings.run_dir(name)
+        for name in ENTRIES
+        if (settings.run_dir(name) / "config.json").exists()
+    ]
+    if runs:  # the entries side by side, by eye (bench/out is not committed)
+        print(f"wrote {write_report(runs, settings.out / 'report.html')}")
 
 
 PIECES = {

@@ -141,6 +141,18 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from difflab.io import check_output_file
+    from difflab.report import write_report
+
+    out = check_output_file(Path(args.out), "--out")
+    if out.suffix not in (".html", ".htm"):
+        raise DifflabError(f"--out {out}: the report is an .html file")
+    write_report([Path(run) for run in args.run_dirs], out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(args.run_dirs)} run(s))")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
@@ -209,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--gif", action="store_true", help="also write reverse-process.gif")
     sample.add_argument("--device", default="auto")
     sample.set_defaults(func=cmd_sample)
+
+    report = sub.add_parser("report", help="one self-contained HTML page of runs")
+    report.add_argument("run_dirs", nargs="+", help="run directories (side-by-side columns)")
+    report.add_argument("--out", required=True, help="the .html file to write")
+    report.set_defaults(func=cmd_report)
 
     presets = sub.add_parser("presets", help="list presets with parameter counts")
     presets.set_defaults(func=cmd_presets)

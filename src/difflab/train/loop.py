@@ -7,12 +7,16 @@ to stop.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import platform
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from difflab.config import Config
@@ -53,6 +57,31 @@ def train(config: Config, run_dir: Path, **kwargs) -> TrainResult:
         D.shutdown(trainer.world)
 
 
+def record_invocation(trainer: Trainer) -> None:
+    """One line per training invocation in RUN_DIR/invocations.jsonl: when, from which step,
+    on what machine (for reports)."""
+    device = trainer.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+    row = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "step": trainer.step,
+        "machine": f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{trainer.world.size} process(es) on {device.type}",
+    }
+    with open(trainer.run_dir / "invocations.jsonl", "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
 class Loop:
     def __init__(self, trainer: Trainer, progress: bool = True) -> None:
         self.trainer, self.progress = trainer, progress
@@ -61,6 +90,7 @@ class Loop:
         if self.main:
             self.logbook = TrainLog(t.run_dir, start_step=t.step)
             self.pictures = Pictures(t.run_dir, t.method, t.plan, config)
+            record_invocation(t)
         probe = self.main and config.train.eval_every_kimg > 0
         self.quality = QualityProbe(config, t.plan) if probe else None
 
