@@ -12,7 +12,7 @@ from pathlib import Path
 
 from difflab.config import SamplerConfig, TrainConfig
 from difflab.errors import DifflabError, one_line, shorten
-from difflab.limits import MAX_IMAGES, MAX_SAMPLE_BATCH, Bounded, Limits
+from difflab.limits import MAX_IMAGES, MAX_SAMPLE_BATCH, Bounded, Limits, limits_of
 
 log = logging.getLogger("difflab")
 EXIT_ERROR = 2
@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument(
         "--sampler",
-        help="tutorial, ancestral, ddim, euler, heun, edm, edm-stochastic, dpm++2m, ipndm",
+        help="tutorial, ancestral, ddim, euler, heun, edm, edm-stochastic, dpm++2m, ipndm, "
+        "consistency",
     )
     sample.add_argument("--steps", type=SAMPLER_STEPS, help="sampler steps")
     sample.add_argument(
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument(
         "--grid",
-        choices=["default", "process", "edm", "logsnr"],
+        choices=limits_of(SamplerConfig, "grid").choices,
         help="time grid: the sampler's, the process's, EDM's rho = 7 spacing, even in log SNR",
     )
     sample.add_argument("--checkpoint", help="a checkpoint folder of the run (default: newest)")
