@@ -151,3 +151,25 @@ def test_bad_distillation_input_is_one_line(teacher, tmp_path, capsys):
                            "--out", tmp_path / "z")  # fmt: skip
     assert code == 2 and "needs a flow or EDM model" in err, err
     assert ConsistencyMethod().teacher == ""  # consistency training unless a teacher is given
+
+
+def test_the_target_network_is_these_weights_or_the_runs_ema():
+    """theta^- is the online network, not differentiated (mu = 0), unless target = "ema" asks
+    for the second network the trainer offers: its EMA weights (the original paper's)."""
+    from difflab.models import UNet, UNetConfig
+
+    method = METHODS["consistency"](MethodConfig(name="consistency"))
+    torch.manual_seed(0)
+    options = {"channel_mult": (1, 2), "attention_resolutions": (), "num_blocks": 1}
+    online, other = (UNet(3, 8, UNetConfig(channels=8, **options)) for _ in range(2))
+    for p in [*online.parameters(), *other.parameters()]:
+        torch.nn.init.normal_(p, std=0.05)
+    draw = method.objective.draw(6, (3, 8, 8), torch.Generator().manual_seed(1), "cpu")
+    x0 = torch.rand(6, 3, 8, 8) * 2 - 1
+    args = (method.denoiser(online), x0, draw, None, method.denoiser(other))
+    mu_zero = method.objective.loss(*args)
+    method.objective.target = "ema"
+    with_ema = method.objective.loss(*args)
+    assert not torch.allclose(mu_zero, with_ema)
+    method.objective.target = "online"
+    assert torch.equal(mu_zero, method.objective.loss(*args[:3]))

@@ -93,9 +93,15 @@ class Objective:
         return Draw(self.times(u), eps)
 
     def loss(
-        self, denoiser: Denoiser, x0: Tensor, draw: Draw, labels: Tensor | None = None
+        self,
+        denoiser: Denoiser,
+        x0: Tensor,
+        draw: Draw,
+        labels: Tensor | None = None,
+        target: Denoiser | None = None,
     ) -> Tensor:
-        """Per-sample loss [N]; the trainer reduces it."""
+        """Per-sample loss [N]; the trainer reduces it. ``target`` is a second network the
+        trainer offers (its EMA weights); objectives that compare two networks use it."""
         c = denoiser.coefficients(draw.t, x0.ndim)
         x_t = c.alpha * x0 + c.sigma * draw.eps
         out = denoiser.raw(x_t, draw.t, labels).float()
@@ -140,7 +146,8 @@ class ConsistencyObjective(Objective):
     """Consistency training or distillation (Song et al. 2023, Algorithms 2 and 3, with the
     improvements of Song & Dhariwal 2023): for neighbouring levels sigma_n < sigma_{n+1} of
     the current discretisation, f(x_{n+1}, sigma_{n+1}) is pulled towards f(x_n, sigma_n) of the
-    same network, not differentiated (their target network with mu = 0). x_n is a teacher's ODE
+    same network, not differentiated (their target network with mu = 0; ``target = "ema"`` uses
+    the run's EMA weights instead, the original paper's theta^-). x_n is a teacher's ODE
     step back from x_{n+1} (distillation) or x0 + sigma_n z with the same z (training).
 
     Loss per sample: lambda(sigma) * (sqrt(|a - b|^2 + c^2) - c), the pseudo-Huber distance with
@@ -160,6 +167,7 @@ class ConsistencyObjective(Objective):
     huber_c: float = 0.0
     teacher: Callable[[torch.device], Denoiser] | None = None  # loads the teacher on a device
     teacher_solver: str = "heun"
+    target: str = "online"  # theta^-: "online" (mu = 0, improved CT) or "ema" (the run's EMA)
     _teacher: Denoiser | None = field(default=None, repr=False)
 
     def prepare(self, device: torch.device) -> None:
@@ -178,18 +186,19 @@ class ConsistencyObjective(Objective):
         sigmas = sigmas.to(device=device, dtype=torch.float32)
         return ConsistencyDraw(sigmas[n + 1], eps, sigmas[n])
 
-    def loss(self, denoiser, x0, draw, labels=None) -> Tensor:
+    def loss(self, denoiser, x0, draw, labels=None, target=None) -> Tensor:
         high = _per_sample(draw.t, x0.ndim)
         x_high = x0 + high * draw.eps
         x_low = self._step_back(x_high, draw, labels) if self.teacher else None
         if x_low is None:
             x_low = x0 + _per_sample(draw.t_low, x0.ndim) * draw.eps
         online = denoiser(x_high, draw.t, labels).x0.float()
-        with torch.no_grad():
-            target = denoiser(x_low, draw.t_low, labels).x0.float()
+        with torch.no_grad():  # theta^-: the run's EMA ("ema") or these weights ("online")
+            theirs = target if self.target == "ema" and target is not None else denoiser
+            goal = theirs(x_low, draw.t_low, labels).x0.float()
         dims = x0[0].numel()
         c = self.huber_c or 0.00054 * dims**0.5
-        distance = ((online - target).flatten(1).pow(2).sum(1) + c**2).sqrt() - c
+        distance = ((online - goal).flatten(1).pow(2).sum(1) + c**2).sqrt() - c
         return distance / (draw.t - draw.t_low)
 
     @torch.no_grad()

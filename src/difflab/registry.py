@@ -193,6 +193,7 @@ def _consistency(m: MethodConfig) -> Method:
         huber_c=c.huber_c,
         teacher=functools.partial(_load_teacher, c.teacher) if c.teacher else None,
         teacher_solver=c.teacher_solver,
+        target=c.target,
     )
     parameterization = ConsistencyParameterization(c.sigma_data, c.sigma_min)
     return Method("consistency", process, parameterization, objective, "consistency", 1)

@@ -97,6 +97,7 @@ class ConsistencyMethod:
     max_levels: int = setting(1280, low=1, high=100_000)  # ... up to s1
     double_every_kimg: float = setting(8.0, low=0, low_open=True)  # ... every this many kimg
     huber_c: float = setting(0.0, low=0)  # pseudo-Huber c; 0 = 0.00054 sqrt(dimensions)
+    target: str = setting("online", choices=("online", "ema"))  # theta^-: mu = 0, or the EMA
 
 
 #: The options section each method reads.

@@ -122,6 +122,8 @@ class Trainer:
         if init is not None:
             load_model(init, lambda _source_config: self.net)
         self.ema = make_ema(self.net) if t.ema_halflife_kimg > 0 else None
+        # The second network an objective may compare against (consistency's theta^-).
+        self._target = self.method.denoiser(self.ema) if self.ema is not None else None
         self.optimizer = self._make_optimizer()
         self.step, self.images_seen, self.elapsed = 0, 0, 0.0
         if resume:
@@ -283,7 +285,7 @@ class Trainer:
                 x0 = self._batch(index[rows], flips[rows])
                 mine_labels = None if labels is None else labels[rows]
                 per_sample = self.method.objective.loss(
-                    self.train_denoiser, x0, draw[rows], mine_labels
+                    self.train_denoiser, x0, draw[rows], mine_labels, self._target
                 )
                 loss = per_sample.sum() * (world.size / total)
                 loss.backward()
