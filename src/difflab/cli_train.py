@@ -34,19 +34,7 @@ def _train_config(args: argparse.Namespace):
             config.sampler = SamplerConfig()
     if args.network:
         config.network.name = args.network
-    flags = {
-        "data.source": args.data,
-        "data.class_name": args.class_name,
-        "train.steps": args.steps,
-        "train.images": args.images,
-        "train.time_limit": args.time_limit,
-        "train.batch_size": args.batch_size,
-        "train.seed": args.seed,
-        "train.device": args.device,
-        "train.checkpoint_every": args.checkpoint_every,
-        "sampler.name": args.sampler,
-    }
-    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    overrides = _flags(args, *RUN_FLAGS, "data.source", "data.class_name", "sampler.name")
     return _absolute_data(validate(apply_overrides(config, overrides + args.set)))
 
 
@@ -58,6 +46,28 @@ def _absolute_data(config):
         return config
     absolute = str(Path(source).expanduser().resolve())
     return dataclasses.replace(config, data=dataclasses.replace(config.data, source=absolute))
+
+
+#: The config key of each command-line option (args.<name> holds its value).
+FLAG_KEYS = {
+    "data.source": "data",
+    "data.class_name": "class_name",
+    "sampler.name": "sampler",
+    "train.steps": "steps",
+    "train.images": "images",
+    "train.time_limit": "time_limit",
+    "train.batch_size": "batch_size",
+    "train.seed": "seed",
+    "train.device": "device",
+    "train.checkpoint_every": "checkpoint_every",
+}
+RUN_FLAGS = [key for key in FLAG_KEYS if key.startswith("train.")]
+
+
+def _flags(args: argparse.Namespace, *keys: str) -> list[str]:
+    """``key=value`` overrides of the options given, for these config keys."""
+    values = {key: getattr(args, FLAG_KEYS[key]) for key in keys}
+    return [f"{key}={json.dumps(value)}" for key, value in values.items() if value is not None]
 
 
 RESUMABLE = {
@@ -99,14 +109,7 @@ def _resume_config(args: argparse.Namespace):
             raise DifflabError(
                 f"--set {item}: only {', '.join(sorted(RESUMABLE))} can change on --resume"
             )
-    flags = {
-        "train.steps": args.steps,
-        "train.images": args.images,
-        "train.time_limit": args.time_limit,
-        "train.device": args.device,
-        "train.checkpoint_every": args.checkpoint_every,
-    }
-    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    overrides = _flags(args, *sorted(RESUMABLE))
     return validate(apply_overrides(config, overrides + args.set)), run_dir
 
 
@@ -145,17 +148,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         sampler=SamplerConfig(),
         train=length,
     )
-    flags = {
-        "data.source": args.data,
-        "train.steps": args.steps,
-        "train.images": args.images,
-        "train.time_limit": args.time_limit,
-        "train.batch_size": args.batch_size,
-        "train.seed": args.seed,
-        "train.device": args.device,
-        "train.checkpoint_every": args.checkpoint_every,
-    }
-    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    overrides = _flags(args, *RUN_FLAGS, "data.source")
     config = _absolute_data(validate(apply_overrides(config, overrides + args.set)))
     init = None if args.from_scratch else teacher
     return _run_training(config, Path(args.out), args, init=init, class_is_default=True)
@@ -229,30 +222,14 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--data", help="cifar10 (download) or an image folder")
     train.add_argument("--class", dest="class_name", help="class name or index to train on")
     train.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
-    train.add_argument("--steps", type=_train_option("steps", low=1), help="total optimizer steps")
-    train.add_argument("--images", type=_train_option("images", low=1), help="total images")
-    train.add_argument(
-        "--time-limit",
-        type=_train_option("time_limit", low_open=True),
-        help="minutes of training in this invocation",
-    )
-    train.add_argument("--batch-size", type=_train_option("batch_size"))
-    train.add_argument("--seed", type=SEED)
+    _add_run_options(train)
     train.add_argument("--method", help="tutorial, ddpm, ddpm-cosine, flow, edm or consistency")
     train.add_argument("--network", help="tutorial, tutorial-keras or unet")
     train.add_argument("--sampler", help="sampler for the pictures (default: the method's)")
-    train.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
-    train.add_argument(
-        "--checkpoint-every", type=_train_option("checkpoint_every"), help="steps between them"
-    )
-    train.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config value"
-    )
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run")
     train.add_argument(
         "--init", metavar="FILE", help="start from exported weights (or a run directory)"
     )
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
 
@@ -274,19 +251,26 @@ def add_distill_command(sub: argparse._SubParsersAction) -> None:
     distill.add_argument(
         "--from-scratch", action="store_true", help="do not start from the run's weights"
     )
-    distill.add_argument("--steps", type=_train_option("steps", low=1), help="total steps")
-    distill.add_argument("--images", type=_train_option("images", low=1), help="total images")
-    distill.add_argument(
-        "--time-limit", type=_train_option("time_limit", low_open=True), help="minutes"
+    _add_run_options(distill)
+    distill.set_defaults(func=cmd_distill)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a training run that train and distill share."""
+    parser.add_argument("--steps", type=_train_option("steps", low=1), help="total optimizer steps")
+    parser.add_argument("--images", type=_train_option("images", low=1), help="total images")
+    parser.add_argument(
+        "--time-limit",
+        type=_train_option("time_limit", low_open=True),
+        help="minutes of training in this invocation",
     )
-    distill.add_argument("--batch-size", type=_train_option("batch_size"))
-    distill.add_argument("--seed", type=SEED)
-    distill.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
-    distill.add_argument(
+    parser.add_argument("--batch-size", type=_train_option("batch_size"))
+    parser.add_argument("--seed", type=SEED)
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument(
         "--checkpoint-every", type=_train_option("checkpoint_every"), help="steps between them"
     )
-    distill.add_argument(
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any config value"
     )
-    distill.add_argument("--no-progress", action="store_true", help="no progress bar")
-    distill.set_defaults(func=cmd_distill)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")

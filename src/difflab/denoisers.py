@@ -201,19 +201,20 @@ def times_like(t: Tensor | float, x: Tensor) -> Tensor:
     return t.expand(x.shape[0]) if t.numel() == 1 else t
 
 
-class ConsistencyParameterization(Parameterization):
+class ConsistencyParameterization(EDMPreconditioning):
     """A consistency function f(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (Song et al.
-    2023, eq. 7 and App. C): c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2) and c_out =
-    sd (sigma - sigma_min) / sqrt(sd^2 + sigma^2), so f(x, sigma_min) = x exactly (the boundary
-    condition, their eq. 5) whatever the network says. Its output is the clean image reached
-    by following the ODE from (x, sigma) to the end; it has no per-sample regression target:
-    the consistency objective compares two of its outputs.
+    2023, eq. 7 and App. C): EDM's preconditioning with c_skip = sd^2 / ((sigma - sigma_min)^2 +
+    sd^2) and c_out = sd (sigma - sigma_min) / sqrt(sd^2 + sigma^2), so f(x, sigma_min) = x
+    exactly (the boundary condition, their eq. 5) whatever the network says. Its output is the
+    clean image reached by following the ODE from (x, sigma) to the end; it has no per-sample
+    regression target: the consistency objective compares two of its outputs.
     """
 
     name = "consistency"
 
     def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002) -> None:
-        self.sigma_data, self.sigma_min = sigma_data, sigma_min
+        super().__init__(sigma_data)
+        self.sigma_min = sigma_min
 
     def _scales(self, c: Coefficients) -> tuple[Tensor, Tensor, Tensor]:
         sd2, s2, gap = self.sigma_data**2, c.sigma**2, c.sigma - self.sigma_min
@@ -222,13 +223,8 @@ class ConsistencyParameterization(Parameterization):
         c_in = 1 / (s2 + sd2).sqrt()
         return c_skip, c_out, c_in
 
-    def network_input(self, x: Tensor, c: Coefficients) -> Tensor:
-        return self._scales(c)[2] * x
-
-    def to_x0_eps(self, out: Tensor, x: Tensor, c: Coefficients) -> Prediction:
-        c_skip, c_out, _ = self._scales(c)
-        x0 = c_skip * x + c_out * out
-        return Prediction(x0, (x - x0) / c.sigma)
+    def target(self, x0: Tensor, eps: Tensor, c: Coefficients) -> Tensor:
+        raise NotImplementedError("a consistency model has no per-sample regression target")
 
 
 class Denoiser(nn.Module):
