@@ -30,7 +30,7 @@ from quality_setup import DEFAULT_DATA, Settings, difflab, save
 STUDENT_STEPS = [1, 2, 4]
 # (sampler, steps): 1, 2, 4, 10 and 35 network evaluations with the solvers that do best there.
 TEACHER_ROWS = [("ipndm", 1), ("ipndm", 2), ("ipndm", 4), ("dpm++2m", 4), ("ipndm", 10),
-                ("dpm++2m", 10), ("heun", 18)]  # fmt: skip
+                ("heun", 18)]  # fmt: skip
 HEADING = "## One and two steps"
 
 

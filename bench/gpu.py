@@ -1,7 +1,8 @@
 """One prepared GPU check (issue 13): every path on CUDA, then training speed, in one deadline.
 
     python bench/gpu.py --data FOLDER [--results DIR] [--minutes 8] [--device cuda]
-    python bench/gpu.py --render DIR/gpu.json      # write the "## GPU" section on any machine
+    python bench/gpu.py --render DIR/gpu.json [MORE.json]   # write the "## GPU" section here
+                                                          # (a later run's rows merged in)
 
 Needs only the checkout (``PYTHONPATH=src``) and a folder of images (class folders named as
 CIFAR-10's, e.g. 500 of each class, so the ``-cond`` presets learn classes); never the Inception
@@ -13,8 +14,9 @@ weights. In order, each part skipped with a note once the deadline is near:
    first checkpoint and ``--resume``, ``sample --strip --gif``, ``torchrun --nproc_per_node=1``,
    and eval's sampling half (1,000 images through ``Run.generate``) into ``samples.tar``, which
    ``difflab eval`` scores on the CPU afterwards.
-3. Speed: every preset eager in bf16 and fp32; then compiled; then the paper-size U-Net's levers
-   (batch 512, channels_last, foreach instead of fused Adam, compile modes). Images/s, achieved
+3. Speed: first the paper-size U-Net's levers (batch 512, compiled or eager, channels_last,
+   foreach instead of fused Adam, CUDA graphs); then every preset eager in bf16 and fp32; then
+   the slow compiles (max-autotune, batch 128, the small presets). Images/s, achieved
    TFLOP/s and the fraction of the bf16 matmul peak measured in the same run.
 
 Results land in ``DIR/gpu.json`` after every measurement (a run cut short keeps what it has);
@@ -45,7 +47,7 @@ from common import (
     time_steps,
     trainer_for,
 )
-from report_gpu import write_report
+from report_gpu import merge, write_report
 
 from difflab.config import load_preset, preset_names
 from difflab.data import ImageSet, load_images
@@ -67,16 +69,16 @@ LEVERS: list[tuple[str, list[str]]] = [
         ["train.batch_size=512", "train.compile=true", "train.fused_optimizer=false"],
     ),
     (
+        "batch 512, reduce-overhead (CUDA graphs)",
+        ["train.batch_size=512", "train.compile=true", "train.compile_mode='reduce-overhead'"],
+    ),
+    (
         "batch 512, max-autotune-no-cudagraphs",
         [
             "train.batch_size=512",
             "train.compile=true",
             "train.compile_mode='max-autotune-no-cudagraphs'",
         ],
-    ),
-    (
-        "batch 512, reduce-overhead (CUDA graphs)",
-        ["train.batch_size=512", "train.compile=true", "train.compile_mode='reduce-overhead'"],
     ),
 ]
 
@@ -179,7 +181,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--parts", default="paths,cli,speed", help="comma-separated parts: paths, cli, speed"
     )
-    parser.add_argument("--render", type=Path, metavar="GPU_JSON", help="only write the section")
+    parser.add_argument(
+        "--scored", type=Path, metavar="EVAL_JSON", help="with --render: eval of samples.tar"
+    )
+    parser.add_argument("--rows", help="only these speed rows (names separated by ';')")
+    parser.add_argument(
+        "--render", type=Path, nargs="+", metavar="GPU_JSON", help="only write the section"
+    )
     return parser.parse_args(argv)
 
 
@@ -190,7 +198,7 @@ def check_paths(
     device, deadline = torch.device(args.device), args.deadline
     sizes = checks.Sizes(20, 10, 10, 20) if args.quick else checks.Sizes()
     for preset in args.presets if "paths" in parts else []:
-        if deadline.left() < 0.7 * 60 * args.minutes:
+        if deadline.left() < 0.75 * 60 * args.minutes:
             results.add("skipped", {"name": f"paths of {preset} and the presets after it"})
             break
         attempt(
@@ -198,7 +206,7 @@ def check_paths(
         )
     if "cli" not in parts:
         return
-    if deadline.left() < 0.45 * 60 * args.minutes:
+    if deadline.left() < 0.55 * 60 * args.minutes:
         results.add("skipped", {"name": "the command-line checks"})
         return
     run_dir, tar = work / "cli", args.results / "samples.tar"
@@ -228,15 +236,28 @@ def check_paths(
     )
 
 
+def speed_table(presets: list[str], quick: bool) -> list[tuple[str, str, list[str]]]:
+    """(row name, preset, overrides) in the order they are measured: the paper-size U-Net's
+    levers first (the speed target), then every preset eager in bf16 and fp32 (what
+    ``precision = "auto"`` should pick), then the slow compiles (max-autotune, batch 128, the
+    small presets)."""
+    eager = [(f"{p}, {q}", p, [f"train.precision={q!r}"]) for p in presets for q in PRECISIONS]
+    if quick:  # compiling takes minutes on a CPU
+        return eager
+    levers = [(f"{PAPER}, {label}", PAPER, overrides) for label, overrides in LEVERS]
+    first = [(f"{PAPER}, bf16", PAPER, ["train.precision='bf16'"]), *levers[:-1]]
+    last = [levers[-1], (f"{PAPER}, compiled", PAPER, ["train.compile=true"])]
+    last += [(f"{p}, compiled", p, ["train.compile=true"]) for p in ("flow-cpu", "tutorial")]
+    return [*first, *(row for row in eager if row[0] != first[0][0]), *last]
+
+
 def measure_speed(results: Results, args: argparse.Namespace, data: ImageSet, peak: float) -> None:
-    """Part 3: eager bf16 and fp32 of every preset, compiled, then the levers."""
-    table = [(f"{p}, {q}", p, [f"train.precision={q!r}"]) for p in args.presets for q in PRECISIONS]
-    if not args.quick:  # compiling takes minutes on a CPU
-        compiled = ("flow-cpu", "tutorial", PAPER)
-        table += [(f"{p}, compiled", p, ["train.compile=true"]) for p in compiled]
-        table += [(f"{PAPER}, {label}", PAPER, overrides) for label, overrides in LEVERS]
+    """Part 3: the rows of ``speed_table``, each skipped once the deadline is near."""
     seconds, device = (0.5 if args.quick else 3.0), torch.device(args.device)
-    for name, preset, overrides in table:
+    rows = speed_table(args.presets, args.quick)
+    if args.rows:  # e.g. the rows a first run had to skip
+        rows = [row for row in rows if row[0] in args.rows.split(";")]
+    for name, preset, overrides in rows:
         if args.deadline.left() < (100 if "train.compile=true" in overrides else 20):
             results.add("skipped", {"name": f"speed of {name}"})
             continue
@@ -246,13 +267,18 @@ def measure_speed(results: Results, args: argparse.Namespace, data: ImageSet, pe
             name,
             lambda p=preset, o=overrides: speed(p, o, data, device, peak, seconds),
         )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next row starts with the card's memory free
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     args = parse_args(argv[1:])
     if args.render:
-        print(f"wrote {write_report(json.loads(args.render.read_text()))}")
+        values = merge([json.loads(path.read_text()) for path in args.render])
+        if args.scored:  # ``difflab eval samples --json``, run on the CPU afterwards
+            values["scored"] = json.loads(args.scored.read_text())
+        print(f"wrote {write_report(values)}")
         return 0
     if args.data is None:
         raise SystemExit("--data FOLDER is needed (a folder of images, e.g. the 5,000 cars)")

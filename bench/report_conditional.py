@@ -61,7 +61,7 @@ def _cars_lines(values: dict, best: dict) -> list[str]:
     cars = values.get("cars")
     if not cars:
         return ["The cars-only comparison is not measured yet (`bench/conditional.py cars`).", ""]
-    small, full = cars["n100"], cars["n1000"]
+    small = cars["n100"]
     diff = best["car_kid"] - small["kid"]
     noise = (best["car_kid_std"] ** 2 + small["kid_std"] ** 2) ** 0.5
     verdict = (
@@ -72,8 +72,7 @@ def _cars_lines(values: dict, best: dict) -> list[str]:
     return [
         f"Cars alone, same budget: `flow-cpu` trained {values['train-cars']:.1f} minutes on the "
         f"5,000 training cars scores KID {small['kid']:.4f} ± {small['kid_std']:.4f} with 100 "
-        f"samples (FID-1k {full['fid']:.1f}, KID {full['kid']:.4f} with 1,000) against the "
-        f"training cars. The conditional network's 100 cars at w = {best['guidance']:g} score "
+        f"samples against the training cars. The conditional network's 100 cars at w = {best['guidance']:g} score "
         f"KID {best['car_kid']:.4f} ± {best['car_kid_std']:.4f}: {verdict} (difference "
         f"{diff:+.4f}, subset std of the difference {noise:.4f}). The conditional network "
         "spent a tenth of its training images on cars.",

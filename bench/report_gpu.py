@@ -86,6 +86,21 @@ def _auto_lines(values: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _lever_lines(values: dict[str, Any]) -> list[str]:
+    """Each measured ``edm-paper`` variant against batch 512 compiled (the base of the levers)."""
+    rows = {r["name"]: r for r in values.get("speed", []) if r["ok"] and r["preset"] == PAPER}
+    base = rows.get(f"{PAPER}, batch 512, compiled")
+    if base is None or len(rows) < 2:
+        return []
+    lines = [f"Each lever against `{PAPER}` at batch 512, bf16, compiled "
+             f"({base['images_per_s']:,.0f} img/s):", ""]  # fmt: skip
+    for row in rows.values():
+        if row is not base:
+            gain = row["images_per_s"] / base["images_per_s"] - 1
+            lines.append(f"- batch {row['batch']}, {_variant(row)}: {gain:+.1%}")
+    return [*lines, ""]
+
+
 def _target_line(values: dict[str, Any]) -> list[str]:
     rows = [r for r in values.get("speed", []) if r["ok"] and r["preset"] == PAPER]
     if not rows:
@@ -100,18 +115,56 @@ def _target_line(values: dict[str, Any]) -> list[str]:
     ]
 
 
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several gpu.json of one card (a later run measuring what an earlier one skipped) as one:
+    the rows of all, each speed row against the peak measured in its own run."""
+    first, *later = runs
+    merged: dict[str, Any] = {**first, "machine": {**first["machine"], "later": []}}
+    for values in later:
+        merged["machine"]["later"].append(values["machine"])
+        for part in ("paths", "cli", "speed"):
+            merged[part] = merged.get(part, []) + values.get(part, [])
+        merged["skipped"] = merged.get("skipped", []) + values.get("skipped", [])
+    measured = {row["name"] for part in ("paths", "speed") for row in merged.get(part, [])}
+    merged["skipped"] = [
+        row
+        for row in merged.get("skipped", [])
+        if row["name"].removeprefix("speed of ").removeprefix("paths of ") not in measured
+    ]
+    return merged
+
+
+def _runs_lines(m: dict[str, Any]) -> list[str]:
+    runs = [m, *m.get("later", [])]
+    peaks = " and ".join(f"{r['bf16_peak_tflops']:.0f}" for r in runs)
+    commands = "; then ".join(
+        f"`{r['command']}` ({r['date']}, deadline {r['minutes']:g} minutes)" for r in runs
+    )
+    return [
+        f"_Written by `bench/gpu.py` on **{m['card']}**, torch {m['torch']}, CUDA {m['cuda']}; "
+        f"host CPU {m['cpu']}. Commands: {commands}._",
+        "",
+        f"- bf16 matmul peak measured in the same run ({m['peak_matmul']}): **{peaks} TFLOP/s**"
+        + (" (one per run; each row is against its own run's)" if len(runs) > 1 else "")
+        + ". Achieved TFLOP/s = img/s x 3 x forward GFLOP per image (`forward_gflops`; "
+        "backward counted as two forwards).",
+    ]
+
+
+def _scored(scored: dict[str, Any] | None) -> str:
+    if not scored:
+        return "."
+    return (
+        f": scored here, FID {scored['fid']:.1f} and KID {scored['kid_mean']:.4f} (n = "
+        f"{scored['num_gen']} against {scored['num_ref']:,} reference images)."
+    )
+
+
 def section(values: dict[str, Any]) -> str:
-    m = values["machine"]
     lines = [
         HEADING,
         "",
-        f"_Written by `bench/gpu.py` ({m['date']}) on **{m['card']}**, torch {m['torch']}, "
-        f"CUDA {m['cuda']}; host CPU {m['cpu']}. Command: `{m['command']}` "
-        f"(deadline {m['minutes']:g} minutes)._",
-        "",
-        f"- bf16 matmul peak measured in the same run ({m['peak_matmul']}): "
-        f"**{m['bf16_peak_tflops']:.0f} TFLOP/s**. Achieved TFLOP/s = img/s x 3 x forward GFLOP "
-        "per image (`forward_gflops`; backward counted as two forwards).",
+        *_runs_lines(values["machine"]),
         "- Images/s: `Trainer.train_step` timed over about 3 s after two warm-up steps, the GPU "
         "queue drained at both ends (losses read back once at the end, as the loop does at its "
         "log rows). Compile time: the first step minus a timed one.",
@@ -123,6 +176,7 @@ def section(values: dict[str, Any]) -> str:
     if values.get("speed"):
         lines += ["### Training speed", "", *_speed_rows(values["speed"]), ""]
         lines += _target_line(values)
+        lines += _lever_lines(values)
         auto = _auto_lines(values)
         if auto:
             lines += ['`train.precision = "auto"` against the measured eager rows:', "", *auto, ""]
@@ -134,11 +188,13 @@ def section(values: dict[str, Any]) -> str:
         lines += [
             f"Samples: {tar['images']} images of `flow-cpu` after {tar['step']} steps "
             f"({tar['sampler']}, {tar['images_per_s']:,.0f} img/s) in `{tar['tar']}`; score them "
-            "on the CPU with `tar xf samples.tar && difflab eval samples --ref REF.npz`.",
+            "on the CPU with `tar xf samples.tar && difflab eval samples --ref REF.npz`"
+            + _scored(values.get("scored")),
             "",
         ]
     return "\n".join(lines)
 
 
 def write_report(values: dict[str, Any], path: Path = BENCHMARKS) -> Path:
+    """The section from one run's values (or several runs' ``merge``)."""
     return write_section(HEADING, section(values), path)

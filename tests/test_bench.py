@@ -158,3 +158,35 @@ def test_gpu_check_runs_every_part_on_the_cpu_and_writes_its_section(tmp_path, m
     assert all(row["ok"] and row["images_per_s"] > 0 for row in values["speed"])
     text = (results / "benchmarks.md").read_text()
     assert "## GPU" in text and "| flow-cpu | 4.55M | 1.95 | 32 |" in text
+
+
+def test_gpu_runs_merge_into_one_section(monkeypatch):
+    """A second GPU run that measures what the first skipped completes the first's section:
+    its rows join, the skipped notes it answered go, and each run's peak is named."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu
+    import report_gpu
+
+    def speed(name, rate, fused=True):
+        return {"name": name, "ok": True, "preset": "edm-paper", "batch": 512, "precision": "auto",
+                "autocast": "bfloat16", "compile": True, "compile_mode": "default",
+                "channels_last": False, "fused_optimizer": fused, "parameters": 35.7e6,
+                "forward_gflop": 12.44, "steps": 9, "images_per_s": rate, "tflops": 1.0,
+                "fraction_of_bf16_peak": 0.3, "first_step_s": 9, "compile_s": 9}  # fmt: skip
+
+    machine = {"card": "H", "torch": "t", "cuda": "c", "cpu": "x", "peak_matmul": "mm",
+               "device": "cuda", "minutes": 1, "date": "d"}  # fmt: skip
+    base, lever = "edm-paper, batch 512, compiled", "edm-paper, batch 512, compiled, foreach Adam"
+    first = {"machine": {**machine, "command": "one", "bf16_peak_tflops": 700.0},
+             "speed": [speed(base, 100.0)], "skipped": [{"name": f"speed of {lever}"}]}  # fmt: skip
+    second = {"machine": {**machine, "command": "two", "bf16_peak_tflops": 710.0},
+              "speed": [speed(lever, 110.0, fused=False)]}  # fmt: skip
+    merged = report_gpu.merge([first, second])
+    assert [row["name"] for row in merged["speed"]] == [base, lever]
+    assert merged["skipped"] == []
+    text = report_gpu.section(merged)
+    assert "`one`" in text and "`two`" in text and "700 and 710 TFLOP/s" in text
+    assert "foreach Adam: +10.0%" in text and "Not measured" not in text
+    # the paper-size U-Net's levers are measured before every other row
+    table = [name for name, _, _ in gpu.speed_table(["flow-cpu", "edm-paper"], quick=False)]
+    assert table[0] == "edm-paper, bf16" and table.index(base) < table.index("flow-cpu, fp32")

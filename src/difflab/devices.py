@@ -14,9 +14,10 @@ from difflab.errors import DifflabError
 
 #: Work per optimizer step and device (forward GFLOP per image x images) from which
 #: ``precision = "auto"`` trains in bf16 on CUDA. Below it, autocast's casts cost more than bf16
-#: saves: on one H100, flow-cpu at batch 32 (62 GFLOP per step) trained at about 1,385 img/s in
-#: fp32 and 960-1,100 in bf16 (issue 13); bench/gpu.py measures both precisions of every preset
-#: and reports whether this rule picked the faster one.
+#: saves: on one H100 (bench/gpu.py, docs/benchmarks.md "GPU") every -cpu preset (62 GFLOP per
+#: step at batch 32, 232 for the tutorial's batch 128) trained 17-21% faster in fp32/TF32 than in
+#: bf16. edm-paper at batch 128 (1,593 GFLOP) was within 4% either way eager (fp32 ahead); its
+#: fast path is bf16 compiled at batch 512 (2.9 times the eager batch-128 rate).
 BF16_MIN_GFLOP_PER_STEP = 300.0
 
 
