@@ -75,7 +75,7 @@ def _facts(run: Path, config: Config, rows: list[dict]) -> dict[str, str]:
 
     t, last = config.train, next((r for r in reversed(rows) if "loss" in r), {})
     limits = [f"{t.steps:,} steps" if t.steps else "", f"{t.images:,} images" if t.images else ""]
-    limits += [f"{t.time_limit:g} min per invocation" if t.time_limit else ""]
+    limits += [f"{t.time_limit:.1f} min time limit (last invocation)" if t.time_limit else ""]
     invocations = _invocations(run)
     data = config.data.source + (
         f", class {config.data.class_name}" if config.data.class_name else ""
@@ -195,10 +195,10 @@ _TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>difflab: TITLE</title>
 <style>
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
-table { border-collapse: collapse; }
+table { border-collapse: collapse; table-layout: fixed; width: 100%; }
 th, td { border-top: 1px solid #ddd; padding: 6px 10px; vertical-align: top; text-align: left; }
-th[scope=row] { width: 11em; font-weight: 600; }
-img { image-rendering: pixelated; }
+th:first-child { width: 11em; } th[scope=row] { font-weight: 600; }
+img { image-rendering: pixelated; max-width: 100%; height: auto; }
 img.curve { width: 440px; }
 img.picture, img.preview { width: 320px; }
 img.wide { width: 520px; }
