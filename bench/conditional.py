@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import quality
-from common import BENCHMARKS, ROOT, write_section
+from common import BENCHMARKS, ROOT, matmul_peak, write_section
 from quality_setup import DEFAULT_DATA, Settings, difflab, save
 
 GUIDANCE = [1.0, 1.5, 2.0, 3.0]
@@ -144,6 +144,7 @@ def piece_rates(settings: Settings, num: int = 30) -> None:
     results = settings.result("rates")
     if results.exists():
         return
+    peak = matmul_peak(10)  # GFLOP/s of fp32 matmul, beside the speeds measured with it
     rates = {}
     for name, requests in (("cond", [{"label": "all", "guidance": w} for w in GUIDANCE]),
                            ("cars", [{}])):  # fmt: skip
@@ -155,7 +156,7 @@ def piece_rates(settings: Settings, num: int = 30) -> None:
             rates[f"{name} {request.get('guidance', '')}".strip()] = num / (
                 time.monotonic() - started
             )
-    save(results, {"images_per_s": rates, "num": num})
+    save(results, {"images_per_s": rates, "num": num, "matmul_peak_gflops": peak})
 
 
 def piece_report(settings: Settings) -> None:
@@ -168,7 +169,7 @@ def piece_report(settings: Settings) -> None:
     if cars.exists():
         values["cars"] = json.loads(cars.read_text())
     if settings.result("rates").exists():
-        values["rates"] = json.loads(settings.result("rates").read_text())["images_per_s"]
+        values["rates"] = json.loads(settings.result("rates").read_text())
     for name in ("cond", "cars"):
         values[f"train-{name}"] = quality._elapsed_minutes(settings.run_dir(name))
     target = settings.out / "benchmarks.md" if settings.quick else BENCHMARKS

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import quality
-from common import BENCHMARKS, ROOT, write_section
+from common import BENCHMARKS, ROOT, matmul_peak, write_section
 from quality_setup import DEFAULT_DATA, Settings, difflab, save
 
 STUDENT_STEPS = [1, 2, 4]
@@ -124,6 +124,7 @@ def piece_report(settings: Settings) -> None:
               for piece in ("student", "teacher") if settings.result(piece).exists()}  # fmt: skip
     values["distill_minutes"] = quality._elapsed_minutes(settings.run_dir("student"))
     values["teacher"] = values.get("teacher", [])
+    values["matmul_peak_gflops"] = matmul_peak(10)  # this machine, measured now (keep it quiet)
     target = settings.out / "benchmarks.md" if settings.quick else BENCHMARKS
     figures = settings.out if settings.quick else ROOT / "docs" / "figures"
     print(f"wrote {write_section(HEADING, section(values, settings, figures), target)}")

@@ -36,7 +36,8 @@ def section(values: dict, settings) -> str:
         "| guidance w | FID-1k (10 classes) | KID | KID of its 100 cars vs the cars | sampling img/s* |",
         "|---:|---:|---:|---:|---:|",
     ]
-    rates = values.get("rates", {})
+    measured = values.get("rates", {})
+    rates = measured.get("images_per_s", {})
     for row in rows:
         mark = "**" if row is best else ""
         rate = rates.get(f"cond {row['guidance']}", math.nan)
@@ -48,8 +49,10 @@ def section(values: dict, settings) -> str:
     figures = settings.out if settings.quick else ROOT / "docs" / "figures"
     lines += [
         "",
-        "*Images/s of 100 samples in-process after a warm-up, on this CPU (`conditional.py "
-        "rates`); guidance other than 1 evaluates the network on a doubled batch.",
+        f"*Images/s of {measured.get('num', 0)} samples in-process after a warm-up, on this "
+        f"CPU (`conditional.py rates`; fp32 matmul peak {measured.get('matmul_peak_gflops', 0):.0f}"
+        " GFLOP/s measured just before); guidance other than 1 evaluates the network on a "
+        f"doubled batch. The cars-only run samples {rates.get('cars', math.nan):.2f} img/s.",
         "",
         *_cars_lines(values, best),
         *_figure(best, figures),

@@ -21,7 +21,9 @@ def section(values: dict, settings, figures: Path) -> str:
         "with `difflab distill` (consistency distillation, section 2.8 of docs/methods.md)._",
         "",
         "1,000 samples each, FID-1k and KID against the 5,000 training cars, as in the quality "
-        "benchmark. Sampling images/s: 100 images in-process on this CPU after a warm-up.",
+        "benchmark. Sampling images/s: 100 images in-process on this CPU after a warm-up "
+        f"(fp32 matmul peak {values.get('matmul_peak_gflops', 0):.0f} GFLOP/s, measured by the "
+        "report on the same machine).",
         "",
         "| model | sampler | network evaluations | FID-1k | KID | sampling img/s |",
         "|---|---|---:|---:|---:|---:|",

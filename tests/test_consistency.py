@@ -153,6 +153,21 @@ def test_bad_distillation_input_is_one_line(teacher, tmp_path, capsys):
     assert ConsistencyMethod().teacher == ""  # consistency training unless a teacher is given
 
 
+def test_a_teacher_whose_weights_do_not_carry_over_is_named(tiny_preset, image_folder, tmp_path,
+                                                             capsys):  # fmt: skip
+    """Only an EDM network sees the consistency function's input scalings: distilling a flow run
+    from its weights works but says that they are a weak start (methods.md 2.8)."""
+    flow = tmp_path / "flow"
+    args = ["train", "--preset", tiny_preset, "--data", image_folder, "--method", "flow"]
+    assert run_cli(capsys, *args, "--out", flow, "--steps", 2, "--no-progress")[0] == 0
+    code, _, err = run_cli(capsys, "distill", flow, "--out", tmp_path / "s", "--steps", 1,
+                           "--no-progress")  # fmt: skip
+    assert code == 0 and "is a flow run" in err and "weak start" in err, err
+    code, _, err = run_cli(capsys, "distill", flow, "--out", tmp_path / "t", "--steps", 1,
+                           "--no-progress", "--from-scratch")  # fmt: skip
+    assert code == 0 and "weak start" not in err, err
+
+
 def test_the_target_network_is_these_weights_or_the_runs_ema():
     """theta^- is the online network, not differentiated (mu = 0), unless target = "ema" asks
     for the second network the trainer offers: its EMA weights (the original paper's)."""

@@ -390,7 +390,8 @@ def test_samplers_at_extreme_settings_give_finite_images(method, sampler, steps,
     assert out.shape == (2, 3, 4, 4) and out.dtype == torch.float32
     assert torch.isfinite(out).all(), (method, sampler, steps)
     assert calls == list(range(plan.num_steps))
-    rho_spaced = grid == "edm" or (grid == "default" and SAMPLERS[sampler].grid == "edm")
+    named = SAMPLERS[sampler].grid if grid == "default" else grid
+    rho_spaced = named in ("edm", "few-step")
     assert plan.num_steps == steps or (method.startswith("ddpm") and rho_spaced)
     assert 1 <= plan.num_steps <= steps  # DDPM's discrete steps drop duplicates of the grid
     grid_t = plan.grid

@@ -288,7 +288,8 @@ def test_ipndm_beats_euler_and_dpm_solver_at_five_evaluations():
 
 
 def test_grids_are_chosen_by_name_for_any_sampler():
-    """sampler.grid picks the grid; "default" is the sampler's own (EDM's for edm and ipndm)."""
+    """sampler.grid picks the grid; "default" is the sampler's own (EDM's for edm, few-step for
+    ipndm)."""
     method = METHODS["flow"](MethodConfig(name="flow"))
     grids = {
         name: build_sampler(method, SamplerConfig(name="euler", steps=8, grid=name)).grid
@@ -298,8 +299,12 @@ def test_grids_are_chosen_by_name_for_any_sampler():
     alpha, sigma = method.process.alpha_sigma(grids["logsnr"][:-1])
     log_snr = (alpha / sigma).log()
     assert torch.allclose(log_snr.diff(), log_snr.diff()[:1].expand(7), atol=1e-9)  # even
-    assert torch.equal(
-        build_sampler(method, SamplerConfig(name="ipndm", steps=8)).grid, grids["edm"]
-    )
+    # iPNDM's own grid spends no evaluation between sigma_min and 0: k steps, k useful levels
+    few = build_sampler(method, SamplerConfig(name="ipndm", steps=2)).grid
+    _, sigma = method.process.alpha_sigma(few)
+    ratio = sigma / method.process.alpha_sigma(few)[0]
+    assert len(few) == 3 and abs(float(ratio[0]) - 80) < 1e-6 and 2.4 < float(ratio[1]) < 2.6
+    edm = build_sampler(method, SamplerConfig(name="ipndm", steps=2, grid="edm")).grid
+    assert float(edm[1]) < 0.01  # EDM's grid: its second level is already sigma_min
     with pytest.raises(DifflabError, match="starts below pure noise"):
         build_sampler(method, SamplerConfig(name="ipndm", steps=8, grid="process"))

@@ -151,6 +151,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
     overrides = _flags(args, *RUN_FLAGS, "data.source")
     config = _absolute_data(validate(apply_overrides(config, overrides + args.set)))
     init = None if args.from_scratch else teacher
+    if init is not None and base.method.name != "edm":
+        log.warning(
+            "%s is a %s run: its network was trained on other input scalings than the "
+            "consistency function's, so its weights are a weak start (docs/methods.md 2.8); "
+            "an edm run is the teacher whose weights carry over",
+            teacher,
+            base.method.name,
+        )
     return _run_training(config, Path(args.out), args, init=init, class_is_default=True)
 
 

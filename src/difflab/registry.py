@@ -41,7 +41,7 @@ from difflab.schedules import (
     ForwardProcess,
     LinearPath,
     TutorialPath,
-    consistency_grid,
+    few_step_grid,
     logsnr_grid,
     ratio_grid,
 )
@@ -293,9 +293,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
         grid="edm",
     ),
     "dpm++2m": SamplerSpec(S.dpmpp_2m_sampler, _diffusion, "a DDPM, flow or EDM model"),
-    "ipndm": SamplerSpec(S.ipndm_sampler, _diffusion, "a DDPM, flow or EDM model", grid="edm"),
+    "ipndm": SamplerSpec(S.ipndm_sampler, _diffusion, "a DDPM, flow or EDM model", grid="few-step"),
     "consistency": SamplerSpec(
-        S.consistency_sampler, _is_consistency, "a consistency model", grid="consistency"
+        S.consistency_sampler, _is_consistency, "a consistency model", grid="few-step"
     ),
 }
 
@@ -304,7 +304,7 @@ GRIDS: dict[str, Callable[[ForwardProcess, int, float], Tensor]] = {
     "process": lambda process, steps, rho: process.grid(steps),
     "edm": ratio_grid,
     "logsnr": logsnr_grid,
-    "consistency": consistency_grid,
+    "few-step": few_step_grid,
 }
 
 

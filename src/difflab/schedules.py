@@ -232,10 +232,11 @@ def logsnr_grid(process: ForwardProcess, num_steps: int, rho: float = 7.0) -> Te
     return _on_process(process, torch.cat([ratios, torch.zeros(1, dtype=torch.float64)]))
 
 
-def consistency_grid(process: ForwardProcess, num_steps: int, rho: float = 7.0) -> Tensor:
-    """The noise levels of a ``num_steps``-step consistency sampler, then the clean end: the
-    first ``num_steps`` levels of EDM's rho grid with one more level (1 step: sigma_max; 2
-    steps: sigma_max and about 2.5 at rho = 7)."""
+def few_step_grid(process: ForwardProcess, num_steps: int, rho: float = 7.0) -> Tensor:
+    """The first ``num_steps`` levels of EDM's rho grid with one more level, then the clean end
+    (1 step: sigma_max; 2 steps: sigma_max and about 2.5 at rho = 7). Unlike ``ratio_grid``, no
+    evaluation is spent between sigma_min and 0, so k steps are k useful evaluations (the
+    consistency sampler's levels, Song et al. 2023; diff-sampler's NFE count for iPNDM)."""
     sigma_min, sigma_max = _ratio_range(process)
     levels = edm_sigma_grid(num_steps + 1, sigma_min, sigma_max, rho)[:num_steps]
     return _on_process(process, torch.cat([levels, torch.zeros(1, dtype=torch.float64)]))

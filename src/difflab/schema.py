@@ -137,7 +137,9 @@ class SamplerConfig:
     eta: float = setting(0.0, low=0, high=1)  # ddim
     clip_x0: bool = False  # ancestral, ddim: clip the x0 estimate to [-1, 1] (Ho et al. 2020)
     variance: str = setting("small", choices=("small", "large"))  # ancestral: beta_tilde or beta
-    grid: str = setting("default", choices=("default", "process", "edm", "logsnr"))  # GRIDS
+    grid: str = setting(
+        "default", choices=("default", "process", "edm", "logsnr", "few-step")
+    )  # GRIDS
     rho: float = setting(7.0, low=0, low_open=True, high=1000)
     s_churn: float = setting(40.0, low=0)  # edm-stochastic
     s_tmin: float = setting(0.05, low=0)
