@@ -22,7 +22,8 @@ def section(values: dict, settings) -> str:
     lines = [
         "## Classes",
         "",
-        f"_Written by `bench/conditional.py report` ({sweep['date']}, {sweep['machine']})._",
+        f"_Written by `bench/conditional.py report`; the sweep was measured {sweep['date']} on "
+        f"{sweep['machine']}._",
         "",
         "Protocol (issue 15): `flow-cpu-cond` (flow-cpu with the ten CIFAR-10 classes as labels, "
         "label dropout 0.1) trains for "
