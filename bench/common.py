@@ -25,6 +25,7 @@ import torch
 
 from difflab.config import apply_overrides, load_preset
 from difflab.data import ImageSet
+from difflab.devices import cpu_model
 from difflab.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,14 +42,6 @@ QUIET = [
 
 
 # --------------------------------------------------------------------------- the machine
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def load_average() -> float:

@@ -188,3 +188,16 @@ def test_the_target_network_is_these_weights_or_the_runs_ema():
     assert not torch.allclose(mu_zero, with_ema)
     method.objective.target = "online"
     assert torch.equal(mu_zero, method.objective.loss(*args[:3]))
+
+
+def test_an_ema_target_without_an_ema_is_refused():
+    """target = "ema" with no EMA would silently compare against the online network."""
+    from difflab.config import apply_overrides, load_preset, validate
+    from difflab.errors import DifflabError
+
+    ema = ["method.consistency.target='ema'"]
+    assert validate(apply_overrides(load_preset("consistency-cpu"), ema))
+    with pytest.raises(DifflabError, match="needs the run's EMA"):
+        validate(
+            apply_overrides(load_preset("consistency-cpu"), [*ema, "train.ema_halflife_kimg=0"])
+        )

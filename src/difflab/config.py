@@ -297,6 +297,11 @@ def validate(config: Config) -> Config:
         m.section != "edm" or e.sigma_min < e.sigma_max,
         f"method.edm.sigma_min ({e.sigma_min}) must be below method.edm.sigma_max ({e.sigma_max})",
     )
+    _check(
+        m.section != "consistency" or m.consistency.target != "ema" or t.ema_halflife_kimg > 0,
+        "method.consistency.target='ema' needs the run's EMA: set train.ema_halflife_kimg > 0 "
+        "or use target='online'",
+    )
     return config
 
 

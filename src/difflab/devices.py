@@ -7,6 +7,9 @@ the host, the CUDA math settings).
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -90,3 +93,14 @@ def autocast_dtype(device: torch.device, precision: str, gflop_per_step: float):
     if precision == "bf16" or gflop_per_step >= BF16_MIN_GFLOP_PER_STEP:
         return torch.bfloat16
     return None
+
+
+def cpu_model() -> str:
+    """The processor's name (``/proc/cpuinfo``'s model name where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

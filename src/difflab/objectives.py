@@ -194,7 +194,7 @@ class ConsistencyObjective(Objective):
             x_low = x0 + _per_sample(draw.t_low, x0.ndim) * draw.eps
         online = denoiser(x_high, draw.t, labels).x0.float()
         with torch.no_grad():  # theta^-: the run's EMA ("ema") or these weights ("online")
-            theirs = target if self.target == "ema" and target is not None else denoiser
+            theirs = target if self.target == "ema" else denoiser  # validate: an EMA exists
             goal = theirs(x_low, draw.t_low, labels).x0.float()
         dims = x0[0].numel()
         c = self.huber_c or 0.00054 * dims**0.5

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import signal
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab.config import Config
+from difflab.devices import cpu_model
 from difflab.train import distributed as D
 from difflab.train.logs import TrainLog
 from difflab.train.pictures import Pictures
@@ -61,7 +61,7 @@ def record_invocation(trainer: Trainer) -> None:
     """One line per training invocation in RUN_DIR/invocations.jsonl: when, from which step,
     on what machine (for reports)."""
     device = trainer.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     row = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "step": trainer.step,
@@ -70,16 +70,6 @@ def record_invocation(trainer: Trainer) -> None:
     }
     with open(trainer.run_dir / "invocations.jsonl", "a") as handle:
         handle.write(json.dumps(row) + "\n")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 class Loop:
