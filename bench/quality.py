@@ -72,9 +72,14 @@ def _elapsed_minutes(run_dir: Path) -> float:
 
 
 def piece_train(settings: Settings, name: str) -> None:
-    """Train for the budget in equal chunks; each chunk's end is a kept checkpoint."""
+    """Train for the budget in equal chunks; each chunk's end is a kept checkpoint. A preset
+    whose learning rate cools down at the end of the budget trains in one piece: its first
+    invocation turns the whole budget into steps."""
+    from difflab.config import load_preset
+
     entry, run_dir = ENTRIES[name], settings.run_dir(name)
-    chunk = settings.minutes / settings.chunks
+    one_piece = load_preset(entry.preset).train.lr_schedule == "cooldown"
+    chunk = settings.minutes / (1 if one_piece else settings.chunks)
     while (done := _elapsed_minutes(run_dir)) < settings.minutes - 0.01:
         limit = min(chunk, settings.minutes - done)
         if (run_dir / "config.json").exists():
@@ -83,7 +88,8 @@ def piece_train(settings: Settings, name: str) -> None:
         extra = ["--method", entry.method] if entry.method else []
         difflab(
             settings, "train", "--preset", entry.preset, *extra, "--data", settings.data,
-            "--class", "automobile", "--out", run_dir, "--time-limit", limit, "--steps", 10**9,
+            "--class", "automobile", "--out", run_dir, "--time-limit", limit,
+            *([] if one_piece else ["--steps", 10**9]),
             "--set", "train.keep_last=1000", "--set", "train.checkpoint_every=1000000000",
             "--set", "train.sample_every_kimg=0", "--no-progress",
         )  # fmt: skip

@@ -68,6 +68,20 @@ def test_train_writes_the_run_directory(trained):
     } <= pictures
 
 
+def test_a_time_limit_replaces_the_presets_length_and_fixes_a_cooldown(
+    tmp_path, tiny_preset, image_folder, capsys
+):
+    """--time-limit alone: not the preset's 6 steps, but the steps that fit, in config.json."""
+    run_dir = tmp_path / "clock"
+    code, _, err = run_cli(capsys, "train", "--preset", tiny_preset, "--data", image_folder,
+                           "--out", run_dir, "--time-limit", 0.05, "--no-progress",
+                           "--set", "train.lr_schedule='cooldown'",
+                           "--set", "train.sample_every_kimg=0")  # fmt: skip
+    assert code == 0, err
+    steps = json.loads((run_dir / "config.json").read_text())["train"]["steps"]
+    assert steps > 6 and "the run's length is now" in err
+
+
 def test_sample_is_deterministic_whatever_the_batch_size(trained, tmp_path, capsys):
     code, out, err = run_cli(
         capsys,

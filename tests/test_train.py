@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from difflab.config import TrainConfig, apply_overrides, load_preset, validate
+from difflab.config import TrainConfig, apply_overrides, load_json, load_preset, validate
 from difflab.data import load_images
 from difflab.train.batches import batch_indices, images_before
 from difflab.train.checkpoint import list_checkpoints
 from difflab.train.loop import train
-from difflab.train.schedule import ema_beta, lr_at
+from difflab.train.schedule import cooldown_start, ema_beta, lr_at
 
 
 def _config(preset, folder, *overrides):
@@ -40,6 +41,43 @@ def test_warmup_and_cosine_do_not_depend_on_run_length():
     assert lr_at(9, t) == pytest.approx(1e-3)
     assert lr_at(60, t) == pytest.approx(0.5e-3)
     assert lr_at(500, t) == pytest.approx(0.0)
+
+
+def test_cooldown_holds_the_rate_then_ends_at_min_lr_at_the_planned_length():
+    t = TrainConfig(lr=1e-3, warmup_steps=10, lr_schedule="cooldown", steps=100, min_lr=0.0)
+    assert lr_at(4, t) == pytest.approx(0.5e-3) and lr_at(79, t) == 1e-3
+    assert lr_at(80, t) == pytest.approx(1e-3) and lr_at(90, t) == pytest.approx(0.5e-3)
+    assert lr_at(99, t) == pytest.approx(0.05e-3) and lr_at(100, t) == 0.0
+    by_images = dataclasses.replace(t, steps=0, images=3190, batch_size=32)  # 100 batches
+    assert [lr_at(s, by_images) for s in range(101)] == [lr_at(s, t) for s in range(101)]
+    by_clock = dataclasses.replace(t, steps=0, time_limit=1.0)  # not planned yet: stable
+    assert lr_at(99, by_clock) == 1e-3
+
+
+def test_a_time_limit_becomes_steps_once_and_resumes_exactly(tmp_path, tiny_preset, image_folder):
+    """--time-limit with the cooldown schedule: the measured length lands in config.json before
+    the rate depends on it, so (stopped by the clock, resumed to the end) == a run told the
+    same number of steps from the start."""
+    quiet = [
+        "train.lr_schedule='cooldown'",
+        "train.checkpoint_every=1000000",
+        "train.sample_every_kimg=0",
+    ]
+    config = _config(tiny_preset, image_folder, *quiet, "train.steps=0", "train.time_limit=0.05")
+    data = load_images(str(image_folder), None, 8)
+    result = train(config, tmp_path / "clock", data=data, progress=False)
+    planned = load_json(tmp_path / "clock" / "config.json")
+    steps = planned.train.steps
+    assert steps >= 25 and cooldown_start(planned.train) >= 25, steps
+    if result.step < steps:  # the clock ran out first: resume to the planned end
+        longer = apply_overrides(planned, ["train.time_limit=10"])
+        result = train(longer, tmp_path / "clock", resume=True, data=data, progress=False)
+    assert result.step == steps and result.stopped_by == "steps"
+    straight = _config(tiny_preset, image_folder, *quiet, f"train.steps={steps}")
+    train(straight, tmp_path / "steps", data=data, progress=False)
+    for name in ("net", "ema"):
+        a, b = _weights(tmp_path / "clock", name), _weights(tmp_path / "steps", name)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ"
 
 
 def test_ema_half_life_counts_images_and_ramps_up():

@@ -157,9 +157,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from difflab.api import load_run
-    from difflab.io import atomic_write, check_output_file
+    from difflab.io import atomic_write, check_output_file, check_output_folder
 
     out = Path(args.out)
+    if args.format == "diffusers":
+        from difflab.diffusers_export import model_card, write_diffusers
+
+        check_output_folder(out, "--out")
+        run = load_run(args.run_dir, checkpoint=args.checkpoint, ema=not args.raw, device="cpu")
+        write_diffusers(run, out, model_card(run, Path(args.run_dir), args.raw))
+        print(
+            f"exported step {run.step} to {out}: DDPMPipeline.from_pretrained({str(out)!r}) "
+            "loads it in diffusers"
+        )
+        return 0
     if out.suffix != ".safetensors":
         raise DifflabError(f"--out {out}: the export file must end in .safetensors")
     check_output_file(out, "--out")
@@ -231,9 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     presets = sub.add_parser("presets", help="list presets with parameter counts")
     presets.set_defaults(func=cmd_presets)
 
-    export = sub.add_parser("export", help="write a run's weights and config to one .safetensors")
+    export = sub.add_parser(
+        "export", help="write a run's weights and config to one .safetensors, or for diffusers"
+    )
     export.add_argument("run_dir")
-    export.add_argument("--out", required=True)
+    export.add_argument("--out", required=True, help="FILE.safetensors, or a folder (diffusers)")
+    export.add_argument(
+        "--format",
+        choices=("safetensors", "diffusers"),
+        default="safetensors",
+        help="diffusers: a DDPMPipeline folder (UNet2DModel + DDPMScheduler + model card); "
+        "DDPM presets with the positional embedding (ddpm-paper, ddpm-cosine-paper)",
+    )
     export.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     export.add_argument("--checkpoint", help="a checkpoint folder of the run (default: newest)")
     export.set_defaults(func=cmd_export)

@@ -34,6 +34,10 @@ def _train_config(args: argparse.Namespace):
             config.sampler = SamplerConfig()
     if args.network:
         config.network.name = args.network
+    if any(getattr(args, name) is not None for name in ("steps", "images", "time_limit")):
+        # A length on the command line is the run's length: the preset's own (flow-cpu's
+        # 200,000 steps) would otherwise outlast a --time-limit and keep a cool-down away.
+        config.train.steps, config.train.images, config.train.time_limit = 0, 0, 0.0
     overrides = _flags(args, *RUN_FLAGS, "data.source", "data.class_name", "sampler.name")
     return _absolute_data(validate(apply_overrides(config, overrides + args.set)))
 

@@ -161,11 +161,12 @@ class TrainConfig:
     lr: float = setting(1e-3, low=0, low_open=True)
     betas: list[float] = setting([0.9, 0.999], low=0, high=1, high_open=True, length=2)
     weight_decay: float = setting(0.0, low=0)
-    lr_schedule: str = setting("constant", choices=("constant", "rounds", "cosine"))
+    lr_schedule: str = setting("constant", choices=("constant", "rounds", "cosine", "cooldown"))
     warmup_steps: int = setting(0, low=0, high=MAX_STEPS)
     round_steps: int = setting(2000, low=1, high=MAX_STEPS)  # "rounds": lr *= round_decay
     round_decay: float = setting(0.9, low=0, high=1, low_open=True)
     cosine_steps: int = setting(100_000, low=1, high=MAX_STEPS)  # "cosine": its horizon
+    cooldown: float = setting(0.2, low=0, high=1, high_open=True)  # "cooldown": share of the run
     min_lr: float = setting(1e-6, low=0)
     grad_clip: float = setting(0.0, low=0)  # max global gradient norm; 0 = off
     label_dropout: float = setting(0.1, low=0, high=1)  # conditional: P(label -> "no class")

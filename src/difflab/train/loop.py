@@ -7,7 +7,9 @@ to stop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import os
 import signal
@@ -18,15 +20,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from difflab.config import Config
+from difflab.config import Config, save_json
 from difflab.devices import cpu_model
 from difflab.train import distributed as D
 from difflab.train.logs import TrainLog
 from difflab.train.pictures import Pictures
 from difflab.train.quality import QualityProbe
-from difflab.train.schedule import lr_at
+from difflab.train.schedule import cooldown_start, lr_at, planned_steps
 from difflab.train.signals import StopRequest
 from difflab.train.trainer import Trainer
+
+log = logging.getLogger("difflab")
+CALIBRATION = (5, 25)  # steps of an invocation timed to turn its --time-limit into steps
 
 
 @dataclass
@@ -83,6 +88,9 @@ class Loop:
             record_invocation(t)
         probe = self.main and config.train.eval_every_kimg > 0
         self.quality = QualityProbe(config, t.plan) if probe else None
+        # A schedule that needs the run's length, bounded only by the clock: measured below.
+        self.unplanned = config.train.lr_schedule == "cooldown" and not planned_steps(config.train)
+        self.first_step, self.clock = t.step, 0.0
 
     def run(self) -> TrainResult:
         try:
@@ -107,6 +115,8 @@ class Loop:
                 previous_images = trainer.images_seen
                 trainer.train_step()
                 trainer.elapsed += time.monotonic() - step_start
+                if self.unplanned:
+                    self._plan(started)
                 if self.main:
                     bar.update(self._bar_position(started) - bar.n)
                     if trainer.step % t.log_every == 0:
@@ -143,6 +153,37 @@ class Loop:
         if t.time_limit and time.monotonic() - started >= t.time_limit * 60:
             return "time-limit"
         return None
+
+    def _plan(self, started: float) -> None:
+        """Fix a --time-limit run's length once: time steps 5-25 of this invocation, turn the
+        time left into steps and write them into config.json as ``train.steps``. The schedule
+        is still in its stable phase (the length changes no rate already used), so a resumed
+        run follows exactly the same rates."""
+        trainer = self.trainer
+        done = trainer.step - self.first_step
+        if done not in CALIBRATION:
+            return
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        if done == CALIBRATION[0]:
+            self.clock = time.monotonic()
+            return
+        now, t = time.monotonic(), trainer.config.train
+        rate = (CALIBRATION[1] - CALIBRATION[0]) / max(now - self.clock, 1e-9)
+        left = t.time_limit * 60 - (now - started)
+        steps = D.broadcast_object(trainer.world, trainer.step + math.floor(max(left, 0) * rate))
+        train = dataclasses.replace(t, steps=max(steps, trainer.step))
+        while cooldown_start(train) < trainer.step:  # a limit of seconds: cool down from now
+            train = dataclasses.replace(train, steps=train.steps + 1)
+        trainer.config = dataclasses.replace(trainer.config, train=train)
+        self.unplanned = False
+        if self.main:
+            save_json(trainer.config, trainer.run_dir / "config.json")
+            log.info(
+                "the run's length is now %d steps (%.2f steps/s measured, %.1f minutes left): "
+                "its learning rate cools down over the last %d",
+                train.steps, rate, left / 60, train.steps - cooldown_start(train),
+            )  # fmt: skip
 
     def _crossed(self, previous_images: int, every_kimg: float) -> bool:
         if every_kimg <= 0:

@@ -7,8 +7,22 @@ import math
 from difflab.config import TrainConfig
 
 
+def planned_steps(train: TrainConfig) -> int:
+    """The optimizer steps a run is planned for: ``train.steps``, else the steps ``train.images``
+    takes, else 0 (a ``--time-limit`` run: ``Loop`` fixes it after its first steps)."""
+    if train.steps:
+        return train.steps
+    return math.ceil(train.images / train.batch_size) if train.images else 0
+
+
 def lr_at(step: int, train: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based); independent of the run's length."""
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    "cooldown" is warm-up, stable, decay (Hägele et al. 2024, "Scaling laws and compute-optimal
+    training beyond fixed training durations"): the rate holds until the last ``train.cooldown``
+    of the planned steps, then falls linearly to ``min_lr`` at the end. It is the only schedule
+    that depends on the run's length; before that length is known it is in its stable phase.
+    """
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
     if train.lr_schedule == "rounds":
@@ -17,7 +31,17 @@ def lr_at(step: int, train: TrainConfig) -> float:
     if train.lr_schedule == "cosine":
         progress = min(step - train.warmup_steps, train.cosine_steps) / train.cosine_steps
         return train.min_lr + (train.lr - train.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    if train.lr_schedule == "cooldown" and (total := planned_steps(train)):
+        decay = round(train.cooldown * total)
+        if decay and step >= total - decay:
+            return train.min_lr + (train.lr - train.min_lr) * max(total - step, 0) / decay
     return train.lr
+
+
+def cooldown_start(train: TrainConfig) -> int:
+    """The first step whose rate the run's length changes (the end of the stable phase)."""
+    total = planned_steps(train)
+    return total - round(train.cooldown * total)
 
 
 def ema_beta(batch_images: int, images_seen: int, train: TrainConfig) -> float:
