@@ -30,6 +30,11 @@ the CPU (`Unet(dim=32, dim_mults=(1, 2, 4))`, 1,000 steps, Adam 8e-5, batch 32, 
 Reproduce: `python bench/quality.py all` (resumable; see `bench/README.md`), or one piece at a
 time: `ref`, `train ENTRY`, `eval ENTRY`, `baseline`, `curve ENTRY`, `samplers ENTRY`,
 `seeds ENTRY`, `memorisation ENTRY`, `report`.
+
+The entries below were measured with the presets of 2026-11-25. Since issue 14, `flow-cpu`
+holds a cheaper recipe (32 base channels, batches of 16, a learning rate that cools down at the
+end of the budget) that scores better at the same budgets: "## Ablation" has it, lever by lever,
+with the old `flow-cpu` as its `base`; rerunning `quality.py train flow` trains the new preset.
 """
 
 

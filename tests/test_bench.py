@@ -157,7 +157,7 @@ def test_gpu_check_runs_every_part_on_the_cpu_and_writes_its_section(tmp_path, m
     assert [row["name"] for row in values["speed"]] == ["flow-cpu, bf16", "flow-cpu, fp32"]
     assert all(row["ok"] and row["images_per_s"] > 0 for row in values["speed"])
     text = (results / "benchmarks.md").read_text()
-    assert "## GPU" in text and "| flow-cpu | 4.55M | 1.95 | 32 |" in text
+    assert "## GPU" in text and "| flow-cpu | 1.14M | 0.49 | 16 |" in text
 
 
 def test_gpu_runs_merge_into_one_section(monkeypatch):
@@ -190,3 +190,29 @@ def test_gpu_runs_merge_into_one_section(monkeypatch):
     # the paper-size U-Net's levers are measured before every other row
     table = [name for name, _, _ in gpu.speed_table(["flow-cpu", "edm-paper"], quick=False)]
     assert table[0] == "edm-paper, bf16" and table.index(base) < table.index("flow-cpu, fp32")
+
+
+def test_ablation_levers_chain_and_pay_for_their_cost_in_images(monkeypatch, tmp_path):
+    """bench/ablation.py: a lever keeps the settings of the one it builds on; one that changes
+    the network or the batch gets the base's images times the base's cost over its own."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import ablation
+
+    lr = ablation.LEVERS["lr2e-3"].overrides()
+    assert lr[: len(ablation.LEVERS["base"].sets)] == ablation.LEVERS["base"].sets
+    assert "train.lr_schedule='cooldown'" in lr and lr[-1] == "train.lr=2e-3"
+    assert not ablation.costs_more("lr2e-3") and ablation.costs_more("attn8")
+    assert ablation.images_for("no-ema", 30) == 1489 * 32
+    monkeypatch.setattr(ablation, "RESULTS", tmp_path)
+    speed = {"seconds_per_image": {"base": 0.02, "attn8": 0.025}}
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    assert ablation.images_for("attn8", 10) == round(481 * 32 * 0.8)
+
+
+def test_a_sampling_lever_evaluates_the_run_it_builds_on(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import ablation
+
+    lever = ablation.LEVERS["heun9"]
+    assert ablation.run_dir("heun9", 30) == ablation.run_dir(lever.on, 30)
+    assert ablation.images_for("heun9", 30) == ablation.images_for(lever.on, 30)

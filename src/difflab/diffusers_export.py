@@ -23,7 +23,6 @@ flow) have no exact counterpart.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch import Tensor
 from difflab.config import Config
 from difflab.errors import DifflabError
 from difflab.io import new_file_mode, umask
-from difflab.models.layers import group_count
+from difflab.models.layers import group_count, positional_frequencies
 from difflab.models.unet import Downsample, Stage, UNet, Upsample
 
 EXPORTABLE = ("ddpm-paper", "ddpm-cosine-paper")
@@ -71,7 +70,9 @@ def check_exportable(config: Config, net: torch.nn.Module, process: object) -> N
         w for w, r in zip(widths, _resolutions(net), strict=True) if r in cfg.attention_resolutions
     }
     if cfg.num_heads > 1 and len(attended | {widths[-1]}) > 1:
-        raise DifflabError(f"{refuse}several attention heads need one width at every attention")
+        raise DifflabError(
+            f"{refuse}several attention heads need one width at every attention{presets}"
+        )
     if not cfg.resample_with_conv:
         raise DifflabError(f"{refuse}UNet2DModel resamples with convolutions{presets}")
 
@@ -185,9 +186,7 @@ def _time_shift(dim: int) -> Tensor:
     """R with emb(i) = R emb(i - 1) for the sinusoidal embedding ``[sin(i w), cos(i w)]``
     (``positional_embedding`` of i / T at scale T): each pair turns by its frequency w_k."""
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(10000.0) * torch.arange(half, dtype=torch.float64) / max(half - 1, 1)
-    )
+    freqs = positional_frequencies(half, dtype=torch.float64)
     cos, sin = torch.cos(freqs), torch.sin(freqs)
     rotation = torch.zeros(dim, dim, dtype=torch.float64)
     k = torch.arange(half)

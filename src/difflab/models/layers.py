@@ -49,17 +49,20 @@ class ChannelLayerNorm(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def positional_frequencies(
+    half: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """``w_i = 10000^(-i/(h-1))`` for i < h: the frequencies of ``positional_embedding``."""
+    steps = torch.arange(half, device=device, dtype=dtype)
+    return torch.exp(-math.log(10000.0) * steps / max(half - 1, 1))
+
+
 def positional_embedding(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
     """Sinusoidal embedding of `t * scale` (Vaswani et al. 2017; DDPM, Ho et al. 2020).
 
     Layout as in DDPM: `[sin(t w_0..w_{h-1}), cos(...)]`, `w_i = 10000^(-i/(h-1))`, h = dim/2.
     """
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(10000.0)
-        * torch.arange(half, device=t.device, dtype=torch.float32)
-        / max(half - 1, 1)
-    )
+    freqs = positional_frequencies(dim // 2, t.device)
     args = (t.float() * scale)[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, dim % 2))
