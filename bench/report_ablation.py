@@ -38,8 +38,9 @@ speed` (alone on the machine), `python ablation.py report`.
 
 NEXT = """
 What paid: images. At a fixed budget, a network a quarter of the cost (32 base channels instead
-of 64) sees three times the images: it won at 10 minutes against 48 and 64 channels, and at 30
-minutes scored 11 points below the base (the only other 30-minute row); batches of 16 (twice
+of 64) sees three times the images and won at 10 minutes against 48 and 64 channels; at 30
+minutes the middle one won (48 channels, batch 16: 55.7 against 59.7 for 32 and 70.9 for the
+base), as more compute favours a larger network; batches of 16 (twice
 the updates for the same images) won on the 4.55M network and were neutral on the 1.14M one;
 the cool-down and a higher peak rate moved FID-1k by 3-4 points, which a training seed may
 also do (not measured). What I would
