@@ -57,13 +57,17 @@ def test_a_conditional_network_exports_with_no_class_as_the_last_index():
     torch.testing.assert_close(out, ours, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("preset", EXPORTABLE)
-def test_a_4_step_ddim_sample_matches_through_the_diffusers_scheduler(preset):
-    config, net, method, theirs = _randomised(preset, "network.unet.dropout=0.0")
+@pytest.mark.parametrize(
+    ("preset", "prediction"), [(p, None) for p in EXPORTABLE] + [("ddpm-paper", "x0")]
+)
+def test_a_4_step_ddim_sample_matches_through_the_diffusers_scheduler(preset, prediction):
+    extra = [] if prediction is None else [f"method.ddpm.prediction='{prediction}'"]
+    config, net, method, theirs = _randomised(preset, "network.unet.dropout=0.0", *extra)
     from difflab.diffusers_export import scheduler_config
 
     scheduler = diffusers.DDIMScheduler.from_config(
-        scheduler_config(config, method.process.betas()), set_alpha_to_one=True
+        scheduler_config(config, method.process.betas(), method.parameterization.name),
+        set_alpha_to_one=True,
     )
     scheduler.set_timesteps(4)
     assert scheduler.timesteps.tolist() == [999, 749, 499, 249]
@@ -108,6 +112,14 @@ def test_export_writes_a_pipeline_folder_that_diffusers_loads(
     betas = json.loads((out / "scheduler" / "scheduler_config.json").read_text())["trained_betas"]
     torch.testing.assert_close(pipeline.scheduler.betas.double(), run.method.process.betas())
     assert len(betas) == 1000
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    code, _, err = run_cli(
+        capsys, "export", run_dir, "--format", "diffusers", "--out", tmp_path / "mine"
+    )
+    assert code != 0 and "other files" in err and (tmp_path / "mine" / "notes.txt").exists()
+    code, _, err = run_cli(capsys, "export", run_dir, "--format", "diffusers", "--out", out)
+    assert code == 0, err  # an earlier export is replaced
 
 
 @pytest.mark.parametrize("preset", ["flow-cpu", "edm-paper", "ddpm-cpu", "tutorial"])

@@ -192,7 +192,7 @@ def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint(checkpointe
         (Path(path) / "net.safetensors").unlink()  # one file gone, then the process "dies"
         raise Killed
 
-    monkeypatch.setattr(C.shutil, "rmtree", die_half_way)
+    monkeypatch.setattr(shutil, "rmtree", die_half_way)  # how difflab.io deletes a folder
     with pytest.raises(Killed):
         C.prune_checkpoints(checkpointed, keep_last=1, snapshot_every=0)
     monkeypatch.undo()

@@ -23,7 +23,6 @@ flow) have no exact counterpart.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,9 +32,10 @@ from torch import Tensor
 
 from difflab.config import Config
 from difflab.errors import DifflabError
-from difflab.io import new_file_mode, umask
+from difflab.io import new_file_mode, publish_folder, umask
 from difflab.models.layers import group_count, positional_frequencies
 from difflab.models.unet import Downsample, Stage, UNet, Upsample
+from difflab.train.logs import read_log
 
 EXPORTABLE = ("ddpm-paper", "ddpm-cosine-paper")
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers these configs were checked against
@@ -195,7 +195,11 @@ def _time_shift(dim: int) -> Tensor:
     return rotation.float()
 
 
-def scheduler_config(config: Config, betas: Tensor) -> dict:
+#: diffusers' name for what the network predicts (difflab's parameterization names).
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def scheduler_config(config: Config, betas: Tensor, prediction: str) -> dict:
     """DDPMScheduler's config: the run's own betas, target and ancestral variance."""
     return {
         "_class_name": "DDPMScheduler",
@@ -205,7 +209,7 @@ def scheduler_config(config: Config, betas: Tensor) -> dict:
         "beta_schedule": "linear",  # ignored: trained_betas are the run's
         "variance_type": "fixed_large" if config.sampler.variance == "large" else "fixed_small",
         "clip_sample": config.sampler.clip_x0,
-        "prediction_type": "v_prediction" if config.method.name == "ddpm-cosine" else "epsilon",
+        "prediction_type": PREDICTION_TYPES[prediction],
         "timestep_spacing": "trailing",  # difflab's respaced grid starts at T
         "steps_offset": 0,
     }
@@ -213,11 +217,18 @@ def scheduler_config(config: Config, betas: Tensor) -> dict:
 
 def write_diffusers(run, out: Path, card: str) -> None:
     """Write ``run`` (an ``api.Run``) as a DDPMPipeline folder at ``out`` (atomically)."""
-    process = run.method.process
+    process, prediction = run.method.process, run.method.parameterization.name
     check_exportable(run.config, run.net, process)
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").exists():
+        raise DifflabError(
+            f"--out {out} is a folder with other files in it; give a new or empty folder (an "
+            "earlier diffusers export there is replaced)"
+        )
     files = {
         "unet/config.json": unet_config(run.net),
-        "scheduler/scheduler_config.json": scheduler_config(run.config, process.betas()),
+        "scheduler/scheduler_config.json": scheduler_config(
+            run.config, process.betas(), prediction
+        ),
         "model_index.json": {
             "_class_name": "DDPMPipeline",
             "_diffusers_version": DIFFUSERS_VERSION,
@@ -236,9 +247,7 @@ def write_diffusers(run, out: Path, card: str) -> None:
         (tmp / "README.md").write_text(card)
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700, safetensors writes 0600
             path.chmod(0o777 & ~umask() if path.is_dir() else new_file_mode())
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish_folder(tmp, out)
 
 
 def model_card(run, run_dir: Path, raw: bool) -> str:
@@ -248,18 +257,14 @@ def model_card(run, run_dir: Path, raw: bool) -> str:
     classes = data.class_name or (
         "all classes" if not data.class_names else ", ".join(data.class_names)
     )
-    scores = []
-    log = run_dir / "log.jsonl" if run_dir.is_dir() else None
-    if log is not None and log.exists():
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        scores = [row for row in rows if "fid" in row]
+    scores = [row for row in read_log(run_dir / "log.jsonl") if "fid" in row]
     quality = (
         f"FID {scores[-1]['fid']:.1f} at {scores[-1]['kimg']:.0f} kimg (difflab's in-training "
         f"probe, {config.train.eval_num} samples against {config.train.eval_ref})"
         if scores
         else "not measured during training (`difflab eval RUN --ref REF.npz` measures it)"
     )
-    prediction = "v" if config.method.name == "ddpm-cosine" else "epsilon"
+    prediction = PREDICTION_TYPES[run.method.parameterization.name]
     return f"""---
 library_name: diffusers
 pipeline_tag: unconditional-image-generation
@@ -268,7 +273,7 @@ tags: [difflab, ddpm]
 
 # {config.preset} trained with difflab
 
-- **Method**: {config.method.name} ({prediction}-prediction), {run.method.process.num_timesteps} steps;
+- **Method**: {config.method.name} (prediction type `{prediction}`), {run.method.process.num_timesteps} steps;
   scheduler: `DDPMScheduler` with the run's own betas.
 - **Network**: difflab's U-Net ({config.network.unet.channels} channels,
   mult {list(config.network.unet.channel_mult)}), exported block for block as `UNet2DModel`.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,32 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def delete_path(path: Path) -> None:
+    """Remove a file or a folder tree, quietly (cleaning up is never the error to report)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Rename the complete folder ``tmp`` into place, replacing an earlier ``final``: the old
+    one is moved aside first and restored if the rename fails."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        final.rename(old)
+        try:
+            tmp.rename(final)
+        except OSError:
+            old.rename(final)
+            raise
+        delete_path(old)
+    else:
+        tmp.rename(final)
+    fsync_dir(final.parent)
 
 
 def umask() -> int:

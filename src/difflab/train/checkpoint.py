@@ -11,13 +11,11 @@ below both the Python API (``difflab.api``) and the trainer (``--init``), which 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from torch import nn
 
 from difflab.config import Config, from_dict, load_json, upgrade, validate
 from difflab.errors import DifflabError, brief
-from difflab.io import fsync_dir, new_file_mode
+from difflab.io import delete_path, fsync_dir, new_file_mode, publish_folder
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -72,12 +70,12 @@ def save_checkpoint(
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _delete(tmp)
+        delete_path(tmp)
         tmp.mkdir()
         _write_files(tmp, step, net, ema, state)
-        _publish(tmp, final)
+        publish_folder(tmp, final)
     except _WRITE_ERRORS as error:  # safetensors and torch.save do not raise OSError
-        _delete(tmp)
+        delete_path(tmp)
         raise _write_error(error, final) from None
     return final
 
@@ -101,22 +99,6 @@ def _write_files(
     fsync_dir(tmp)
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the complete folder into place (replacing an earlier save of the same step)."""
-    if final.exists():  # re-saving the same step (e.g. stop right after a resume)
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        final.rename(old)
-        try:
-            tmp.rename(final)
-        except OSError:
-            old.rename(final)
-            raise
-        _delete(old)
-    else:
-        tmp.rename(final)
-    fsync_dir(final.parent)
-
-
 def _write_error(error: Exception, final: Path) -> DifflabError:
     reason = brief(error, 200)
     intact = f"the previous checkpoints in {final.parent} are intact"
@@ -128,14 +110,6 @@ def _write_error(error: Exception, final: Path) -> DifflabError:
             "then resume with --resume"
         )
     return DifflabError(f"could not write checkpoint {final} ({reason}); {intact}")
-
-
-def _delete(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -153,7 +127,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int, snapshot_every: int) -> Non
     for pattern in (".tmp-*", ".old-*", ".del-*"):  # left by a process killed half-way
         for stale in folder.glob(pattern):
             if pattern == ".del-*" or not stale.name.endswith(f"-{os.getpid()}"):
-                _delete(stale)
+                delete_path(stale)
     paths = list_checkpoints(run_dir)
     for path in paths[: max(len(paths) - keep_last, 0)]:
         step = int(_STEP_DIR.match(path.name).group(1))
@@ -169,7 +143,7 @@ def _remove_checkpoint(path: Path) -> None:
         path.rename(doomed)
     except OSError:
         return
-    _delete(doomed)
+    delete_path(doomed)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

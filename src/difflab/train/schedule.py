@@ -32,9 +32,9 @@ def lr_at(step: int, train: TrainConfig) -> float:
         progress = min(step - train.warmup_steps, train.cosine_steps) / train.cosine_steps
         return train.min_lr + (train.lr - train.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
     if train.lr_schedule == "cooldown" and (total := planned_steps(train)):
-        decay = round(train.cooldown * total)
-        if decay and step >= total - decay:
-            return train.min_lr + (train.lr - train.min_lr) * max(total - step, 0) / decay
+        start = cooldown_start(train)
+        if start < total and step >= start:
+            return train.min_lr + (train.lr - train.min_lr) * max(total - step, 0) / (total - start)
     return train.lr
 
 
