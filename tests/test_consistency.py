@@ -8,26 +8,45 @@ import pytest
 import torch
 from conftest import run_cli
 from safetensors.torch import load_file
-from test_samplers import MU, STD, ExactDenoiser
+from test_samplers import MU, NUM, SHAPE, STD, ExactDenoiser
 
 from difflab.api import load_run
-from difflab.config import ConsistencyMethod, MethodConfig
-from difflab.denoisers import Coefficients, ConsistencyParameterization
+from difflab.config import ConsistencyMethod, MethodConfig, SamplerConfig
+from difflab.denoisers import Coefficients, Denoiser, Prediction, times_like
 from difflab.objectives import ConsistencyDraw, ConsistencyObjective
-from difflab.registry import METHODS
-from difflab.schedules import consistency_levels, consistency_sigmas
+from difflab.registry import METHODS, build_sampler
+from difflab.samplers import SampleNoise
+from difflab.sampling import image_seeds
+from difflab.schedules import LinearPath, consistency_levels, consistency_sigmas
 from difflab.train.checkpoint import list_checkpoints
 
 
-def test_the_boundary_condition_holds_exactly_whatever_the_network_says():
-    """f(x, sigma_min) = x (Song et al. 2023, eq. 5): c_skip = 1 and c_out = 0 there."""
-    param = ConsistencyParameterization(sigma_data=0.5, sigma_min=0.002)
+@pytest.mark.parametrize("base", ["edm", "flow"])
+def test_the_boundary_condition_holds_exactly_whatever_the_network_says(base):
+    """f(x, sigma_min) = x / alpha (Song et al. 2023, eq. 5) on any base process; above it f is
+    the base parameterization's own x0 (so a teacher's weights are the student's exact start)."""
+    method = METHODS["consistency"](
+        MethodConfig("consistency", consistency=ConsistencyMethod(base=base))
+    )
+    param, inner = method.parameterization, method.parameterization.inner
     x, out = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8) * 100
-    at_min = Coefficients(torch.ones(4, 1, 1, 1), torch.full((4, 1, 1, 1), 0.002))
-    assert torch.equal(param.to_x0_eps(out, x, at_min).x0, x)
-    high = Coefficients(torch.ones(4, 1, 1, 1), torch.full((4, 1, 1, 1), 80.0))
-    c_skip, c_out, _ = param._scales(high)
-    assert c_skip.max() < 1e-4 and c_out.min() == pytest.approx(0.5, rel=1e-3)
+    full = [torch.full((4, 1, 1, 1), v) for v in (0.5, 0.001, -1.0, 1.0)]  # d/dt: flow's
+    at_min = Coefficients(*full)  # sigma / alpha = sigma_min, exactly in float32
+    assert torch.equal(param.to_x0_eps(out, x, at_min).x0, x / 0.5)
+    t = method.process.t_from_ratio(torch.full((4,), 80.0))
+    high = Coefficients.at(method.process, t, 4, derivatives=True)
+    gap = param.to_x0_eps(out, x, high).x0 - inner.to_x0_eps(out, x, high).x0
+    assert gap.abs().max() < 0.002 / 80 * 1e3
+
+
+def test_on_edms_preconditioning_c_out_is_song_et_als():
+    """c_out = sd (sigma - sigma_min) / sqrt(sd^2 + sigma^2) (Song et al. 2023, App. C)."""
+    param = METHODS["consistency"](MethodConfig("consistency")).parameterization
+    sigma = torch.tensor([0.002, 0.01, 0.5, 3.0, 80.0]).reshape(5, 1, 1, 1)
+    out, x = torch.ones(5, 1, 1, 1), torch.zeros(5, 1, 1, 1)
+    c_out = param.to_x0_eps(out, x, Coefficients(torch.ones_like(sigma), sigma)).x0
+    expected = 0.5 * (sigma - 0.002) / (0.25 + sigma**2).sqrt()
+    assert torch.allclose(c_out, expected, atol=1e-7)
 
 
 def test_the_curriculum_doubles_the_levels_every_period_up_to_its_cap():
@@ -48,6 +67,11 @@ def test_levels_are_drawn_log_normally_between_neighbours():
     # Half the draws sit below exp(p_mean), as the log-normal puts them (within sampling noise).
     below = (draw.t_low < math.exp(-1.1)).float().mean().item()
     assert 0.35 < below < 0.65
+    # On the flow base the same levels are drawn, and t is the flow time whose sigma / alpha is s.
+    flow = ConsistencyObjective(process=LinearPath(), start_levels=20, max_levels=20)
+    on_flow = flow.draw(20_000, (1, 1, 1), torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(on_flow.s, draw.t) and torch.equal(on_flow.s_low, draw.t_low)
+    assert torch.allclose(on_flow.t, draw.t / (1 + draw.t)) and (on_flow.t < 1).all()
 
 
 def test_the_teachers_ode_step_is_right_for_a_flow_teacher():
@@ -58,9 +82,41 @@ def test_the_teachers_ode_step_is_right_for_a_flow_teacher():
     objective.prepare(torch.device("cpu"))
     high, low = torch.full((9,), 2.0), torch.full((9,), 1.6)
     y = torch.linspace(-6.0, 6.0, 9).reshape(9, 1, 1, 1)
-    stepped = objective._step_back(y, ConsistencyDraw(high, torch.zeros_like(y), low), None)
+    draw = ConsistencyDraw(high, torch.zeros_like(y), low, high, low)  # EDM's times are ratios
+    stepped = objective._step_back(y, draw, None)
     exact = MU + (y - MU) * (1.6**2 + STD**2) ** 0.5 / (2.0**2 + STD**2) ** 0.5
     assert (stepped - exact).abs().max() < 2e-3
+
+
+class ExactConsistency(Denoiser):
+    """The exact consistency function of Gaussian data N(MU, STD^2) on a method's process: the
+    probability-flow ODE keeps (y - MU) / sqrt(s^2 + STD^2), so f = MU + (y - MU) STD /
+    sqrt(s^2 + STD^2) with y = x / alpha, s = sigma / alpha."""
+
+    def __init__(self, method):
+        super().__init__(torch.nn.Identity(), method.process, method.parameterization)
+
+    def forward(self, x, t, labels=None):
+        c = self.coefficients(times_like(t, x), x.ndim)
+        y, s = x / c.alpha, c.sigma / c.alpha
+        x0 = MU + (y - MU) * STD / (s**2 + STD**2).sqrt()
+        return Prediction(x0, (x - c.alpha * x0) / c.sigma)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_multistep_consistency_sampling_is_the_same_on_every_base(steps):
+    """Algorithm 1 re-noises in EDM's variables, so the same noise gives the same images on the
+    flow base as on EDM's, and the exact consistency function gives the data's moments."""
+    images = {}
+    for base in ("edm", "flow"):
+        config = MethodConfig("consistency", consistency=ConsistencyMethod(base=base))
+        method = METHODS["consistency"](config)
+        plan = build_sampler(method, SamplerConfig(name="consistency", steps=steps))
+        rng = SampleNoise(image_seeds(0, 0, NUM))
+        noise = rng.randn(SHAPE) * float(method.process.alpha_sigma(plan.grid[:1])[1])
+        images[base] = plan(ExactConsistency(method), noise, rng)
+    assert torch.allclose(images["flow"], images["edm"], atol=1e-4)
+    assert abs(images["edm"].mean() - MU) < 0.02 and abs(images["edm"].std() - STD) < 0.02
 
 
 # --------------------------------------------------------------------------- runs
@@ -126,6 +182,15 @@ def test_a_student_samples_in_one_or_two_steps_deterministically(teacher, tmp_pa
     code, out, err = run_cli(capsys, "sample", tmp_path / "student", "--num", 2, "--steps", 4,
                              "--out", tmp_path / "s")  # fmt: skip
     assert code == 0 and "4 network evaluations per image" in out, err
+    # --rho moves the few-step grid's levels (2 steps: 80, then 2.52 at rho 7, 10.9 at rho 3).
+    rho3 = run.sample(5, seed=3, plan=run.plan(steps=2, rho=3.0))
+    assert not torch.equal(rho3, two)
+    code, _, err = run_cli(capsys, "sample", tmp_path / "student", "--num", 2, "--steps", 2,
+                           "--rho", 3, "--out", tmp_path / "r")  # fmt: skip
+    assert code == 0, err
+    assert (
+        run_cli(capsys, "sample", tmp_path / "student", "--rho", 0, "--out", tmp_path / "q")[0] == 2
+    )
 
 
 def test_resuming_a_distillation_is_bit_exact(teacher, tmp_path, capsys):
@@ -153,19 +218,32 @@ def test_bad_distillation_input_is_one_line(teacher, tmp_path, capsys):
     assert ConsistencyMethod().teacher == ""  # consistency training unless a teacher is given
 
 
-def test_a_teacher_whose_weights_do_not_carry_over_is_named(tiny_preset, image_folder, tmp_path,
-                                                             capsys):  # fmt: skip
-    """Only an EDM network sees the consistency function's input scalings: distilling a flow run
-    from its weights works but says that they are a weak start (methods.md 2.8)."""
-    flow = tmp_path / "flow"
-    args = ["train", "--preset", tiny_preset, "--data", image_folder, "--method", "flow"]
-    assert run_cli(capsys, *args, "--out", flow, "--steps", 2, "--no-progress")[0] == 0
-    code, _, err = run_cli(capsys, "distill", flow, "--out", tmp_path / "s", "--steps", 1,
-                           "--no-progress")  # fmt: skip
-    assert code == 0 and "is a flow run" in err and "weak start" in err, err
-    code, _, err = run_cli(capsys, "distill", flow, "--out", tmp_path / "t", "--steps", 1,
-                           "--no-progress", "--from-scratch")  # fmt: skip
+def test_a_flow_students_start_is_its_teacher_and_a_ddpm_teacher_is_named(
+    tiny_preset, image_folder, tmp_path, capsys
+):
+    """A flow teacher's student is built on flow (methods.md 2.8): with a learning rate of 0,
+    its x0 is the teacher's wherever sigma / alpha is well above sigma_min. A DDPM network
+    sees other inputs than any consistency function, and distilling one says so."""
+    for method in ("flow", "ddpm"):
+        args = ["train", "--preset", tiny_preset, "--data", image_folder, "--method", method]
+        assert run_cli(capsys, *args, "--out", tmp_path / method, "--steps", 2,
+                       "--no-progress")[0] == 0  # fmt: skip
+    code, _, err = run_cli(capsys, "distill", tmp_path / "flow", "--out", tmp_path / "s",
+                           "--steps", 1, "--no-progress", "--set", "train.lr=1e-30")  # fmt: skip
     assert code == 0 and "weak start" not in err, err
+    teacher, student = load_run(tmp_path / "flow"), load_run(tmp_path / "s")
+    assert student.config.method.consistency.base == "flow"
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([0.3, 0.6, 0.9])  # sigma / alpha 0.43 to 9
+    with torch.no_grad():
+        mine = student.method.denoiser(student.net)(x, t).x0
+        theirs = teacher.method.denoiser(teacher.net)(x, t).x0
+    y = x / (1 - t).reshape(3, 1, 1, 1)
+    assert torch.allclose(mine - y, (1 - 0.002 / (t / (1 - t))).reshape(3, 1, 1, 1) * (theirs - y),
+                          atol=1e-5)  # fmt: skip
+    code, _, err = run_cli(capsys, "distill", tmp_path / "ddpm", "--out", tmp_path / "d",
+                           "--steps", 1, "--no-progress")  # fmt: skip
+    assert code == 0 and "is a ddpm run" in err and "weak start" in err, err
+    assert load_run(tmp_path / "d").config.method.consistency.base == "edm"
 
 
 def test_the_target_network_is_these_weights_or_the_runs_ema():

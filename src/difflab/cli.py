@@ -48,7 +48,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     run = load_run(
         args.run_dir, checkpoint=args.checkpoint, ema=not args.no_ema, device=args.device
     )
-    options = {k: v for k, v in (("eta", args.eta), ("grid", args.grid)) if v is not None}
+    options = {k: getattr(args, k) for k in ("eta", "grid", "rho") if getattr(args, k) is not None}
     plan = run.plan(args.sampler, args.steps, **options)
     bind_request(args.label, args.guidance, run.class_names, args.num)  # checked before work
     rows = per_class(args.label, run.class_names, args.num)  # --label all: images per class row
@@ -226,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid",
         choices=limits_of(SamplerConfig, "grid").choices,
         help="time grid: the sampler's, the process's, EDM's rho = 7 spacing, even in log SNR",
+    )
+    sample.add_argument(
+        "--rho",
+        type=Bounded.like(SamplerConfig, "rho"),
+        help="rho of EDM's spacing in the edm and few-step grids (7; larger: levels nearer clean)",
     )
     sample.add_argument("--checkpoint", help="a checkpoint folder of the run (default: newest)")
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")

@@ -129,21 +129,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _run_training(config, run_dir, args, init=init, class_is_default=class_is_default)
 
 
+#: What distill changes in the teacher's settings (``--set`` overrides either): the levels of
+#: the teacher's ODE steps, and the learning rate for a student that starts from trained weights.
+DISTILL_LEVELS, FINE_TUNE_LR = 18, 1e-4
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     """A consistency model from a diffusion run: its data, network and training settings, the
     run as the teacher (or, with --no-teacher, consistency training started from its weights)."""
     from difflab.config import SamplerConfig, apply_overrides, validate
+    from difflab.registry import CONSISTENCY_BASES
     from difflab.train.checkpoint import stored_config
 
     teacher = Path(args.run_dir)
     base = stored_config(teacher)
     if base.method.name == "consistency":
         raise DifflabError(f"{teacher} is a consistency model already; distil a diffusion run")
+    # The student is built on the teacher's process and parameterization where it can be, so
+    # the teacher's weights are its exact start; on EDM's otherwise (a DDPM run).
     options = dataclasses.replace(
-        base.method.consistency, teacher="" if args.no_teacher else str(teacher.resolve())
+        base.method.consistency,
+        teacher="" if args.no_teacher else str(teacher.resolve()),
+        base=base.method.name if base.method.name in CONSISTENCY_BASES else "edm",
     )
+    if not args.no_teacher:  # distillation's fixed N = 18 on CIFAR-10 (Song et al. 2023, App. C)
+        options = dataclasses.replace(
+            options, start_levels=DISTILL_LEVELS, max_levels=DISTILL_LEVELS
+        )
     method = dataclasses.replace(base.method, name="consistency", consistency=options)
     length = dataclasses.replace(base.train, steps=0, images=0, time_limit=0.0)  # the flags say
+    if not args.from_scratch:  # fine-tuning trained weights: improved CT's CIFAR-10 rate
+        length = dataclasses.replace(
+            length, lr=FINE_TUNE_LR, warmup_steps=0, lr_schedule="constant"
+        )
     config = dataclasses.replace(
         base,
         preset=f"{base.preset}-consistency",
@@ -155,11 +173,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     overrides = _flags(args, *RUN_FLAGS, "data.source")
     config = _absolute_data(validate(apply_overrides(config, overrides + args.set)))
     init = None if args.from_scratch else teacher
-    if init is not None and base.method.name != "edm":
+    if init is not None and config.method.consistency.base != base.method.name:
         log.warning(
             "%s is a %s run: its network was trained on other input scalings than the "
             "consistency function's, so its weights are a weak start (docs/methods.md 2.8); "
-            "an edm run is the teacher whose weights carry over",
+            "a flow or edm run is a teacher whose weights carry over",
             teacher,
             base.method.name,
         )

@@ -201,27 +201,37 @@ def times_like(t: Tensor | float, x: Tensor) -> Tensor:
     return t.expand(x.shape[0]) if t.numel() == 1 else t
 
 
-class ConsistencyParameterization(EDMPreconditioning):
-    """A consistency function f(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (Song et al.
-    2023, eq. 7 and App. C): EDM's preconditioning with c_skip = sd^2 / ((sigma - sigma_min)^2 +
-    sd^2) and c_out = sd (sigma - sigma_min) / sqrt(sd^2 + sigma^2), so f(x, sigma_min) = x
-    exactly (the boundary condition, their eq. 5) whatever the network says. Its output is the
-    clean image reached by following the ODE from (x, sigma) to the end; it has no per-sample
-    regression target: the consistency objective compares two of its outputs.
+class ConsistencyParameterization(Parameterization):
+    """A diffusion parameterization made a consistency function f(x, sigma) (Song et al. 2023,
+    eq. 7): in EDM's variables y = x / alpha, s = sigma / alpha,
+
+        f = y + g(s) (x0 - y),   g(s) = (s - s_min) / s,
+
+    where x0 is what the wrapped parameterization (``inner``) predicts. At s_min, g = 0 and f = y
+    exactly, whatever the network says (the boundary condition, their eq. 5); a little above
+    s_min, g is already about 1 and f is the diffusion model's own x0, so a diffusion run's
+    weights are the student's start, exactly as trained (ECT, Geng et al. 2024, starts from a
+    pretrained diffusion model the same way). On EDM's preconditioning this is f = c_skip x +
+    c_out F with c_out = sd (s - s_min) / sqrt(sd^2 + s^2), Song et al.'s App. C c_out, and
+    c_skip = (sd^2 + s_min s) / (sd^2 + s^2) (theirs: sd^2 / ((s - s_min)^2 + sd^2); both are
+    1 at s_min and differ by less than s_min elsewhere). It has no per-sample regression target:
+    the consistency objective compares two of its outputs.
     """
 
     name = "consistency"
 
-    def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002) -> None:
-        super().__init__(sigma_data)
-        self.sigma_min = sigma_min
+    def __init__(self, inner: Parameterization, sigma_min: float = 0.002) -> None:
+        self.inner, self.sigma_min = inner, sigma_min
+        self.needs_derivatives = inner.needs_derivatives
 
-    def _scales(self, c: Coefficients) -> tuple[Tensor, Tensor, Tensor]:
-        sd2, s2, gap = self.sigma_data**2, c.sigma**2, c.sigma - self.sigma_min
-        c_skip = sd2 / (gap**2 + sd2)
-        c_out = self.sigma_data * gap / (sd2 + s2).sqrt()
-        c_in = 1 / (s2 + sd2).sqrt()
-        return c_skip, c_out, c_in
+    def network_input(self, x: Tensor, c: Coefficients) -> Tensor:
+        return self.inner.network_input(x, c)
+
+    def to_x0_eps(self, out: Tensor, x: Tensor, c: Coefficients) -> Prediction:
+        x0 = self.inner.to_x0_eps(out, x, c).x0
+        y, s = x / c.alpha, c.sigma / c.alpha
+        x0 = y + (1 - self.sigma_min / s).clamp_min(0) * (x0 - y)
+        return Prediction(x0, (x - c.alpha * x0) / c.sigma)
 
     def target(self, x0: Tensor, eps: Tensor, c: Coefficients) -> Tensor:
         raise NotImplementedError("a consistency model has no per-sample regression target")

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from difflab.denoisers import Coefficients, Denoiser
 from difflab.schedules import (
+    EDMSchedule,
     ForwardProcess,
     _per_sample,
     consistency_levels,
@@ -131,14 +132,29 @@ class Objective:
         return self.loss(denoiser, x0, draw, labels)
 
 
+def _x0_at(denoiser: Denoiser, y: Tensor, s: Tensor, labels: Tensor | None) -> Tensor:
+    """The denoiser's x0 at a point given in EDM's variables (y = x / alpha, s = sigma / alpha),
+    whatever its process: the consistency objective's levels are ratios s, so one discretisation
+    serves every process (on EDM's, t = s and alpha = 1)."""
+    t = denoiser.process.t_from_ratio(s)
+    alpha = _per_sample(denoiser.process.alpha_sigma(t)[0], y.ndim).to(y.dtype)  # DDPM: f64
+    return denoiser(alpha * y, t, labels).x0.float()
+
+
 @dataclass
 class ConsistencyDraw(Draw):
-    """A pair of neighbouring noise levels of the discretisation per sample: t > t_low."""
+    """A pair of neighbouring levels of the discretisation per sample: t > t_low as times of
+    the model's process (what ``Draw.t`` always is), s > s_low the same levels as EDM's
+    sigma / alpha, in which the objective works."""
 
     t_low: Tensor
+    s: Tensor
+    s_low: Tensor
 
     def __getitem__(self, index: slice) -> ConsistencyDraw:
-        return ConsistencyDraw(self.t[index], self.eps[index], self.t_low[index])
+        return ConsistencyDraw(
+            self.t[index], self.eps[index], self.t_low[index], self.s[index], self.s_low[index]
+        )
 
 
 @dataclass
@@ -156,6 +172,7 @@ class ConsistencyObjective(Objective):
     """
 
     times: TimeTransform = field(default=lambda u: u)  # unused: levels come from the curriculum
+    process: ForwardProcess = field(default_factory=EDMSchedule)  # the student's
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
@@ -183,37 +200,33 @@ class ConsistencyObjective(Objective):
         weights = (erf[1:] - erf[:-1]).clamp_min(1e-12).to(device=device, dtype=torch.float32)
         n = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
         eps = torch.randn((batch_size, *shape), generator=generator, device=device)
+        times = self.process.t_from_ratio(sigmas).to(device=device, dtype=torch.float32)
         sigmas = sigmas.to(device=device, dtype=torch.float32)
-        return ConsistencyDraw(sigmas[n + 1], eps, sigmas[n])
+        return ConsistencyDraw(times[n + 1], eps, times[n], sigmas[n + 1], sigmas[n])
 
     def loss(self, denoiser, x0, draw, labels=None, target=None) -> Tensor:
-        high = _per_sample(draw.t, x0.ndim)
-        x_high = x0 + high * draw.eps
+        x_high = x0 + _per_sample(draw.s, x0.ndim) * draw.eps
         x_low = self._step_back(x_high, draw, labels) if self.teacher else None
         if x_low is None:
-            x_low = x0 + _per_sample(draw.t_low, x0.ndim) * draw.eps
-        online = denoiser(x_high, draw.t, labels).x0.float()
+            x_low = x0 + _per_sample(draw.s_low, x0.ndim) * draw.eps
+        online = _x0_at(denoiser, x_high, draw.s, labels)
         with torch.no_grad():  # theta^-: the run's EMA ("ema") or these weights ("online")
             theirs = target if self.target == "ema" else denoiser  # validate: an EMA exists
-            goal = theirs(x_low, draw.t_low, labels).x0.float()
+            goal = _x0_at(theirs, x_low, draw.s_low, labels)
         dims = x0[0].numel()
         c = self.huber_c or 0.00054 * dims**0.5
         distance = ((online - goal).flatten(1).pow(2).sum(1) + c**2).sqrt() - c
-        return distance / (draw.t - draw.t_low)
+        return distance / (draw.s - draw.s_low)
 
     @torch.no_grad()
     def _step_back(self, x_high: Tensor, draw: ConsistencyDraw, labels: Tensor | None) -> Tensor:
         """One step of the teacher's probability-flow ODE from sigma_{n+1} to sigma_n, in EDM's
-        variables (y = x / alpha, s = sigma / alpha: dy/ds = (y - D(y, s)) / s), whatever the
-        teacher's own process (Euler, or Heun: Karras et al. 2022, Algorithm 1)."""
-        teacher = self._teacher
-        high, low = draw.t, draw.t_low
+        variables (dy/ds = (y - D(y, s)) / s), whatever the teacher's own process (Euler, or
+        Heun: Karras et al. 2022, Algorithm 1)."""
+        teacher, high, low = self._teacher, draw.s, draw.s_low
 
         def slope(y: Tensor, s: Tensor) -> Tensor:
-            t = teacher.process.t_from_ratio(s)
-            alpha = _per_sample(teacher.process.alpha_sigma(t)[0], y.ndim)
-            x0 = teacher(alpha * y, t, labels).x0.float()
-            return (y - x0) / _per_sample(s, y.ndim)
+            return (y - _x0_at(teacher, y, s, labels)) / _per_sample(s, y.ndim)
 
         h = _per_sample(low - high, x_high.ndim)
         d = slope(x_high, high)

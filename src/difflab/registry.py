@@ -14,7 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from difflab import samplers as S
-from difflab.config import Config, FlowMethod, MethodConfig, NetworkConfig, SamplerConfig
+from difflab.config import (
+    Config,
+    ConsistencyMethod,
+    FlowMethod,
+    MethodConfig,
+    NetworkConfig,
+    SamplerConfig,
+)
 from difflab.denoisers import (
     ConsistencyParameterization,
     Denoiser,
@@ -178,10 +185,24 @@ def _edm(m: MethodConfig) -> Method:
     return Method("edm", process, EDMPreconditioning(e.sigma_data), objective, "edm", 18)
 
 
+#: The diffusion model a consistency function is built on (``method.consistency.base``): its
+#: forward process and parameterization; a distilled student takes its teacher's.
+CONSISTENCY_BASES: dict[
+    str, Callable[[ConsistencyMethod], tuple[ForwardProcess, Parameterization]]
+] = {
+    "edm": lambda c: (
+        EDMSchedule(sigma_min=c.sigma_min, sigma_max=c.sigma_max),
+        EDMPreconditioning(c.sigma_data),
+    ),
+    "flow": lambda c: (LinearPath(), VelocityPrediction()),
+}
+
+
 def _consistency(m: MethodConfig) -> Method:
     c = m.consistency
-    process = EDMSchedule(sigma_min=c.sigma_min, sigma_max=c.sigma_max)
+    process, inner = CONSISTENCY_BASES[c.base](c)
     objective = ConsistencyObjective(
+        process=process,
         sigma_min=c.sigma_min,
         sigma_max=c.sigma_max,
         rho=c.rho,
@@ -195,7 +216,7 @@ def _consistency(m: MethodConfig) -> Method:
         teacher_solver=c.teacher_solver,
         target=c.target,
     )
-    parameterization = ConsistencyParameterization(c.sigma_data, c.sigma_min)
+    parameterization = ConsistencyParameterization(inner, c.sigma_min)
     return Method("consistency", process, parameterization, objective, "consistency", 1)
 
 

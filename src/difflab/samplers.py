@@ -333,15 +333,16 @@ def consistency_sampler(
     on_step: StepCallback | None = None,
 ) -> Tensor:
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1): x0 = f(x, t_0); then at
-    each next level tau, x = x0 + sqrt(tau^2 - sigma_min^2) z and x0 = f(x, tau). One step is
-    one network evaluation; the last grid point (0) returns x0."""
+    each next level tau (as sigma / alpha), x = alpha (x0 + sqrt(tau^2 - sigma_min^2) z) and
+    x0 = f(x, tau). One step is one network evaluation; the last grid point (0) returns x0."""
     sigma_min = denoiser.parameterization.sigma_min
     x = noise
     for i in range(len(grid) - 1):
         x0 = _predict(denoiser, x, grid[i]).x0
-        sigma_next = _scalars(denoiser, grid[i + 1])[1]
+        alpha, sigma = _scalars(denoiser, grid[i + 1])
         x = x0
-        if sigma_next > 0:  # re-noise to the next level
-            x = x0 + max(sigma_next**2 - sigma_min**2, 0.0) ** 0.5 * rng.randn(x.shape[1:]).to(x)
+        if sigma > 0:  # re-noise to the next level
+            spread = max((sigma / alpha) ** 2 - sigma_min**2, 0.0) ** 0.5
+            x = alpha * (x0 + spread * rng.randn(x.shape[1:]).to(x))
         _report(on_step, i, x, x0)
     return x

@@ -87,6 +87,8 @@ class ConsistencyMethod:
 
     teacher: str = ""  # a diffusion run or export to distil from; "" = consistency training
     teacher_solver: str = setting("heun", choices=("heun", "euler"))  # its ODE step per pair
+    # the diffusion model f is built on (process, parameterization): distill takes the teacher's
+    base: str = setting("edm", choices=("edm", "flow"))
     sigma_data: float = setting(0.5, low=0, low_open=True)
     sigma_min: float = setting(0.002, low=0, low_open=True)
     sigma_max: float = setting(80.0, low=0, low_open=True)
