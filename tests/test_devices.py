@@ -29,13 +29,18 @@ META = torch.device("meta")
 SHAPE = (3, 8, 8)
 
 
+#: Methods by name, and a consistency model on flow's process (a flow teacher's student).
+VARIANTS = {"cm-flow": ("consistency", "method.consistency.base='flow'")}
+
+
 def _config(method: str, *overrides: str):
     config = from_dict(tomllib.loads(TINY_PRESET))
-    return validate(apply_overrides(config, [f"method.name={method!r}", *overrides]))
+    method, *base = VARIANTS.get(method, (method,))
+    return validate(apply_overrides(config, [f"method.name={method!r}", *base, *overrides]))
 
 
 def _pairs():
-    for method in METHODS:
+    for method in [*METHODS, *VARIANTS]:
         chosen = build_method(_config(method))
         for sampler, spec in SAMPLERS.items():
             if spec.requires(chosen):
@@ -68,7 +73,7 @@ def test_sample_noise_is_the_same_on_every_device():
     assert torch.equal(cpu, SampleNoise(seeds, "cpu").randn(SHAPE))
 
 
-@pytest.mark.parametrize("method", ["tutorial", "ddpm", "flow", "edm"])
+@pytest.mark.parametrize("method", ["tutorial", "ddpm", "flow", "edm", "consistency", "cm-flow"])
 def test_a_training_step_runs_on_meta_without_reading_the_device(tmp_path, method):
     from difflab.train.trainer import Trainer
 
