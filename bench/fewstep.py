@@ -104,6 +104,8 @@ def _rows(settings: Settings, piece: str, wanted, measure) -> None:
 
 
 def piece_student(settings: Settings) -> None:
+    from difflab import load_run, save_grid
+
     student = settings.run_dir("student")
 
     def measure(sampler, steps):
@@ -111,8 +113,6 @@ def piece_student(settings: Settings) -> None:
                 "images_per_s": _rate(student, None, steps)}  # fmt: skip
 
     _rows(settings, "student", [("consistency", k) for k in STUDENT_STEPS], measure)
-    from difflab import load_run, save_grid
-
     run = load_run(student, device="cpu")
     for k in STUDENT_STEPS:  # the same 64 seeds at each step count
         save_grid(run.sample(64, seed=0, steps=k).clamp(-1, 1), _figures(settings) / grid(k))

@@ -216,6 +216,10 @@ def test_bad_distillation_input_is_one_line(teacher, tmp_path, capsys):
                            "--out", tmp_path / "z")  # fmt: skip
     assert code == 2 and "needs a flow or EDM model" in err, err
     assert ConsistencyMethod().teacher == ""  # consistency training unless a teacher is given
+    for bad in ("method.consistency.sigma_max=1e-3", "method.consistency.sigma_max=40"):
+        code, _, err = run_cli(capsys, "distill", teacher, "--out", tmp_path / "w", "--steps", 1,
+                               "--set", bad, "--set", "method.consistency.base='flow'")  # fmt: skip
+        assert code == 2 and "method.consistency.sigma_m" in err and len(err.splitlines()) == 1, err
 
 
 def test_a_flow_students_start_is_its_teacher_and_a_ddpm_teacher_is_named(

@@ -297,8 +297,19 @@ def validate(config: Config) -> Config:
         m.section != "edm" or e.sigma_min < e.sigma_max,
         f"method.edm.sigma_min ({e.sigma_min}) must be below method.edm.sigma_max ({e.sigma_max})",
     )
+    c = m.consistency
     _check(
-        m.section != "consistency" or m.consistency.target != "ema" or t.ema_halflife_kimg > 0,
+        m.section != "consistency" or c.sigma_min < c.sigma_max,
+        f"method.consistency.sigma_min ({c.sigma_min}) must be below method.consistency.sigma_max "
+        f"({c.sigma_max})",
+    )
+    _check(  # flow's few-step sampling grid spans EDM's default range (schedules._ratio_range)
+        m.section != "consistency" or c.base != "flow" or (c.sigma_min, c.sigma_max) == (0.002, 80),
+        "method.consistency.base='flow' samples between sigma 0.002 and 80: leave "
+        "method.consistency.sigma_min and sigma_max at those, or use base='edm'",
+    )
+    _check(
+        m.section != "consistency" or c.target != "ema" or t.ema_halflife_kimg > 0,
         "method.consistency.target='ema' needs the run's EMA: set train.ema_halflife_kimg > 0 "
         "or use target='online'",
     )
