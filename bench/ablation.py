@@ -60,6 +60,8 @@ LEVERS: dict[str, Lever] = {
             "train.ema_rampup=0.05",
             "network.unet.attention_resolutions=[]",
             "method.flow.time_distribution='log-normal'",
+            "sampler.guide_at=0",
+            "sampler.guidance=1",
         ],
         on="",
     ),
@@ -139,6 +141,37 @@ LEVERS: dict[str, Lever] = {
         ["method.flow.time_distribution='logit-normal'"],
         "ch32-b16",
     ),
+    # Autoguidance (Karras et al. 2024): the run guided away from its own EMA weights at a
+    # quarter of its steps (kept by the trainer), w = 2; snapshots every 250 steps (they change
+    # no weights) let the sampling levers below guide by other steps of the same run.
+    "ag": Lever(
+        "ch32-b16 sampled with autoguidance: guide = its own EMA at 25% of the steps, w = 2",
+        ["sampler.guide_at=0.25", "sampler.guidance=2", "train.snapshot_every=250"],
+        "ch32-b16",
+    ),
+    **{
+        f"ag-w{w}": Lever(f"ag with w = {w}", on="ag", sampler=["--guidance", w])
+        for w in ("1.5", "2.5")
+    },
+    "ag-seed1": Lever("ag with training seed 1 (b16-seed1, autoguided)", ["train.seed=1"], "ag"),
+    "ag-heun9": Lever(
+        "ag sampled with Heun in 9 steps: 34 evaluations, the unguided run's cost",
+        on="ag",
+        sampler=["--steps", "9"],
+    ),
+    **{
+        f"ag-g{step}": Lever(
+            f"ag guided by the EMA at step {step} of 3,052 (10-minute budget)",
+            on="ag",
+            sampler=["--guide", f"{{run}}/checkpoints/step-{step:08d}"],
+        )
+        for step in (250, 1500)
+    },
+    "ag-48": Lever(
+        "the ch48-b16 run with ag's autoguidance (guide at 25%, w = 2)",
+        ["sampler.guide_at=0.25", "sampler.guidance=2"],
+        "ch48-b16",
+    ),
     "logit-normal": Lever(
         "cooldown, and logit-normal(0, 1) times (SD3) instead of EDM's log-normal",
         ["method.flow.time_distribution='logit-normal'"],
@@ -214,8 +247,9 @@ def piece_run(name: str, budget: int, data: str) -> None:
                 "--set", "train.sample_every_kimg=0", "--set", "train.checkpoint_every=250")  # fmt: skip
     evaluated = OUT / "evals" / f"{name}-{budget}.json"
     if not evaluated.exists():
+        sampler = [str(arg).format(run=folder) for arg in LEVERS[name].sampler]
         difflab("eval", folder, "--ref", OUT / "ref-cars.npz", "--num", 1000, "--json", evaluated,
-                *LEVERS[name].sampler)  # fmt: skip
+                *sampler)  # fmt: skip
     from difflab.train.checkpoint import latest_checkpoint
 
     result = json.loads(evaluated.read_text())

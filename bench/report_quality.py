@@ -33,8 +33,9 @@ time: `ref`, `train ENTRY`, `eval ENTRY`, `baseline`, `curve ENTRY`, `samplers E
 
 The entries below were measured with the presets of 2026-11-25. Since issue 14, `flow-cpu`
 holds a cheaper recipe (32 base channels, batches of 16, a learning rate that cools down at the
-end of the budget) that scores better at the same budgets: "## Ablation" has it, lever by lever,
-with the old `flow-cpu` as its `base`; rerunning `quality.py train flow` trains the new preset.
+end of the budget, sampled with autoguidance by its own earlier weights) that scores better at
+the same budgets: "## Ablation" has it, lever by lever, with the old `flow-cpu` as its `base`;
+rerunning `quality.py train flow` trains the new preset.
 """
 
 

@@ -47,11 +47,13 @@ def _pairs():
                 yield pytest.param(method, sampler, id=f"{method}-{sampler}")
 
 
-@pytest.mark.parametrize("guided", [False, True], ids=["plain", "class-guided"])
+@pytest.mark.parametrize("guided", ["", "class", "auto"], ids=["plain", "class-guided", "auto"])
 @pytest.mark.parametrize(("method", "sampler"), list(_pairs()))
 def test_every_sampler_keeps_the_work_on_the_images_device(method, sampler, guided):
-    """Every sampler, also with a class-conditional network, labels bound and guidance 2."""
-    config = _config(method, "network.name='unet'", f"network.unet.num_classes={2 * guided}")
+    """Every sampler, also with a class-conditional network, labels bound and guidance 2, and
+    with autoguidance by a second network."""
+    classes = 2 if guided == "class" else 0
+    config = _config(method, "network.name='unet'", f"network.unet.num_classes={classes}")
     chosen = build_method(config)
     steps = chosen.default_steps if method == "tutorial" else 3
     plan = build_sampler(chosen, SamplerConfig(name=sampler, steps=steps))
@@ -59,7 +61,9 @@ def test_every_sampler_keeps_the_work_on_the_images_device(method, sampler, guid
     rng = SampleNoise(image_seeds(0, 0, 2), META)
     noise = rng.randn(SHAPE)
     seen = []
-    denoiser = chosen.denoiser(net).bind(torch.tensor([0, 1]) if guided else None, 2.0)
+    labels = torch.tensor([0, 1]) if classes else None
+    guide = chosen.denoiser(build_network(config).to(META)) if guided == "auto" else None
+    denoiser = chosen.denoiser(net).bind(labels, 2.0, guide)
     out = plan(denoiser, noise, rng, on_step=lambda i, x, x0: seen.append(x0.device))
     assert out.device == META and out.shape == (2, *SHAPE)
     assert seen == [META] * plan.num_steps

@@ -20,7 +20,7 @@ from difflab.config import Config, SamplerConfig
 from difflab.devices import resolve_device
 from difflab.registry import Method, SamplingPlan, build_method, build_network, build_sampler
 from difflab.sampling import Generated, generate, image_seeds
-from difflab.train.checkpoint import load_model
+from difflab.train.checkpoint import load_guide, load_model, own_guide
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Run:
     device: torch.device
     source: Path
     step: int
+    guide: nn.Module | None = None  # autoguidance: a weaker model of the same method
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -71,13 +72,16 @@ class Run:
         """Images ``start .. start + num - 1`` of the sequence that ``seed`` defines.
 
         ``label``: a class name or index, one per image, or "all" (image i asks for class
-        i mod C); None samples without a class. ``guidance``: classifier-free guidance weight
-        w (1 = the plain conditional model, the run's own by default).
+        i mod C); None samples without a class. ``guidance``: the guidance weight w (the run's
+        own by default; 1 = the plain model): away from the guide when the run has one
+        (autoguidance), else classifier-free towards the label.
         """
         plan = plan or self.plan(sampler, steps)
+        guide = None if self.guide is None else self.method.denoiser(self.guide)
         labels, guidance = bind_request(
-            label, guidance, self.class_names, num, start, self.config.sampler.guidance
-        )
+            label, guidance, self.class_names, num, start, self.config.sampler.guidance,
+            guided=guide is not None,
+        )  # fmt: skip
         return generate(
             self.method.denoiser(self.net),
             plan,
@@ -87,6 +91,7 @@ class Run:
             device=self.device,
             labels=labels,
             guidance=guidance,
+            guide=guide,
             record=record,
             progress=progress,
         )
@@ -102,11 +107,27 @@ def load_run(
     checkpoint: str | Path | None = None,
     ema: bool = True,
     device: str | torch.device = "auto",
+    guide: str | Path | None = None,
 ) -> Run:
-    """A run directory (its newest checkpoint, or ``checkpoint``) or an exported .safetensors."""
+    """A run directory (its newest checkpoint, or ``checkpoint``) or an exported .safetensors.
+
+    ``guide``: a weaker model of the same method to guide away from (autoguidance; a run
+    directory, one of its checkpoint folders or an export); by default the run's own guide
+    when its config has one (``sampler.guide_at``).
+    """
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
-    loaded = load_model(
-        path, lambda config: build_network(config).to(torch_device), checkpoint, ema
-    )
+
+    def build(config: Config) -> nn.Module:
+        return build_network(config).to(torch_device).eval()
+
+    loaded = load_model(path, build, checkpoint, ema)
+    if guide is not None:
+        guide_net = load_guide(guide, loaded.config, build).net
+    elif Path(path).is_dir():
+        guide_net = own_guide(Path(path), loaded.config, build, loaded.step)
+    else:
+        guide_net = None
     method = build_method(loaded.config)
-    return Run(loaded.config, method, loaded.net.eval(), torch_device, loaded.source, loaded.step)
+    return Run(
+        loaded.config, method, loaded.net, torch_device, loaded.source, loaded.step, guide_net
+    )

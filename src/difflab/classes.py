@@ -84,9 +84,10 @@ def bind_request(
     num: int,
     start: int = 0,
     default_guidance: float = 1.0,
+    guided: bool = False,
 ) -> tuple[Tensor | None, float]:
     """The labels of images ``start .. start + num - 1`` and the guidance weight for a request,
-    checked: guidance without labels has nothing to guide towards."""
+    checked: without labels or a guide (``guided``), guidance has nothing to guide by."""
     labels = labels_for(request, class_names, num, start)
     if guidance is None:
         return labels, default_guidance
@@ -96,8 +97,10 @@ def bind_request(
         or not 0 <= guidance <= 100
     ):
         raise DifflabError(f"guidance must be a number in [0, 100], got {guidance!r}")
-    if labels is None and guidance != 1.0:
-        raise DifflabError("guidance needs a label to guide towards; give --label / label=")
+    if labels is None and guidance != 1.0 and not guided:
+        raise DifflabError(
+            "guidance needs a label to guide towards, or a guide (--guide / guide=); give one"
+        )
     return labels, float(guidance)
 
 

@@ -46,11 +46,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     out = check_output_folder(Path(args.out), "--out")
     run = load_run(
-        args.run_dir, checkpoint=args.checkpoint, ema=not args.no_ema, device=args.device
+        args.run_dir, args.checkpoint, ema=not args.no_ema, device=args.device, guide=args.guide
     )
     options = {k: getattr(args, k) for k in ("eta", "grid", "rho") if getattr(args, k) is not None}
     plan = run.plan(args.sampler, args.steps, **options)
-    bind_request(args.label, args.guidance, run.class_names, args.num)  # checked before work
+    guided = run.guide is not None  # autoguidance: a guidance weight needs no label
+    # checked before any work:
+    bind_request(args.label, args.guidance, run.class_names, args.num, guided=guided)
     rows = per_class(args.label, run.class_names, args.num)  # --label all: images per class row
     if run.class_names and args.label is None:
         log.info("sampling p(x) without a class; --label NAME (or all) asks for one")
@@ -93,16 +95,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     manifest = {
         "run": str(args.run_dir), "step": run.step, "sampler": plan.name,
         "steps": plan.num_steps, "evaluations": evaluations, "seed": args.seed,
-        "label": args.label, "guidance": guidance if labels is not None else None,
+        "label": args.label, "guidance": guidance if labels is not None or guided else None,
         "images": [f"{i:05d}.png" for i in range(args.num)],
         "classes": None if labels is None else [run.class_names[i] for i in labels.tolist()],
     }  # fmt: skip
     atomic_write_text(out / SAMPLES_MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    guided = f", label {args.label}, guidance {guidance:g}"
+    label = f", label {args.label}" if args.label is not None else ""
+    weight = f", guidance {guidance:g}" if labels is not None or guided else ""
     print(
         f"wrote {args.num} images to {out} (sampler {plan.name}, {plan.num_steps} steps, "
-        f"{evaluations} network evaluations per image, step {run.step} weights"
-        f"{guided if args.label is not None else ''})"
+        f"{evaluations} network evaluations per image, step {run.step} weights{label}{weight})"
     )
     return 0
 
@@ -156,7 +158,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from difflab.api import load_run
     from difflab.io import atomic_write, check_output_file, check_output_folder
 
     out = Path(args.out)
@@ -164,7 +165,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from difflab.diffusers_export import model_card, write_diffusers
 
         check_output_folder(out, "--out")
-        run = load_run(args.run_dir, checkpoint=args.checkpoint, ema=not args.raw, device="cpu")
+        run = _export_source(args)
         write_diffusers(run, out, model_card(run, Path(args.run_dir), args.raw))
         print(
             f"exported step {run.step} to {out}: DDPMPipeline.from_pretrained({str(out)!r}) "
@@ -174,7 +175,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.suffix != ".safetensors":
         raise DifflabError(f"--out {out}: the export file must end in .safetensors")
     check_output_file(out, "--out")
-    run = load_run(args.run_dir, checkpoint=args.checkpoint, ema=not args.raw, device="cpu")
+    run = _export_source(args)
     weights = {k: v.contiguous() for k, v in run.net.state_dict().items()}
     metadata = {
         "config": run.config.to_json(),
@@ -184,6 +185,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     atomic_write(out, lambda tmp: save_file(weights, str(tmp), metadata=metadata))
     print(f"exported step {run.step} ({metadata['weights']} weights) to {out}")
     return 0
+
+
+def _export_source(args: argparse.Namespace):
+    from difflab.api import load_run
+
+    run = load_run(args.run_dir, checkpoint=args.checkpoint, ema=not args.raw, device="cpu")
+    if run.guide is not None:
+        log.warning(
+            "the export holds the model only, not its guide (sampler.guide_at): sample it with "
+            "--guide (e.g. %s's guide checkpoint folder) for the run's autoguided images",
+            args.run_dir,
+        )
+    return run
 
 
 # --------------------------------------------------------------------------- parser
@@ -197,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    from difflab.cli_eval import add_eval_commands
+    from difflab.cli_eval import GUIDE_HELP, add_eval_commands
     from difflab.cli_train import add_distill_command, add_train_command
 
     add_train_command(sub)
@@ -209,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, help="folder for 00000.png, ... and grid.png")
     sample.add_argument("--seed", type=SEED, default=0)
     sample.add_argument("--label", help="a class name or index, or all (conditional runs)")
-    sample.add_argument("--guidance", type=GUIDANCE, help="classifier-free guidance w (1: plain)")
+    sample.add_argument(
+        "--guidance",
+        type=GUIDANCE,
+        help="guidance w (1: plain): towards --label, or away from the guide",
+    )
     sample.add_argument(
         "--batch-size", type=Bounded(int, Limits(low=1, high=MAX_SAMPLE_BATCH)), default=64
     )
@@ -234,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--checkpoint", help="a checkpoint folder of the run (default: newest)")
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    sample.add_argument("--guide", help=GUIDE_HELP)
     sample.add_argument("--strip", action="store_true", help="also write strip.png of the progress")
     sample.add_argument("--gif", action="store_true", help="also write reverse-process.gif")
     sample.add_argument("--device", default="auto")

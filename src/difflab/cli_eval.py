@@ -17,6 +17,10 @@ from difflab.limits import MAX_IMAGES, Bounded, Limits
 MAX_EVAL_BATCH = 500  # images through Inception at 299 x 299 at once: about 8 GB of activations
 
 KID_SUBSET = 1000
+GUIDE_HELP = (
+    "autoguidance: guide away from this weaker model of the same method (a run, one of its "
+    "checkpoint folders, or an export), with --guidance W (default: the run's own guide)"
+)
 
 
 def _extractor(args: argparse.Namespace):
@@ -79,17 +83,19 @@ def generated_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor],
         from difflab.api import load_run
         from difflab.classes import bind_request, per_class
 
-        run = load_run(source, checkpoint=args.checkpoint, device=args.device)
+        run = load_run(source, args.checkpoint, device=args.device, guide=args.guide)
         num = args.num or 1000
         plan = run.plan(args.sampler, args.steps)
         # A conditional run: every class equally (image i asks for class i mod C) by default.
         label = args.label or ("all" if run.class_names else None)
         guidance = args.guidance if args.guidance is not None else run.config.sampler.guidance
         per_class(label, run.class_names, num)  # a wrong label fails before any work
-        bind_request(label, args.guidance, run.class_names, num)
+        bind_request(label, args.guidance, run.class_names, num, guided=run.guide is not None)
         info = {"run": str(source), "step": run.step, "sampler": plan.name, "steps": plan.num_steps}
         if label is not None:
             info.update(label=label, guidance=guidance)
+        if run.guide is not None:
+            info.update(guide=args.guide or "the run's own (sampler.guide_at)", guidance=guidance)
 
         def sample() -> Iterator[torch.Tensor]:
             for start in range(0, num, args.batch_size):
@@ -138,8 +144,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _default_json(source: Path, info: dict, num: int) -> Path:
     if "run" in info and source.is_dir():
-        guided = f"-{info['label']}-w{info['guidance']:g}" if "label" in info else ""
-        name = f"eval-step{info['step']}-{info['sampler']}{info['steps']}{guided}-n{num}.json"
+        label = f"-{info['label']}" if "label" in info else ""
+        weight = f"-w{info['guidance']:g}" if "guidance" in info else ""
+        name = (
+            f"eval-step{info['step']}-{info['sampler']}{info['steps']}{label}{weight}-n{num}.json"
+        )
         return source / name
     return (source if source.is_dir() else source.parent) / "eval.json"
 
@@ -175,6 +184,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--guidance", type=Bounded.like(SamplerConfig, "guidance"), help="guidance w (run)"
     )
+    evaluate.add_argument("--guide", help=GUIDE_HELP)
     evaluate.add_argument("--json", help="where to write the result (default beside the images)")
     _metric_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)

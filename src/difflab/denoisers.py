@@ -265,27 +265,48 @@ class Denoiser(nn.Module):
     def forward(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None) -> Prediction:
         return self.to_x0_eps(self.raw(x, t, labels), x, t)
 
-    def bind(self, labels: Tensor | None, guidance: float = 1.0) -> Denoiser:
-        """This denoiser with class labels (one per image, -1 for "no class") and a guidance
-        weight bound, for samplers that call ``denoiser(x, t)``; itself when there are none."""
-        return self if labels is None else Guided(self, labels, guidance)
+    def bind(
+        self, labels: Tensor | None, guidance: float = 1.0, guide: Denoiser | None = None
+    ) -> Denoiser:
+        """This denoiser with class labels (one per image, -1 for "no class"), a guidance weight
+        and a guide bound, for samplers that call ``denoiser(x, t)``; itself when there are no
+        labels and no guide."""
+        return self if labels is None and guide is None else Guided(self, labels, guidance, guide)
 
 
 class Guided(Denoiser):
-    """A denoiser with its class labels bound, and classifier-free guidance (Ho & Salimans
-    2022, eq. 6 written for any parameterization): out = out_uncond + w (out_cond - out_uncond).
+    """A denoiser with its class labels bound, guided away from a second branch:
 
-    w = 1 is the plain conditional model and w = 0 the unconditional one; a label of -1 means
-    "no class". Every parameterization is affine in the raw output with weights that do not
-    depend on it, and (1 - w) + w = 1, so mixing raw outputs mixes x0 and eps the same way.
+        out = out_guide + w (out - out_guide).
+
+    Without a guide the second branch is the model itself without a class: classifier-free
+    guidance (Ho & Salimans 2022, eq. 6 written for any parameterization; w = 1 is the plain
+    conditional model and w = 0 the unconditional one). With a guide, a weaker model of the same
+    method (a smaller one, or the run's own earlier checkpoint) given the same labels:
+    autoguidance (Karras et al. 2024, arXiv:2406.02507, "Guiding a diffusion model with a bad
+    version of itself"), which works for unconditional models too. Every parameterization is
+    affine in the raw output with weights that do not depend on it, and (1 - w) + w = 1, so
+    mixing raw outputs mixes x0 and eps the same way.
     """
 
-    def __init__(self, base: Denoiser, labels: Tensor, guidance: float = 1.0) -> None:
+    def __init__(
+        self,
+        base: Denoiser,
+        labels: Tensor | None,
+        guidance: float = 1.0,
+        guide: Denoiser | None = None,
+    ) -> None:
         super().__init__(base.net, base.process, base.parameterization)
-        self.base, self.labels, self.guidance = base, labels, float(guidance)
+        self.base, self.labels, self.guidance, self.guide = base, labels, float(guidance), guide
 
     def raw(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None) -> Tensor:
-        t, labels = times_like(t, x), self.labels.to(x.device)
+        t = times_like(t, x)
+        labels = None if self.labels is None else self.labels.to(x.device)
+        if self.guide is not None:
+            out = self.base.raw(x, t, labels)
+            if self.guidance == 1.0:
+                return out
+            return torch.lerp(self.guide.raw(x, t, labels), out, self.guidance)
         if self.guidance in (0.0, 1.0):  # one branch only
             return self.base.raw(x, t, labels if self.guidance else torch.full_like(labels, -1))
         # One network call on the doubled batch: conditional half, then unconditional half.

@@ -30,15 +30,18 @@ def image_seeds(seed: int, start: int, count: int) -> list[int]:
 class Generated:
     images: Tensor  # [N, C, H, W] in [-1, 1] (not clipped)
     frames: Tensor | None  # uint8 [steps + 1, R, C, H, W]: every state of the first R images
-    evaluations: int  # network evaluations per image
+    evaluations: int  # network evaluations per image (a guided one counts its two branches)
 
 
-class _CountCalls:
+class _CountRows:
+    """Images through a network's forward (a forward hook): a guided step, which evaluates a
+    doubled batch or a second network, counts twice."""
+
     def __init__(self) -> None:
-        self.calls = 0
+        self.rows = 0
 
-    def __call__(self, *args: object) -> None:
-        self.calls += 1
+    def __call__(self, module: object, args: tuple, output: object) -> None:
+        self.rows += args[0].shape[0]
 
 
 def generate(
@@ -51,11 +54,13 @@ def generate(
     device: torch.device | str = "cpu",
     labels: Tensor | None = None,
     guidance: float = 1.0,
+    guide: Denoiser | None = None,
     record: bool | int = False,
     progress: bool = False,
 ) -> Generated:
-    """Sample ``len(seeds)`` images; ``labels`` (one class per image, -1 for none) and the
-    guidance weight are bound into the denoiser batch by batch (``Denoiser.bind``).
+    """Sample ``len(seeds)`` images; ``labels`` (one class per image, -1 for none), the
+    guidance weight and a ``guide`` (autoguidance) are bound into the denoiser batch by batch
+    (``Denoiser.bind``).
 
     ``record`` keeps every intermediate state of the first ``record`` images (``True``: all), as
     uint8 pictures on the host, for strips and GIFs: 3 KB per 32x32 image and step, so memory
@@ -65,9 +70,10 @@ def generate(
     keep_images = len(seeds) if record is True else int(record)
     _alpha, sigma = denoiser.process.alpha_sigma(plan.grid[:1])
     scale = float(sigma)  # start at the grid's first noise level; alpha * x0 is neglected
-    counter = _CountCalls()
-    hook = denoiser.net.register_forward_hook(lambda *a: counter())
-    outputs, frames, batches = [], [], 0
+    counter = _CountRows()
+    nets = [denoiser.net] + ([guide.net] if guide is not None else [])
+    hooks = [net.register_forward_hook(counter) for net in nets]
+    outputs, frames = [], []
     try:
         bar = tqdm(total=len(seeds), desc="sampling", unit="img", disable=not progress)
         for start in range(0, len(seeds), batch_size):
@@ -75,7 +81,7 @@ def generate(
             rng = SampleNoise(chunk, device)
             noise = rng.randn(shape) * scale
             chunk_labels = None if labels is None else labels[start : start + len(chunk)]
-            bound = denoiser.bind(chunk_labels, guidance)
+            bound = denoiser.bind(chunk_labels, guidance, guide)
             kept = max(min(keep_images - start, len(chunk)), 0)
             states = [to_uint8(noise[:kept])] if kept else None
 
@@ -85,15 +91,15 @@ def generate(
             outputs.append(plan(bound, noise, rng, keep if kept else None).float().cpu())
             if kept:
                 frames.append(torch.stack(states))
-            batches += 1
             bar.update(len(chunk))
         bar.close()
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     return Generated(
         images=torch.cat(outputs),
         frames=torch.cat(frames, dim=1) if frames else None,
-        evaluations=counter.calls // max(batches, 1),
+        evaluations=counter.rows // max(len(seeds), 1),
     )
 
 

@@ -147,7 +147,10 @@ class SamplerConfig:
     s_tmin: float = setting(0.05, low=0)
     s_tmax: float = setting(50.0, low=0, finite=False)
     s_noise: float = setting(1.003, low=0)
-    guidance: float = setting(1.0, low=0, high=100)  # classifier-free guidance w (1 = plain)
+    guidance: float = setting(1.0, low=0, high=100)  # w (1 = plain): towards a label / from a guide
+    # Autoguidance by the run's own EMA weights at this fraction of its steps (0: none); the
+    # trainer keeps that checkpoint. With a guide, ``guidance`` guides away from it.
+    guide_at: float = setting(0.0, low=0, high=1, high_open=True)
 
 
 @dataclass

@@ -6,7 +6,9 @@ written under a temporary name, every file fsync'ed, then renamed: a reader (or 
 was killed half-way) only ever sees complete checkpoints.
 
 ``load_model`` reads a network's weights from a run directory or an exported file; it sits
-below both the Python API (``difflab.api``) and the trainer (``--init``), which use it.
+below both the Python API (``difflab.api``) and the trainer (``--init``), which use it. A run
+with autoguidance (``sampler.guide_at``) keeps the checkpoint of its guide step; ``own_guide``
+and ``load_guide`` read guides.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from torch import nn
 from difflab.config import Config, from_dict, load_json, upgrade, validate
 from difflab.errors import DifflabError, brief
 from difflab.io import delete_path, fsync_dir, new_file_mode, publish_folder
+from difflab.train.schedule import guide_step
 
 FORMAT_VERSION = 1
+GUIDE_MARK = "guide"  # an empty file in the checkpoint folder of a run's guide
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 log = logging.getLogger("difflab")
 T = TypeVar("T")
@@ -53,6 +57,10 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def step_folder(run_dir: Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step-{step:08d}"
+
+
 def _state_dict_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
@@ -63,15 +71,18 @@ def save_checkpoint(
     net: nn.Module,
     ema: nn.Module | None,
     state: dict[str, Any],
+    guide: bool = False,
 ) -> Path:
-    """Write checkpoint ``step`` atomically; on failure the earlier checkpoints stay intact."""
-    folder = checkpoint_dir(run_dir)
-    final = folder / f"step-{step:08d}"
+    """Write checkpoint ``step`` atomically; on failure the earlier checkpoints stay intact.
+    ``guide``: it is the run's guide (autoguidance), marked so that pruning keeps it."""
+    folder, final = checkpoint_dir(run_dir), step_folder(run_dir, step)
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         delete_path(tmp)
         tmp.mkdir()
+        if guide:
+            (tmp / GUIDE_MARK).touch()
         _write_files(tmp, step, net, ema, state)
         publish_folder(tmp, final)
     except _WRITE_ERRORS as error:  # safetensors and torch.save do not raise OSError
@@ -122,7 +133,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, snapshot_every: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints and every snapshot (step % snapshot_every == 0)."""
+    """Keep the newest ``keep_last`` checkpoints, every snapshot (step % snapshot_every == 0)
+    and every guide (a folder marked ``GUIDE_MARK``)."""
     folder = checkpoint_dir(run_dir)
     for pattern in (".tmp-*", ".old-*", ".del-*"):  # left by a process killed half-way
         for stale in folder.glob(pattern):
@@ -130,8 +142,8 @@ def prune_checkpoints(run_dir: Path, keep_last: int, snapshot_every: int) -> Non
                 delete_path(stale)
     paths = list_checkpoints(run_dir)
     for path in paths[: max(len(paths) - keep_last, 0)]:
-        step = int(_STEP_DIR.match(path.name).group(1))
-        if snapshot_every and step % snapshot_every == 0:
+        step = _step(path)
+        if (snapshot_every and step % snapshot_every == 0) or (path / GUIDE_MARK).exists():
             continue
         _remove_checkpoint(path)
 
@@ -296,3 +308,53 @@ def _exported_step(path: Path) -> int:
     with safe_open(str(path), framework="pt") as handle:
         step = (handle.metadata() or {}).get("step", "0")
     return int(step) if step.isdigit() else 0
+
+
+def split_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """(the run directory or export, the checkpoint folder or None) for a path that is either,
+    or a checkpoint folder of a run (``RUN/checkpoints/step-*``)."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and _STEP_DIR.match(path.name) and path.is_dir():
+        return path.parent.parent, path
+    return path, None
+
+
+def load_guide(
+    path: str | Path, config: Config, build: Callable[[Config], nn.Module]
+) -> LoadedModel:
+    """An autoguidance guide for a model of ``config``: the EMA weights of a run directory, one
+    of its checkpoint folders, or an export, trained with the same method on images of the same
+    size and classes (its network may differ: Karras et al. 2024 guide with a smaller one)."""
+    source, checkpoint = split_checkpoint(path)
+    guide = load_model(source, build, checkpoint)
+
+    def kind(c: Config) -> tuple:
+        return c.method, c.data.image_size, c.data.class_names
+
+    if kind(guide.config) != kind(config):
+        raise DifflabError(
+            f"the guide {path} was trained with another method, image size or classes than "
+            "this model; autoguidance needs a weaker model of the same kind (e.g. an earlier "
+            "checkpoint folder of the run)"
+        )
+    return guide
+
+
+def own_guide(
+    run_dir: Path, config: Config, build: Callable[[Config], nn.Module], step: int
+) -> nn.Module | None:
+    """A run's own guide (``sampler.guide_at``): the EMA weights of the newest guide checkpoint
+    the trainer kept before ``step``, the step of the weights to sample; None when the run has
+    no guide or has not reached it. An extended run keeps guiding by the guide it has."""
+    if not config.sampler.guide_at:
+        return None
+    kept = [p for p in list_checkpoints(run_dir) if (p / GUIDE_MARK).exists() and _step(p) < step]
+    if not kept:
+        if 0 < guide_step(config) < step:
+            log.warning("%s has no guide checkpoint: sampling without autoguidance", run_dir)
+        return None
+    return load_model(run_dir, build, kept[-1]).net
+
+
+def _step(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))

@@ -26,7 +26,7 @@ from difflab.train import distributed as D
 from difflab.train.logs import TrainLog
 from difflab.train.pictures import Pictures
 from difflab.train.quality import QualityProbe
-from difflab.train.schedule import cooldown_start, lr_at, planned_steps
+from difflab.train.schedule import cooldown_start, guide_step, lr_at, planned_steps
 from difflab.train.signals import StopRequest
 from difflab.train.trainer import Trainer
 
@@ -131,8 +131,9 @@ class Loop:
                 signalled, out_of_time = D.any_rank(trainer.world, flags, trainer.device)
                 if signalled or out_of_time:
                     stopped_by = "signal" if signalled else "time-limit"
-                if stopped_by is None and trainer.step % t.checkpoint_every == 0:
-                    trainer.checkpoint()
+                every = trainer.step % t.checkpoint_every == 0
+                if stopped_by is None and (every or trainer.step == guide_step(trainer.config)):
+                    trainer.checkpoint()  # and the run's guide, kept (sampler.guide_at)
         bar.close()
         trainer.checkpoint()
         result = self._result(stopped_by)
@@ -242,14 +243,14 @@ class Loop:
         trainer = self.trainer
         trainer.read_back()
         net = trainer.ema or trainer.net
-        scores = self.quality.measure(trainer.method.denoiser(net), trainer.device)
+        scores = self.quality.measure(trainer.method.denoiser(net), trainer.device, trainer.guide())
         self.logbook.write({"step": trainer.step, "kimg": trainer.images_seen / 1000, **scores})
 
     def _pictures(self, final: bool = False) -> None:
         trainer = self.trainer
         trainer.read_back()
         net = trainer.ema or trainer.net
-        self.pictures.preview(net, trainer.images_seen, trainer.device, final=final)
+        self.pictures.preview(net, trainer.images_seen, trainer.device, trainer.guide(), final)
         self.logbook.plot()
 
     def _result(self, stopped_by: str) -> TrainResult:

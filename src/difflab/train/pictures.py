@@ -11,6 +11,7 @@ from torch import nn
 from difflab.classes import class_rows, labels_for
 from difflab.config import Config
 from difflab.data import ImageSet, to_model_range
+from difflab.denoisers import Denoiser
 from difflab.objectives import Objective
 from difflab.registry import Method, SamplingPlan
 from difflab.sampling import derive_seed, generate, strip_indices
@@ -61,10 +62,16 @@ class Pictures:
 
     @torch.no_grad()
     def preview(
-        self, net: nn.Module, images_seen: int, device: torch.device, final: bool = False
+        self,
+        net: nn.Module,
+        images_seen: int,
+        device: torch.device,
+        guide: Denoiser | None = None,
+        final: bool = False,
     ) -> None:
-        """Samples from fixed seeds (one row per class for a conditional run, at the run's
-        guidance), the progress strip of the first, and at the end a GIF of them all."""
+        """Samples from fixed seeds (one row per class for a conditional run; at the run's
+        guidance, by its guide when it has one), the progress strip of the first, and at the end
+        a GIF of them all."""
         size, count = self.config.data.image_size, self.config.train.num_preview
         classes = len(self.config.data.class_names)
         labels, per_row = None, None
@@ -77,7 +84,7 @@ class Pictures:
         net.eval()
         result = generate(
             self.method.denoiser(net), self.plan, (3, size, size), seeds, device=device,
-            labels=labels, guidance=self.config.sampler.guidance, record=True,
+            labels=labels, guidance=self.config.sampler.guidance, guide=guide, record=True,
         )  # fmt: skip
         net.train(was_training)
         images, frames = result.images, result.frames

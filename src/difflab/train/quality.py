@@ -21,7 +21,9 @@ class QualityProbe:
         self.ref = load_stats(config.train.eval_ref)
         self.extractor = None
 
-    def measure(self, denoiser: Denoiser, device: torch.device) -> dict[str, float]:
+    def measure(
+        self, denoiser: Denoiser, device: torch.device, guide: Denoiser | None = None
+    ) -> dict[str, float]:
         from difflab.metrics import InceptionFeatures, extract_features, fid_kid
         from difflab.viz import to_uint8
 
@@ -41,6 +43,7 @@ class QualityProbe:
             device=device,
             labels=labels,
             guidance=self.config.sampler.guidance,
+            guide=guide,
         ).images
         denoiser.net.train(was_training)
         features = extract_features(to_uint8(images), self.extractor, progress=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from difflab.config import TrainConfig
+from difflab.config import Config, TrainConfig
 
 
 def planned_steps(train: TrainConfig) -> int:
@@ -42,6 +42,16 @@ def cooldown_start(train: TrainConfig) -> int:
     """The first step whose rate the run's length changes (the end of the stable phase)."""
     total = planned_steps(train)
     return total - round(train.cooldown * total)
+
+
+def guide_step(config: Config) -> int:
+    """The step whose EMA weights guide the run's sampler (``sampler.guide_at`` of its planned
+    steps, at least 1; autoguidance, Karras et al. 2024), or 0: none, or a length not known
+    yet."""
+    total = planned_steps(config.train)
+    if not (config.sampler.guide_at and total):
+        return 0
+    return max(round(config.sampler.guide_at * total), 1)
 
 
 def ema_beta(batch_images: int, images_seen: int, train: TrainConfig) -> float:

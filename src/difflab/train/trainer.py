@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from difflab.classes import learn_classes
 from difflab.config import Config, save_json
 from difflab.data import ImageSet, load_images
+from difflab.denoisers import Denoiser
 from difflab.devices import autocast_dtype, configure, generator, resolve_device, to_device
 from difflab.errors import DifflabError, brief
 from difflab.models import forward_gflops
@@ -41,12 +42,13 @@ from difflab.train.checkpoint import (
     load_model,
     load_weights_into,
     newest_usable,
+    own_guide,
     prune_checkpoints,
     save_checkpoint,
 )
 from difflab.train.ema import make_ema, update_ema
 from difflab.train.rundir import RunLock, check_existing_run_dir, check_new_run_dir
-from difflab.train.schedule import ema_beta, lr_at
+from difflab.train.schedule import ema_beta, guide_step, lr_at
 
 log = logging.getLogger("difflab")
 
@@ -341,6 +343,14 @@ class Trainer:
                 self.method.objective.loss(self.method.denoiser(self.ema), x0, draw, labels).mean()
             )
 
+    def guide(self) -> Denoiser | None:
+        """The run's own guide for its previews (``sampler.guide_at``), once it is past it."""
+        net = own_guide(self.run_dir, self.config, self._build_eval_net, self.step)
+        return None if net is None else self.method.denoiser(net)
+
+    def _build_eval_net(self, config: Config) -> nn.Module:
+        return build_network(config).to(self.device).eval()
+
     def checkpoint(self) -> None:
         """Write a checkpoint of the current step (rank 0), after checking the pending losses:
         every rank reads them, so a non-finite step stops them all before anything is saved."""
@@ -356,5 +366,6 @@ class Trainer:
             "world_size": self.world.size,
             "config": self.config.to_dict(),
         }
-        save_checkpoint(self.run_dir, self.step, self.net, self.ema, state)
+        guide = self.step == guide_step(self.config)  # kept: the run's autoguidance guide
+        save_checkpoint(self.run_dir, self.step, self.net, self.ema, state, guide)
         prune_checkpoints(self.run_dir, t.keep_last, t.snapshot_every)
