@@ -141,3 +141,16 @@ def test_an_extended_run_keeps_guiding_by_the_guide_it_has(
     run = load_run(run_dir)
     guide = load_file(str(run_dir / "checkpoints" / "step-00000002" / "ema.safetensors"))
     assert all(torch.equal(v, guide[k]) for k, v in run.guide.state_dict().items())
+
+
+def test_an_export_carries_the_guide_and_samples_like_the_run(guided_run, tmp_path, capsys):
+    out = tmp_path / "cars.safetensors"
+    assert run_cli(capsys, "export", guided_run, "--out", out)[0] == 0
+    exported, run = load_run(out), load_run(guided_run)
+    assert exported.guide is not None
+    assert torch.equal(exported.sample(2, seed=3), run.sample(2, seed=3))
+    code, _, err = run_cli(capsys, "export", guided_run, "--format", "diffusers",
+                           "--out", tmp_path / "pipe")  # fmt: skip
+    # an EDM run does not map onto DDPMPipeline: a one-line refusal, after the guide's warning
+    assert code == 2 and "samples without difflab's autoguidance" in err, err
+    assert "cannot be exported to diffusers" in err and "unexpected" not in err, err

@@ -129,3 +129,17 @@ def test_presets_that_do_not_map_are_refused_in_one_line(preset):
         check_exportable(config, build_network(config), build_method(config).process)
     message = str(error.value)
     assert "\n" not in message and "ddpm-paper, ddpm-cosine-paper" in message
+
+
+def test_exporting_a_run_that_does_not_map_is_one_line(tmp_path, tiny_preset, image_folder, capsys):
+    """Through the command line too: the check comes before the model card reads DDPM's
+    settings (an EDM run ended in "unexpected KeyError: 'edm'")."""
+    run_dir = tmp_path / "edm"
+    code, _, err = run_cli(capsys, "train", "--preset", tiny_preset, "--data", image_folder,
+                           "--out", run_dir, "--no-progress", "--steps", 1)  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(
+        capsys, "export", run_dir, "--format", "diffusers", "--out", tmp_path / "x"
+    )
+    assert code == 2 and "cannot be exported to diffusers" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists(), err

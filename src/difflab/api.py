@@ -20,7 +20,7 @@ from difflab.config import Config, SamplerConfig
 from difflab.devices import resolve_device
 from difflab.registry import Method, SamplingPlan, build_method, build_network, build_sampler
 from difflab.sampling import Generated, generate, image_seeds
-from difflab.train.checkpoint import load_guide, load_model, own_guide
+from difflab.train.checkpoint import exported_guide, load_guide, load_model, own_guide
 
 
 @dataclass
@@ -126,7 +126,7 @@ def load_run(
     elif Path(path).is_dir():
         guide_net = own_guide(Path(path), loaded.config, build, loaded.step)
     else:
-        guide_net = None
+        guide_net = exported_guide(Path(path), loaded.config, build)
     method = build_method(loaded.config)
     return Run(
         loaded.config, method, loaded.net, torch_device, loaded.source, loaded.step, guide_net

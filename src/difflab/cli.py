@@ -158,15 +158,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
+    from difflab.api import load_run
     from difflab.io import atomic_write, check_output_file, check_output_folder
+    from difflab.train.checkpoint import GUIDE_PREFIX
 
     out = Path(args.out)
     if args.format == "diffusers":
-        from difflab.diffusers_export import model_card, write_diffusers
+        from difflab.diffusers_export import write_diffusers
 
         check_output_folder(out, "--out")
-        run = _export_source(args)
-        write_diffusers(run, out, model_card(run, Path(args.run_dir), args.raw))
+        run = load_run(args.run_dir, args.checkpoint, ema=not args.raw, device="cpu")
+        if run.guide is not None:
+            log.warning(
+                "a diffusers pipeline samples without difflab's autoguidance: the export holds "
+                "the model only, not its guide (sampler.guide_at)"
+            )
+        write_diffusers(run, out, Path(args.run_dir), args.raw)
         print(
             f"exported step {run.step} to {out}: DDPMPipeline.from_pretrained({str(out)!r}) "
             "loads it in diffusers"
@@ -175,8 +182,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.suffix != ".safetensors":
         raise DifflabError(f"--out {out}: the export file must end in .safetensors")
     check_output_file(out, "--out")
-    run = _export_source(args)
+    run = load_run(args.run_dir, args.checkpoint, ema=not args.raw, device="cpu")
     weights = {k: v.contiguous() for k, v in run.net.state_dict().items()}
+    if run.guide is not None:  # the run's own guide travels with it (autoguidance)
+        guide = run.guide.state_dict().items()
+        weights.update({GUIDE_PREFIX + k: v.contiguous() for k, v in guide})
     metadata = {
         "config": run.config.to_json(),
         "step": str(run.step),
@@ -185,19 +195,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     atomic_write(out, lambda tmp: save_file(weights, str(tmp), metadata=metadata))
     print(f"exported step {run.step} ({metadata['weights']} weights) to {out}")
     return 0
-
-
-def _export_source(args: argparse.Namespace):
-    from difflab.api import load_run
-
-    run = load_run(args.run_dir, checkpoint=args.checkpoint, ema=not args.raw, device="cpu")
-    if run.guide is not None:
-        log.warning(
-            "the export holds the model only, not its guide (sampler.guide_at): sample it with "
-            "--guide (e.g. %s's guide checkpoint folder) for the run's autoguided images",
-            args.run_dir,
-        )
-    return run
 
 
 # --------------------------------------------------------------------------- parser

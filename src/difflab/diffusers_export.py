@@ -215,10 +215,12 @@ def scheduler_config(config: Config, betas: Tensor, prediction: str) -> dict:
     }
 
 
-def write_diffusers(run, out: Path, card: str) -> None:
-    """Write ``run`` (an ``api.Run``) as a DDPMPipeline folder at ``out`` (atomically)."""
+def write_diffusers(run, out: Path, run_dir: Path, raw: bool) -> None:
+    """Write ``run`` (an ``api.Run`` of ``run_dir``) as a DDPMPipeline folder at ``out``
+    (atomically), with a model card."""
     process, prediction = run.method.process, run.method.parameterization.name
-    check_exportable(run.config, run.net, process)
+    check_exportable(run.config, run.net, process)  # before anything reads DDPM's settings
+    card = model_card(run, run_dir, raw)
     if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").exists():
         raise DifflabError(
             f"--out {out} is a folder with other files in it; give a new or empty folder (an "

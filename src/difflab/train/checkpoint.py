@@ -35,6 +35,7 @@ from difflab.train.schedule import guide_step
 
 FORMAT_VERSION = 1
 GUIDE_MARK = "guide"  # an empty file in the checkpoint folder of a run's guide
+GUIDE_PREFIX = "guide."  # an export's keys of its run's guide, beside the model's own
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 log = logging.getLogger("difflab")
 T = TypeVar("T")
@@ -248,7 +249,9 @@ def load_model(
     config = stored_config(path)
     net = build(config)
     if path.is_file():
-        load_weights_into(net, _load_weights(path), path)
+        weights = _load_weights(path)
+        ours = {k: v for k, v in weights.items() if not k.startswith(GUIDE_PREFIX)}
+        load_weights_into(net, ours, path)
         return LoadedModel(config, net, _exported_step(path), path)
 
     def use(ckpt: Checkpoint) -> int:
@@ -354,6 +357,19 @@ def own_guide(
             log.warning("%s has no guide checkpoint: sampling without autoguidance", run_dir)
         return None
     return load_model(run_dir, build, kept[-1]).net
+
+
+def exported_guide(
+    path: Path, config: Config, build: Callable[[Config], nn.Module]
+) -> nn.Module | None:
+    """The run's own guide that an export carries (its ``GUIDE_PREFIX`` keys), or None."""
+    n = len(GUIDE_PREFIX)
+    weights = {k[n:]: v for k, v in _load_weights(path).items() if k.startswith(GUIDE_PREFIX)}
+    if not weights:
+        return None
+    net = build(config)
+    load_weights_into(net, weights, path)
+    return net
 
 
 def _step(path: Path) -> int:
