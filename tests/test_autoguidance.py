@@ -114,6 +114,12 @@ def test_an_explicit_guide_and_a_wrong_one(guided_run, tmp_path, tiny_preset, im
     assert run_cli(capsys, *args, "--steps", 1, "--set", "method.name='flow'")[0] == 0
     code, _, err = run_cli(capsys, "sample", guided_run, "--guide", other, "--out", tmp_path / "s")
     assert code == 2 and "autoguidance needs" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(
+        capsys, "sample", guided_run, "--guide", tmp_path / "none", "--out", tmp_path / "s"
+    )
+    assert code == 2 and "the guide: run directory" in err and len(err.strip().splitlines()) == 1, (
+        err
+    )
 
 
 def test_guidance_without_a_label_or_a_guide_is_one_line(

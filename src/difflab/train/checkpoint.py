@@ -58,10 +58,6 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def step_folder(run_dir: Path, step: int) -> Path:
-    return checkpoint_dir(run_dir) / f"step-{step:08d}"
-
-
 def _state_dict_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
@@ -76,7 +72,8 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` atomically; on failure the earlier checkpoints stay intact.
     ``guide``: it is the run's guide (autoguidance), marked so that pruning keeps it."""
-    folder, final = checkpoint_dir(run_dir), step_folder(run_dir, step)
+    folder = checkpoint_dir(run_dir)
+    final = folder / f"step-{step:08d}"
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -329,7 +326,10 @@ def load_guide(
     of its checkpoint folders, or an export, trained with the same method on images of the same
     size and classes (its network may differ: Karras et al. 2024 guide with a smaller one)."""
     source, checkpoint = split_checkpoint(path)
-    guide = load_model(source, build, checkpoint)
+    try:
+        guide = load_model(source, build, checkpoint)
+    except DifflabError as error:  # say which of the two models it is
+        raise DifflabError(f"the guide: {error}") from None
 
     def kind(c: Config) -> tuple:
         return c.method, c.data.image_size, c.data.class_names
