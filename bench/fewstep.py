@@ -4,17 +4,20 @@ winner, against that teacher at few network evaluations.
 Resumable pieces; results land in bench/results/fewstep/*.json, ``report`` writes the
 "## One and two steps" section of docs/benchmarks.md and its FID-against-evaluations plot.
 
-    python bench/fewstep.py distill     # the student: difflab distill TEACHER, 48,000 images
+    python bench/fewstep.py distill     # the student: difflab distill TEACHER, 80,000 images,
+                                        # the settings of LEVERS[STUDENT]
     python bench/fewstep.py student     # FID-1k and KID at 1, 2 and 4 steps, sampling img/s
     python bench/fewstep.py teacher     # the teacher at 1-35 evaluations (iPNDM, DPM-Solver++,
-                                        # Heun), sampling img/s
+                                        # Heun; autoguided Heun), sampling img/s
     python bench/fewstep.py levels      # the 2-step student's intermediate level (--rho)
+    python bench/fewstep.py lever NAME --images 12000  # a distillation setting (LEVERS) on
+                                        # a shorter budget, scored at 1 and 2 steps
     python bench/fewstep.py report
     python bench/fewstep.py all
 
 The teacher is ``--teacher RUN``: by default the 30-minute ``flow-cpu`` run on the cars that
-bench/conditional.py trains (``bench/out/conditional/runs/cars``). The budget is images (48,000:
-about 30 minutes on this project's 2-core machine), so the student does not depend on the
+bench/conditional.py trains (``bench/out/conditional/runs/cars``). The budget is images (80,000:
+about 67 minutes on this project's 2-core machine with the autoguided teacher), so the student does not depend on the
 machine; the report gives the minutes it took here, so run nothing else heavy beside it.
 """
 
@@ -35,7 +38,24 @@ LEVEL_RHOS = [3.0, 5.0, 7.0, 10.0, 14.0]  # 2 steps' second level: 10.9, 4.4, 2.
 # (sampler, steps): 1, 2, 4, 10 and 35 network evaluations with the solvers that do best there.
 TEACHER_ROWS = [("ipndm", 1), ("ipndm", 2), ("ipndm", 4), ("dpm++2m", 4), ("ipndm", 10),
                 ("heun", 18)]  # fmt: skip
+TEACHER_AG_ROWS = [("heun", 9)]  # autoguided: 34 evaluations, the nearest to 35
 HEADING = "## One and two steps"
+#: Distillation settings screened against the student's own (``lever NAME``): --set overrides.
+LEVERS = {
+    "base": [],
+    "lr4": ["train.lr=4e-4"],
+    "n10": ["method.consistency.start_levels=10", "method.consistency.max_levels=10"],
+    "b16": ["train.batch_size=16"],
+    # the teacher's ODE autoguided by its own EMA at a third of its steps (its checkpoint 980 of
+    # 3,044; the quality benchmark's flow-cpu guides at a quarter), w = 2
+    "lr4-ag": [
+        "train.lr=4e-4",
+        "method.consistency.teacher_guide='{guide}'",
+        "method.consistency.teacher_guidance=2",
+    ],
+}
+GUIDE = "checkpoints/step-00000980"  # of the teacher run
+STUDENT = "lr4-ag"  # the screening's best, distilled for the full budget
 
 
 class FewStepSettings(Settings):
@@ -57,13 +77,34 @@ class FewStepSettings(Settings):
 
 
 def piece_distill(settings: Settings) -> None:
-    """``difflab distill`` for the image budget (resumed if it was cut short)."""
-    run_dir = settings.run_dir("student")
+    """``difflab distill`` with the STUDENT lever for the image budget (resumed if cut short)."""
+    _distill(settings, settings.run_dir("student"), STUDENT)
+
+
+def _distill(settings: Settings, run_dir: Path, lever: str) -> None:
     if (run_dir / "config.json").exists():
         difflab(settings, "train", "--resume", run_dir, "--no-progress")
         return
+    guide = settings.teacher / GUIDE
+    sets = [a for item in LEVERS[lever] for a in ("--set", item.format(guide=guide))]
     difflab(settings, "distill", settings.teacher, "--out", run_dir, "--images", settings.images,
-            "--set", "train.sample_every_kimg=0", "--no-progress")  # fmt: skip
+            "--set", "train.sample_every_kimg=0", *sets, "--no-progress")  # fmt: skip
+
+
+def piece_lever(settings: Settings, name: str) -> None:
+    """One of LEVERS distilled for ``--images`` and scored at 1 and 2 steps."""
+    path = settings.result("levers")
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    if any(r["lever"] == name and r["images"] == settings.images for r in rows):
+        return
+    run_dir = settings.run_dir(f"lever-{name}-{settings.images}")
+    if not (run_dir / "config.json").exists():
+        _distill(settings, run_dir, name)
+    scores = {str(k): _score(settings, run_dir, "--steps", k) for k in (1, 2)}
+    minutes = quality._elapsed_minutes(run_dir)
+    rows.append({"lever": name, "images": settings.images, "sets": LEVERS[name],
+                 "minutes": minutes, "scores": scores})  # fmt: skip
+    save(path, {"rows": rows})
 
 
 def _score(settings: Settings, run: Path, *extra: object) -> dict:
@@ -81,15 +122,15 @@ def _score_folder(settings: Settings, images: Path, *extra: object) -> dict:
             "eval_seconds": time.monotonic() - started}  # fmt: skip
 
 
-def _rate(run_dir: Path, sampler: str | None, steps: int, num: int = 100) -> float:
+def _rate(run_dir: Path, sampler: str | None, steps: int, num: int = 100, guide=None) -> float:
     """Sampling images/s of ``num`` images in-process, after a warm-up batch."""
     from difflab.api import load_run
 
-    run = load_run(run_dir, device="cpu")
-    plan = run.plan(sampler, steps)
-    run.generate(2, plan=plan)
+    run = load_run(run_dir, device="cpu", guide=guide)
+    plan, guidance = run.plan(sampler, steps), 2.0 if guide else None
+    run.generate(2, plan=plan, guidance=guidance)
     started = time.monotonic()
-    run.generate(num, plan=plan)
+    run.generate(num, plan=plan, guidance=guidance)
     return num / (time.monotonic() - started)
 
 
@@ -147,16 +188,25 @@ def piece_teacher(settings: Settings) -> None:
                 "images_per_s": _rate(settings.teacher, sampler, steps)}  # fmt: skip
 
     _rows(settings, "teacher", TEACHER_ROWS, measure)
+    guide = settings.teacher / GUIDE
+
+    def guided(sampler, steps):  # the teacher autoguided as the lr4-ag student's teacher is
+        return {**_score(settings, settings.teacher, "--sampler", sampler, "--steps", steps,
+                         "--guide", guide, "--guidance", 2),
+                "images_per_s": _rate(settings.teacher, sampler, steps, guide=guide)}  # fmt: skip
+
+    _rows(settings, "teacher-ag", TEACHER_AG_ROWS, guided)
 
 
 def piece_report(settings: Settings) -> None:
-    from report_fewstep import section
+    from report_fewstep import MODELS, section
 
+    pieces = [piece for piece, _ in MODELS] + ["levels", "levels-lr1e-4", "levers"]
     values = {piece: json.loads(settings.result(piece).read_text())["rows"]
-              for piece in ("student", "student-edm-base", "teacher", "levels")
-              if settings.result(piece).exists()}  # fmt: skip
+              for piece in pieces if settings.result(piece).exists()}  # fmt: skip
     values["distill_minutes"] = quality._elapsed_minutes(settings.run_dir("student"))
     values["distill_images"] = settings.images
+    values["student_lever"] = STUDENT
     values["teacher"] = values.get("teacher", [])
     values["matmul_peak_gflops"] = matmul_peak(10)  # this machine, measured now (keep it quiet)
     target = settings.out / "benchmarks.md" if settings.quick else BENCHMARKS
@@ -166,14 +216,15 @@ def piece_report(settings: Settings) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "piece", choices=["distill", "student", "teacher", "levels", "report", "all"]
+        "piece", choices=["distill", "student", "teacher", "levels", "lever", "report", "all"]
     )
+    parser.add_argument("lever", nargs="?", choices=list(LEVERS), help="for the lever piece")
     parser.add_argument(
         "--teacher", default=ROOT / "bench" / "out" / "conditional" / "runs" / "cars"
     )
     parser.add_argument("--ref", default=ROOT / "bench" / "out" / "conditional" / "ref-cars.npz")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--images", type=int, default=48_000, help="the distillation budget")
+    parser.add_argument("--images", type=int, default=80_000, help="the distillation budget")
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test")
     args = parser.parse_args()
@@ -181,6 +232,8 @@ def main() -> None:
     settings = FewStepSettings(args)
     pieces = {"distill": piece_distill, "student": piece_student, "teacher": piece_teacher,
               "levels": piece_levels, "report": piece_report}  # fmt: skip
+    if args.piece == "lever":
+        return piece_lever(settings, args.lever or "base")
     for name in list(pieces) if args.piece == "all" else [args.piece]:
         pieces[name](settings)
 

@@ -283,3 +283,61 @@ def test_an_ema_target_without_an_ema_is_refused():
         validate(
             apply_overrides(load_preset("consistency-cpu"), [*ema, "train.ema_halflife_kimg=0"])
         )
+
+
+def test_distilling_an_autoguided_teacher_steps_along_its_guided_ode(
+    teacher, tiny_preset, image_folder, tmp_path, capsys
+):
+    """--guide makes the teacher's ODE the autoguided one (Karras et al. 2024): its x0 is
+    guide + w (teacher - guide), so the student learns the guided sampler."""
+    args = ["train", "--preset", tiny_preset, "--data", image_folder, "--no-progress"]
+    assert run_cli(capsys, *args, "--out", tmp_path / "weak", "--steps", 1)[0] == 0
+    _distill(capsys, teacher, tmp_path / "s", "--steps", 1, "--guide", tmp_path / "weak",
+             "--guidance", 3)  # fmt: skip
+    student = load_run(tmp_path / "s")
+    options = student.config.method.consistency
+    assert options.teacher_guide == str((tmp_path / "weak").resolve())
+    assert options.teacher_guidance == 3
+    student.method.objective.prepare(torch.device("cpu"))
+    guided = student.method.objective._teacher
+    strong, weak = load_run(teacher), load_run(tmp_path / "weak")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 3.0])
+    with torch.no_grad():
+        mix = guided(x, t).x0
+        ours = strong.method.denoiser(strong.net)(x, t).x0
+        theirs = weak.method.denoiser(weak.net)(x, t).x0
+    assert not torch.allclose(ours, theirs)
+    assert torch.allclose(mix, theirs + 3 * (ours - theirs), atol=1e-5)
+
+    assert (
+        run_cli(capsys, *args, "--out", tmp_path / "ddpm", "--steps", 1, "--method", "ddpm")[0] == 0
+    )
+    for extra, says in (
+        (["--guide", tmp_path / "ddpm"], "another method"),
+        (["--guide", tmp_path / "nowhere"], "the guide:"),
+        (["--guide", tmp_path / "weak", "--no-teacher"], "drop --no-teacher"),
+        (["--guidance", 3, "--no-teacher"], "drop --no-teacher"),
+        (["--guidance", 2], "name a --guide"),
+    ):
+        code, _, err = run_cli(capsys, "distill", teacher, "--out", tmp_path / "x", "--steps", 1,
+                               *extra)  # fmt: skip
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_teacher_that_samples_autoguided_is_distilled_with_its_own_guide(
+    tiny_preset, image_folder, tmp_path, capsys
+):
+    """A teacher run with ``sampler.guide_at`` (as flow-cpu) samples autoguided: by default
+    its student learns that sampler, guided by the teacher's own guide checkpoint and w;
+    --guidance 1 distils the plain one."""
+    args = ["train", "--preset", tiny_preset, "--data", image_folder, "--no-progress",
+            "--set", "sampler.guide_at=0.5", "--set", "sampler.guidance=1.5"]  # fmt: skip
+    assert run_cli(capsys, *args, "--out", tmp_path / "t", "--steps", 4)[0] == 0
+    _distill(capsys, tmp_path / "t", tmp_path / "s", "--steps", 1)
+    options = load_run(tmp_path / "s").config.method.consistency
+    folder = list_checkpoints(tmp_path / "t")[0]
+    assert (folder / "guide").exists() and folder.name == "step-00000002"
+    assert (options.teacher_guide, options.teacher_guidance) == (str(folder.resolve()), 1.5)
+    _distill(capsys, tmp_path / "t", tmp_path / "plain", "--steps", 1, "--guidance", 1)
+    assert load_run(tmp_path / "plain").config.method.consistency.teacher_guide == ""

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from difflab.config import TrainConfig
+from difflab.config import ConsistencyMethod, TrainConfig
 from difflab.errors import DifflabError
 from difflab.limits import Bounded
 
@@ -138,8 +138,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     """A consistency model from a diffusion run: its data, network and training settings, the
     run as the teacher (or, with --no-teacher, consistency training started from its weights)."""
     from difflab.config import SamplerConfig, apply_overrides, validate
-    from difflab.registry import CONSISTENCY_BASES
-    from difflab.train.checkpoint import stored_config
+    from difflab.registry import CONSISTENCY_BASES, build_network
+    from difflab.train.checkpoint import load_guide, own_guide_folder, stored_config
 
     teacher = Path(args.run_dir)
     base = stored_config(teacher)
@@ -152,10 +152,24 @@ def cmd_distill(args: argparse.Namespace) -> int:
         teacher="" if args.no_teacher else str(teacher.resolve()),
         base=base.method.name if base.method.name in CONSISTENCY_BASES else "edm",
     )
+    if args.no_teacher and (args.guide or args.guidance is not None):
+        raise DifflabError("--guide and --guidance guide the teacher's ODE: drop --no-teacher")
     if not args.no_teacher:  # distillation's fixed N = 18 on CIFAR-10 (Song et al. 2023, App. C)
         options = dataclasses.replace(
             options, start_levels=DISTILL_LEVELS, max_levels=DISTILL_LEVELS
         )
+        # ... of the teacher's sampler: autoguided by its own guide if it has one
+        guide, guidance = own_guide_folder(teacher, base), base.sampler.guidance
+        if args.guide:  # refused here, in one line, unless a weaker model of the teacher's kind
+            guide, guidance = Path(args.guide), 2.0
+            load_guide(guide, base, build_network)
+        if args.guidance is not None and guide is None:
+            raise DifflabError("--guidance weighs the teacher's autoguidance: name a --guide")
+        guidance = guidance if args.guidance is None else args.guidance
+        if guide is not None and guidance != 1:
+            options = dataclasses.replace(
+                options, teacher_guide=str(guide.resolve()), teacher_guidance=guidance
+            )
     method = dataclasses.replace(base.method, name="consistency", consistency=options)
     length = dataclasses.replace(base.train, steps=0, images=0, time_limit=0.0)  # the flags say
     if not args.from_scratch:  # fine-tuning trained weights: improved CT's CIFAR-10 rate
@@ -280,6 +294,18 @@ def add_distill_command(sub: argparse._SubParsersAction) -> None:
     )
     distill.add_argument(
         "--from-scratch", action="store_true", help="do not start from the run's weights"
+    )
+    distill.add_argument(
+        "--guide",
+        help="autoguide the teacher's ODE by this weaker model of its kind (e.g. an earlier "
+        "checkpoint folder of the teacher run; default: the teacher's own guide, if its "
+        "sampler has one): the student learns the guided sampler",
+    )
+    distill.add_argument(
+        "--guidance",
+        type=Bounded.like(ConsistencyMethod, "teacher_guidance"),
+        help="the teacher's autoguidance weight w (default: its sampler's with its own guide, "
+        "2 with --guide; 1 = unguided)",
     )
     _add_run_options(distill)
     distill.set_defaults(func=cmd_distill)

@@ -313,6 +313,11 @@ def validate(config: Config) -> Config:
         "method.consistency.target='ema' needs the run's EMA: set train.ema_halflife_kimg > 0 "
         "or use target='online'",
     )
+    _check(
+        m.section != "consistency" or not c.teacher_guide or bool(c.teacher),
+        "method.consistency.teacher_guide guides a teacher's ODE: set method.consistency.teacher "
+        "or leave teacher_guide empty",
+    )
     return config
 
 

@@ -212,7 +212,11 @@ def _consistency(m: MethodConfig) -> Method:
         max_levels=c.max_levels,
         double_every_kimg=c.double_every_kimg,
         huber_c=c.huber_c,
-        teacher=functools.partial(_load_teacher, c.teacher) if c.teacher else None,
+        teacher=(
+            functools.partial(_load_teacher, c.teacher, c.teacher_guide, c.teacher_guidance)
+            if c.teacher
+            else None
+        ),
         teacher_solver=c.teacher_solver,
         target=c.target,
     )
@@ -220,16 +224,20 @@ def _consistency(m: MethodConfig) -> Method:
     return Method("consistency", process, parameterization, objective, "consistency", 1)
 
 
-def _load_teacher(path: str, device: torch.device) -> Denoiser:
-    """A diffusion run (or export) as a frozen denoiser on ``device``: what distillation asks."""
-    from difflab.train.checkpoint import load_model
+def _load_teacher(path: str, guide: str, guidance: float, device: torch.device) -> Denoiser:
+    """A diffusion run (or export) as a frozen denoiser on ``device``: what distillation asks;
+    autoguided by ``guide`` (a weaker model of its kind) at weight ``guidance`` if one is named."""
+    from difflab.train.checkpoint import load_guide, load_model
 
-    loaded = load_model(path, lambda config: build_network(config).to(device))
+    def build(config):
+        return build_network(config).to(device).eval().requires_grad_(False)
+
+    loaded = load_model(path, build)
     teacher = build_method(loaded.config)
     if teacher.parameterization.name == "consistency":
         raise DifflabError(f"the teacher {path} is a consistency model; distil a diffusion run")
-    loaded.net.eval().requires_grad_(False)
-    return teacher.denoiser(loaded.net)
+    weaker = teacher.denoiser(load_guide(guide, loaded.config, build).net) if guide else None
+    return teacher.denoiser(loaded.net).bind(None, guidance, weaker)
 
 
 METHODS: dict[str, Callable[[MethodConfig], Method]] = {

@@ -87,6 +87,9 @@ class ConsistencyMethod:
 
     teacher: str = ""  # a diffusion run or export to distil from; "" = consistency training
     teacher_solver: str = setting("heun", choices=("heun", "euler"))  # its ODE step per pair
+    # autoguidance of the teacher's ODE (Karras et al. 2024): a weaker model of its kind, and w
+    teacher_guide: str = ""
+    teacher_guidance: float = setting(2.0, low=0, high=100)
     # the diffusion model f is built on (process, parameterization): distill takes the teacher's
     base: str = setting("edm", choices=("edm", "flow"))
     sigma_data: float = setting(0.5, low=0, low_open=True)
