@@ -17,8 +17,9 @@ Resumable pieces; results land in bench/results/fewstep/*.json, ``report`` write
 
 The teacher is ``--teacher RUN``: by default the 30-minute ``flow-cpu`` run on the cars that
 bench/conditional.py trains (``bench/out/conditional/runs/cars``). The budget is images (80,000:
-about 67 minutes on this project's 2-core machine with the autoguided teacher), so the student does not depend on the
-machine; the report gives the minutes it took here, so run nothing else heavy beside it.
+about 65 minutes on this project's 2-core machine with the autoguided teacher), so the student
+does not depend on the machine; the report gives the minutes it took here, so run nothing else
+heavy beside it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ LEVERS = {
     "base": [],
     "lr4": ["train.lr=4e-4"],
     "n10": ["method.consistency.start_levels=10", "method.consistency.max_levels=10"],
-    "b16": ["train.batch_size=16"],
     # the teacher's ODE autoguided by its own EMA at a third of its steps (its checkpoint 980 of
     # 3,044; the quality benchmark's flow-cpu guides at a quarter), w = 2
     "lr4-ag": [
