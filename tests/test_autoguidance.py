@@ -16,6 +16,7 @@ from difflab.api import load_run
 from difflab.config import MethodConfig
 from difflab.denoisers import Denoiser
 from difflab.registry import METHODS
+from difflab.schema import AUTOGUIDANCE
 from difflab.train.checkpoint import list_checkpoints
 
 
@@ -130,6 +131,27 @@ def test_guidance_without_a_label_or_a_guide_is_one_line(
     assert run_cli(capsys, *args, "--steps", 2, "--no-progress")[0] == 0
     code, _, err = run_cli(capsys, "sample", run_dir, "--guidance", 2, "--out", tmp_path / "s")
     assert code == 2 and "or a guide" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_named_guide_is_never_a_no_op(tmp_path, tiny_preset, image_folder, capsys):
+    """A guide named for a run whose own weight is 1 guides at AUTOGUIDANCE (w = 2): in
+    ``sample --guide``, ``load_run(guide=)`` and ``distill --guide`` alike."""
+    plain, weak = tmp_path / "plain", tmp_path / "weak"
+    args = ["train", "--preset", tiny_preset, "--data", image_folder, "--no-progress"]
+    for run_dir, steps in ((plain, 3), (weak, 1)):
+        assert run_cli(capsys, *args, "--out", run_dir, "--steps", steps)[0] == 0
+    out = tmp_path / "s"
+    code, _, err = run_cli(capsys, "sample", plain, "--guide", weak, "--num", 2, "--out", out)
+    assert code == 0, err
+    assert json.loads((out / "samples.json").read_text())["guidance"] == AUTOGUIDANCE == 2
+    run = load_run(plain, guide=weak)
+    assert torch.equal(run.sample(2), run.sample(2, guidance=2.0))
+    assert not torch.equal(run.sample(2), run.sample(2, guidance=1.0))
+    student = tmp_path / "student"
+    code, _, err = run_cli(capsys, "distill", plain, "--guide", weak, "--out", student,
+                           "--steps", 1, "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert load_run(student).config.method.consistency.teacher_guidance == AUTOGUIDANCE
 
 
 def test_an_extended_run_keeps_guiding_by_the_guide_it_has(

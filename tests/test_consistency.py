@@ -341,3 +341,19 @@ def test_a_teacher_that_samples_autoguided_is_distilled_with_its_own_guide(
     assert (options.teacher_guide, options.teacher_guidance) == (str(folder.resolve()), 1.5)
     _distill(capsys, tmp_path / "t", tmp_path / "plain", "--steps", 1, "--guidance", 1)
     assert load_run(tmp_path / "plain").config.method.consistency.teacher_guide == ""
+    # An export carries the run's guide (keys guide.*): distilled from it, the teacher is the same
+    # autoguided denoiser as the run's
+    export = tmp_path / "t.safetensors"
+    assert run_cli(capsys, "export", tmp_path / "t", "--out", export)[0] == 0
+    _distill(capsys, export, tmp_path / "from-export", "--steps", 1)
+    options = load_run(tmp_path / "from-export").config.method.consistency
+    assert (options.teacher_guide, options.teacher_guidance) == (str(export.resolve()), 1.5)
+    teachers = []
+    for student in ("s", "from-export", "plain"):
+        objective = load_run(tmp_path / student).method.objective
+        objective.prepare(torch.device("cpu"))
+        teachers.append(objective._teacher)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 3.0])
+    with torch.no_grad():
+        run_x0, export_x0, plain_x0 = (teacher(x, t).x0 for teacher in teachers)
+    assert torch.equal(run_x0, export_x0) and not torch.allclose(run_x0, plain_x0)

@@ -121,13 +121,13 @@ def load_run(
         return build_network(config).to(torch_device).eval()
 
     loaded = load_model(path, build, checkpoint, ema)
-    if guide is not None:
-        guide_net = load_guide(guide, loaded.config, build).net
+    config = loaded.config
+    if guide is not None:  # named here: it guides at the run's weight, or at w = 2 if that is 1
+        guide_net = load_guide(guide, config, build).net
+        config = dataclasses.replace(config, sampler=config.sampler.with_guide())
     elif Path(path).is_dir():
-        guide_net = own_guide(Path(path), loaded.config, build, loaded.step)
+        guide_net = own_guide(Path(path), config, build, loaded.step)
     else:
-        guide_net = exported_guide(Path(path), loaded.config, build)
-    method = build_method(loaded.config)
-    return Run(
-        loaded.config, method, loaded.net, torch_device, loaded.source, loaded.step, guide_net
-    )
+        guide_net = exported_guide(Path(path), config, build)
+    method = build_method(config)
+    return Run(config, method, loaded.net, torch_device, loaded.source, loaded.step, guide_net)

@@ -19,7 +19,8 @@ MAX_EVAL_BATCH = 500  # images through Inception at 299 x 299 at once: about 8 G
 KID_SUBSET = 1000
 GUIDE_HELP = (
     "autoguidance: guide away from this weaker model of the same method (a run, one of its "
-    "checkpoint folders, or an export), with --guidance W (default: the run's own guide)"
+    "checkpoint folders, or an export), with --guidance W (default: the run's own guide; "
+    "a guide named here guides at the run's weight, or at 2 where that is 1)"
 )
 
 

@@ -139,7 +139,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     run as the teacher (or, with --no-teacher, consistency training started from its weights)."""
     from difflab.config import SamplerConfig, apply_overrides, validate
     from difflab.registry import CONSISTENCY_BASES, build_network
-    from difflab.train.checkpoint import load_guide, own_guide_folder, stored_config
+    from difflab.train.checkpoint import (
+        exported_guide,
+        load_guide,
+        own_guide_folder,
+        stored_config,
+    )
 
     teacher = Path(args.run_dir)
     base = stored_config(teacher)
@@ -159,13 +164,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
             options, start_levels=DISTILL_LEVELS, max_levels=DISTILL_LEVELS
         )
         # ... of the teacher's sampler: autoguided by its own guide if it has one
-        guide, guidance = own_guide_folder(teacher, base), base.sampler.guidance
+        guide, sampler = own_guide_folder(teacher, base, "distilling"), base.sampler
+        if teacher.is_file() and base.sampler.guide_at:  # an export: the guide it carries
+            guide = teacher if exported_guide(teacher, base, build_network) else None
         if args.guide:  # refused here, in one line, unless a weaker model of the teacher's kind
-            guide, guidance = Path(args.guide), 2.0
+            guide, sampler = Path(args.guide), base.sampler.with_guide()
             load_guide(guide, base, build_network)
         if args.guidance is not None and guide is None:
             raise DifflabError("--guidance weighs the teacher's autoguidance: name a --guide")
-        guidance = guidance if args.guidance is None else args.guidance
+        guidance = sampler.guidance if args.guidance is None else args.guidance
         if guide is not None and guidance != 1:
             options = dataclasses.replace(
                 options, teacher_guide=str(guide.resolve()), teacher_guidance=guidance
@@ -304,8 +311,8 @@ def add_distill_command(sub: argparse._SubParsersAction) -> None:
     distill.add_argument(
         "--guidance",
         type=Bounded.like(ConsistencyMethod, "teacher_guidance"),
-        help="the teacher's autoguidance weight w (default: its sampler's with its own guide, "
-        "2 with --guide; 1 = unguided)",
+        help="the teacher's autoguidance weight w (default: its sampler's, or 2 where that is 1 "
+        "and --guide names a guide; 1 = unguided)",
     )
     _add_run_options(distill)
     distill.set_defaults(func=cmd_distill)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -226,8 +227,9 @@ def _consistency(m: MethodConfig) -> Method:
 
 def _load_teacher(path: str, guide: str, guidance: float, device: torch.device) -> Denoiser:
     """A diffusion run (or export) as a frozen denoiser on ``device``: what distillation asks;
-    autoguided by ``guide`` (a weaker model of its kind) at weight ``guidance`` if one is named."""
-    from difflab.train.checkpoint import load_guide, load_model
+    autoguided by ``guide`` (a weaker model of its kind) at weight ``guidance`` if one is named.
+    A guide that is the teacher's export itself means the guide that export carries."""
+    from difflab.train.checkpoint import exported_guide, load_guide, load_model
 
     def build(config):
         return build_network(config).to(device).eval().requires_grad_(False)
@@ -236,7 +238,13 @@ def _load_teacher(path: str, guide: str, guidance: float, device: torch.device) 
     teacher = build_method(loaded.config)
     if teacher.parameterization.name == "consistency":
         raise DifflabError(f"the teacher {path} is a consistency model; distil a diffusion run")
-    weaker = teacher.denoiser(load_guide(guide, loaded.config, build).net) if guide else None
+    if guide and Path(path).is_file() and Path(guide).resolve() == Path(path).resolve():
+        weak = exported_guide(Path(path), loaded.config, build)
+        if weak is None:
+            raise DifflabError(f"the teacher {path} carries no guide: name one with --guide")
+    else:
+        weak = load_guide(guide, loaded.config, build).net if guide else None
+    weaker = None if weak is None else teacher.denoiser(weak)
     return teacher.denoiser(loaded.net).bind(None, guidance, weaker)
 
 

@@ -6,13 +6,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from difflab.limits import MAX_BATCH, MAX_IMAGES, MAX_SAMPLER_STEPS, MAX_STEPS, setting
 
 CONFIG_VERSION = 2  # 2: one options section per method (1 had them side by side)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Autoguidance's weight w where a guide is named and the run's own weight is 1 (Karras et al.
+# 2024 use 1.4-2.5; the quality benchmark's flow-cpu samples at 2)
+AUTOGUIDANCE = 2.0
 
 
 @dataclass
@@ -89,7 +92,7 @@ class ConsistencyMethod:
     teacher_solver: str = setting("heun", choices=("heun", "euler"))  # its ODE step per pair
     # autoguidance of the teacher's ODE (Karras et al. 2024): a weaker model of its kind, and w
     teacher_guide: str = ""
-    teacher_guidance: float = setting(2.0, low=0, high=100)
+    teacher_guidance: float = setting(AUTOGUIDANCE, low=0, high=100)
     # the diffusion model f is built on (process, parameterization): distill takes the teacher's
     base: str = setting("edm", choices=("edm", "flow"))
     sigma_data: float = setting(0.5, low=0, low_open=True)
@@ -154,6 +157,12 @@ class SamplerConfig:
     # Autoguidance by the run's own EMA weights at this fraction of its steps (0: none); the
     # trainer keeps that checkpoint. With a guide, ``guidance`` guides away from it.
     guide_at: float = setting(0.0, low=0, high=1, high_open=True)
+
+    def with_guide(self) -> SamplerConfig:
+        """These settings for sampling with a guide that someone named (``--guide``,
+        ``guide=``): the run's own weight, or AUTOGUIDANCE where that is 1, so that naming a
+        guide is never silently a no-op."""
+        return self if self.guidance != 1 else replace(self, guidance=AUTOGUIDANCE)
 
 
 @dataclass

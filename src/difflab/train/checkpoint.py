@@ -349,13 +349,15 @@ def own_guide(
     """A run's own guide (``sampler.guide_at``): the EMA weights of the newest guide checkpoint
     the trainer kept before ``step``, the step of the weights to sample; None when the run has
     no guide or has not reached it. An extended run keeps guiding by the guide it has."""
-    folder = own_guide_folder(run_dir, config, step)
+    folder = own_guide_folder(run_dir, config, step=step)
     return None if folder is None else load_model(run_dir, build, folder).net
 
 
-def own_guide_folder(run_dir: Path, config: Config, step: int | None = None) -> Path | None:
-    """The checkpoint folder of a run's own guide for sampling the weights of ``step`` (by
-    default its newest checkpoint's)."""
+def own_guide_folder(
+    run_dir: Path, config: Config, doing: str = "sampling", step: int | None = None
+) -> Path | None:
+    """The checkpoint folder of a run's own guide for the weights of ``step`` (by default its
+    newest checkpoint's); ``doing`` is what goes on unguided if it is missing, for the warning."""
     checkpoints = list_checkpoints(run_dir) if config.sampler.guide_at else []
     if not checkpoints:
         return None
@@ -363,7 +365,7 @@ def own_guide_folder(run_dir: Path, config: Config, step: int | None = None) -> 
     kept = [p for p in checkpoints if (p / GUIDE_MARK).exists() and _step(p) < step]
     if not kept:
         if 0 < guide_step(config) < step:
-            log.warning("%s has no guide checkpoint: sampling without autoguidance", run_dir)
+            log.warning("%s has no guide checkpoint: %s without autoguidance", run_dir, doing)
         return None
     return kept[-1]
 
