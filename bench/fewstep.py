@@ -55,6 +55,16 @@ LEVERS = {
         "method.consistency.teacher_guide='{guide}'",
         "method.consistency.teacher_guidance=2",
     ],
+    "lr4-ag3": [  # a stronger teacher guidance than its best sampler's (w = 2)
+        "train.lr=4e-4",
+        "method.consistency.teacher_guide='{guide}'",
+        "method.consistency.teacher_guidance=3",
+    ],
+    "lr10-ag": [
+        "train.lr=1e-3",
+        "method.consistency.teacher_guide='{guide}'",
+        "method.consistency.teacher_guidance=2",
+    ],
 }
 GUIDE = "checkpoints/step-00000980"  # of the teacher run
 STUDENT = "lr4-ag"  # the screening's best, distilled for the full budget

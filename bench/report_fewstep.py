@@ -17,7 +17,11 @@ NEXT = (
     "Two levers moved it since: Adam 4e-4 instead of improved CT's 1e-4 (a fine-tuning run of a "
     "few thousand steps is far from their 400,000), and a teacher whose ODE is autoguided "
     "(`difflab distill --guide`, section 2.7), so the student learns a better sampler than the "
-    "plain one at no cost to its own sampling. The third is length (below). What I would try "
+    "plain one at no cost to its own sampling. The third is length (below). Of the later "
+    "screens, a teacher guided at w = 3 (`lr4-ag3`) and Adam 1e-3 (`lr10-ag`) each helped one "
+    "step count and hurt the other at 12,000 images, so the student keeps `lr4-ag`; that the "
+    "rate moves the 1-step FID most says the 1-step student is still far from converged. "
+    "What I would try "
     "next: longer still (the loss is still falling at the end, log.jsonl); Song et al.'s LPIPS "
     "distance in place of the pseudo-Huber one; ECT's and sCM's continuous-time objectives."
 )
