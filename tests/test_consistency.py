@@ -357,3 +357,10 @@ def test_a_teacher_that_samples_autoguided_is_distilled_with_its_own_guide(
     with torch.no_grad():
         run_x0, export_x0, plain_x0 = (teacher(x, t).x0 for teacher in teachers)
     assert torch.equal(run_x0, export_x0) and not torch.allclose(run_x0, plain_x0)
+    # exported at its guide's own step, it carries no guide: distilled plainly, and it says so
+    early = tmp_path / "early.safetensors"
+    assert run_cli(capsys, "export", tmp_path / "t", "--checkpoint", folder, "--out", early)[0] == 0
+    code, _, err = run_cli(capsys, "distill", early, "--out", tmp_path / "e", "--steps", 1,
+                           "--no-progress")  # fmt: skip
+    assert code == 0 and "carries no guide" in err, err
+    assert load_run(tmp_path / "e").config.method.consistency.teacher_guide == ""

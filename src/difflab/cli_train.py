@@ -167,6 +167,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         guide, sampler = own_guide_folder(teacher, base, "distilling"), base.sampler
         if teacher.is_file() and base.sampler.guide_at:  # an export: the guide it carries
             guide = teacher if exported_guide(teacher, base, build_network) else None
+            if guide is None:
+                log.warning("%s carries no guide: distilling without autoguidance", teacher)
         if args.guide:  # refused here, in one line, unless a weaker model of the teacher's kind
             guide, sampler = Path(args.guide), base.sampler.with_guide()
             load_guide(guide, base, build_network)
