@@ -177,6 +177,9 @@ def test_an_export_carries_the_guide_and_samples_like_the_run(guided_run, tmp_pa
     exported, run = load_run(out), load_run(guided_run)
     assert exported.guide is not None
     assert torch.equal(exported.sample(2, seed=3), run.sample(2, seed=3))
+    # an export named as its own guide means the guide it carries, not itself
+    named = load_run(out, guide=out)
+    assert torch.equal(named.sample(2, seed=3), run.sample(2, seed=3))
     code, _, err = run_cli(capsys, "export", guided_run, "--format", "diffusers",
                            "--out", tmp_path / "pipe")  # fmt: skip
     # an EDM run does not map onto DDPMPipeline: a one-line refusal, after the guide's warning

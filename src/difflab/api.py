@@ -20,7 +20,7 @@ from difflab.config import Config, SamplerConfig
 from difflab.devices import resolve_device
 from difflab.registry import Method, SamplingPlan, build_method, build_network, build_sampler
 from difflab.sampling import Generated, generate, image_seeds
-from difflab.train.checkpoint import exported_guide, load_guide, load_model, own_guide
+from difflab.train.checkpoint import load_model, model_guide
 
 
 @dataclass
@@ -122,12 +122,8 @@ def load_run(
 
     loaded = load_model(path, build, checkpoint, ema)
     config = loaded.config
+    guide_net = model_guide(Path(path), config, build, loaded.step, guide)
     if guide is not None:  # named here: it guides at the run's weight, or at w = 2 if that is 1
-        guide_net = load_guide(guide, config, build).net
         config = dataclasses.replace(config, sampler=config.sampler.with_guide())
-    elif Path(path).is_dir():
-        guide_net = own_guide(Path(path), config, build, loaded.step)
-    else:
-        guide_net = exported_guide(Path(path), config, build)
     method = build_method(config)
     return Run(config, method, loaded.net, torch_device, loaded.source, loaded.step, guide_net)

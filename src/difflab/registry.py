@@ -229,7 +229,7 @@ def _load_teacher(path: str, guide: str, guidance: float, device: torch.device) 
     """A diffusion run (or export) as a frozen denoiser on ``device``: what distillation asks;
     autoguided by ``guide`` (a weaker model of its kind) at weight ``guidance`` if one is named.
     A guide that is the teacher's export itself means the guide that export carries."""
-    from difflab.train.checkpoint import exported_guide, load_guide, load_model
+    from difflab.train.checkpoint import load_model, model_guide
 
     def build(config):
         return build_network(config).to(device).eval().requires_grad_(False)
@@ -238,12 +238,7 @@ def _load_teacher(path: str, guide: str, guidance: float, device: torch.device) 
     teacher = build_method(loaded.config)
     if teacher.parameterization.name == "consistency":
         raise DifflabError(f"the teacher {path} is a consistency model; distil a diffusion run")
-    if guide and Path(path).is_file() and Path(guide).resolve() == Path(path).resolve():
-        weak = exported_guide(Path(path), loaded.config, build)
-        if weak is None:
-            raise DifflabError(f"the teacher {path} carries no guide: name one with --guide")
-    else:
-        weak = load_guide(guide, loaded.config, build).net if guide else None
+    weak = model_guide(Path(path), loaded.config, build, loaded.step, guide) if guide else None
     weaker = None if weak is None else teacher.denoiser(weak)
     return teacher.denoiser(loaded.net).bind(None, guidance, weaker)
 

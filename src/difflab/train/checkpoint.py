@@ -383,5 +383,25 @@ def exported_guide(
     return net
 
 
+def model_guide(
+    path: Path,
+    config: Config,
+    build: Callable[[Config], nn.Module],
+    step: int,
+    guide: str | Path | None = None,
+) -> nn.Module | None:
+    """The guide of the model at ``path``: ``guide`` if named (``load_guide``; an export named as
+    its own guide means the guide it carries), else the run's own (``own_guide``) or the one
+    its export carries."""
+    if guide is not None and not (path.is_file() and Path(guide).resolve() == path.resolve()):
+        return load_guide(guide, config, build).net
+    if path.is_dir():
+        return own_guide(path, config, build, step)
+    carried = exported_guide(path, config, build)
+    if carried is None and guide is not None:
+        raise DifflabError(f"{path} carries no guide to guide by: name another with --guide")
+    return carried
+
+
 def _step(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
