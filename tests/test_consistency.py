@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -248,6 +249,31 @@ def test_a_flow_students_start_is_its_teacher_and_a_ddpm_teacher_is_named(
                            "--steps", 1, "--no-progress")  # fmt: skip
     assert code == 0 and "is a ddpm run" in err and "weak start" in err, err
     assert load_run(tmp_path / "d").config.method.consistency.base == "edm"
+
+
+def test_uniform_weighting_draws_every_pair_alike_and_drops_lambda():
+    """weighting = "uniform" is Song et al. 2023's: n uniform over the N - 1 pairs (the top pair
+    as often as any, where the log-normal gives it a fraction of a percent) and lambda = 1."""
+    objective = ConsistencyObjective(start_levels=18, max_levels=18, weighting="uniform")
+    draw = objective.draw(18_000, (1, 1, 1), torch.Generator().manual_seed(0), "cpu")
+    sigmas = consistency_sigmas(19, 0.002, 80.0, 7.0).float()
+    counts = torch.bincount(torch.searchsorted(sigmas, draw.t_low), minlength=18)
+    assert counts.min() > 850 and counts.max() < 1150  # 1,000 each, within 5 sigma
+    log_normal = ConsistencyObjective(start_levels=18, max_levels=18)
+    top = log_normal.draw(18_000, (1, 1, 1), torch.Generator().manual_seed(0), "cpu")
+    assert (top.t > 79).sum() < 100 < (draw.t > 79).sum()
+    # The same pair and images: the log-normal recipe's loss is the uniform one's / (s - s_low).
+    from difflab.models import UNet, UNetConfig
+
+    method = METHODS["consistency"](MethodConfig(name="consistency"))
+    options = {"channel_mult": (1, 2), "attention_resolutions": (), "num_blocks": 1}
+    net = method.denoiser(UNet(3, 8, UNetConfig(channels=8, **options)))
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    pairs = draw[:4]
+    pairs = ConsistencyDraw(pairs.t, torch.randn(4, 3, 8, 8), pairs.t_low, pairs.s, pairs.s_low)
+    uniform = dataclasses.replace(method.objective, weighting="uniform").loss(net, x0, pairs)
+    weighted = method.objective.loss(net, x0, pairs)
+    assert torch.allclose(weighted, uniform / (pairs.s - pairs.s_low))
 
 
 def test_the_target_network_is_these_weights_or_the_runs_ema():

@@ -168,7 +168,9 @@ class ConsistencyObjective(Objective):
 
     Loss per sample: lambda(sigma) * (sqrt(|a - b|^2 + c^2) - c), the pseudo-Huber distance with
     c = 0.00054 sqrt(dimensions) and lambda = 1 / (sigma_{n+1} - sigma_n) (improved CT, sec. 3.3
-    and 3.5); levels drawn log-normally over the discretisation (their sec. 3.4).
+    and 3.5); levels drawn log-normally over the discretisation (their sec. 3.4). ``weighting =
+    "uniform"`` is the original paper's instead: n uniform over the N - 1 pairs, lambda = 1
+    (Song et al. 2023, Algorithms 2 and 3).
     """
 
     times: TimeTransform = field(default=lambda u: u)  # unused: levels come from the curriculum
@@ -176,6 +178,7 @@ class ConsistencyObjective(Objective):
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+    weighting: str = "log-normal"  # or "uniform"
     p_mean: float = -1.1
     p_std: float = 2.0
     start_levels: int = 10
@@ -196,8 +199,11 @@ class ConsistencyObjective(Objective):
             images_seen, self.start_levels, self.max_levels, self.double_every_kimg
         )
         sigmas = consistency_sigmas(levels, self.sigma_min, self.sigma_max, self.rho)
-        erf = torch.special.erf((sigmas.log() - self.p_mean) / (2**0.5 * self.p_std))
-        weights = (erf[1:] - erf[:-1]).clamp_min(1e-12).to(device=device, dtype=torch.float32)
+        if self.weighting == "uniform":
+            weights = torch.ones(len(sigmas) - 1, device=device)
+        else:  # the log-normal's mass between neighbouring levels
+            erf = torch.special.erf((sigmas.log() - self.p_mean) / (2**0.5 * self.p_std))
+            weights = (erf[1:] - erf[:-1]).clamp_min(1e-12).to(device=device, dtype=torch.float32)
         n = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
         eps = torch.randn((batch_size, *shape), generator=generator, device=device)
         times = self.process.t_from_ratio(sigmas).to(device=device, dtype=torch.float32)
@@ -216,7 +222,7 @@ class ConsistencyObjective(Objective):
         dims = x0[0].numel()
         c = self.huber_c or 0.00054 * dims**0.5
         distance = ((online - goal).flatten(1).pow(2).sum(1) + c**2).sqrt() - c
-        return distance / (draw.s - draw.s_low)
+        return distance if self.weighting == "uniform" else distance / (draw.s - draw.s_low)
 
     @torch.no_grad()
     def _step_back(self, x_high: Tensor, draw: ConsistencyDraw, labels: Tensor | None) -> Tensor:

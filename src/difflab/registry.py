@@ -207,6 +207,7 @@ def _consistency(m: MethodConfig) -> Method:
         sigma_min=c.sigma_min,
         sigma_max=c.sigma_max,
         rho=c.rho,
+        weighting=c.weighting,
         p_mean=c.p_mean,
         p_std=c.p_std,
         start_levels=c.start_levels,

@@ -99,7 +99,10 @@ class ConsistencyMethod:
     sigma_min: float = setting(0.002, low=0, low_open=True)
     sigma_max: float = setting(80.0, low=0, low_open=True)
     rho: float = setting(7.0, low=0, low_open=True, high=1000)  # discretisation (Karras eq. 5)
-    p_mean: float = setting(-1.1)  # noise levels: log-normal over the discretisation
+    # which pairs of levels, weighted how: "log-normal" levels with lambda = 1 / (s_{n+1} - s_n)
+    # (improved CT, Song & Dhariwal 2023), or "uniform" n with lambda = 1 (Song et al. 2023)
+    weighting: str = setting("log-normal", choices=("log-normal", "uniform"))
+    p_mean: float = setting(-1.1)  # log-normal levels: the mean and spread of log sigma
     p_std: float = setting(2.0, low=0, low_open=True)
     start_levels: int = setting(10, low=1, high=100_000)  # N(k): s0 at the start, doubling
     max_levels: int = setting(1280, low=1, high=100_000)  # ... up to s1
