@@ -20,7 +20,8 @@ from difflab.config import Config, SamplerConfig
 from difflab.devices import resolve_device
 from difflab.registry import Method, SamplingPlan, build_method, build_network, build_sampler
 from difflab.sampling import Generated, generate, image_seeds
-from difflab.train.checkpoint import load_model, model_guide
+from difflab.train.checkpoint import load_model
+from difflab.train.guides import model_guide
 
 
 @dataclass

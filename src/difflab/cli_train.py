@@ -139,12 +139,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     run as the teacher (or, with --no-teacher, consistency training started from its weights)."""
     from difflab.config import SamplerConfig, apply_overrides, validate
     from difflab.registry import CONSISTENCY_BASES, build_network
-    from difflab.train.checkpoint import (
-        exported_guide,
-        load_guide,
-        own_guide_folder,
-        stored_config,
-    )
+    from difflab.train.checkpoint import stored_config
+    from difflab.train.guides import exported_guide, load_guide, own_guide_folder
 
     teacher = Path(args.run_dir)
     base = stored_config(teacher)

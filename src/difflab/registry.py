@@ -230,7 +230,8 @@ def _load_teacher(path: str, guide: str, guidance: float, device: torch.device) 
     """A diffusion run (or export) as a frozen denoiser on ``device``: what distillation asks;
     autoguided by ``guide`` (a weaker model of its kind) at weight ``guidance`` if one is named.
     A guide that is the teacher's export itself means the guide that export carries."""
-    from difflab.train.checkpoint import load_model, model_guide
+    from difflab.train.checkpoint import load_model
+    from difflab.train.guides import model_guide
 
     def build(config):
         return build_network(config).to(device).eval().requires_grad_(False)

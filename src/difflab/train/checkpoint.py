@@ -7,8 +7,8 @@ was killed half-way) only ever sees complete checkpoints.
 
 ``load_model`` reads a network's weights from a run directory or an exported file; it sits
 below both the Python API (``difflab.api``) and the trainer (``--init``), which use it. A run
-with autoguidance (``sampler.guide_at``) keeps the checkpoint of its guide step; ``own_guide``
-and ``load_guide`` read guides.
+with autoguidance (``sampler.guide_at``) keeps the checkpoint of its guide step (marked
+``GUIDE_MARK``); ``difflab.train.guides`` reads guides.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from torch import nn
 from difflab.config import Config, from_dict, load_json, upgrade, validate
 from difflab.errors import DifflabError, brief
 from difflab.io import delete_path, fsync_dir, new_file_mode, publish_folder
-from difflab.train.schedule import guide_step
 
 FORMAT_VERSION = 1
 GUIDE_MARK = "guide"  # an empty file in the checkpoint folder of a run's guide
@@ -140,7 +139,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int, snapshot_every: int) -> Non
                 delete_path(stale)
     paths = list_checkpoints(run_dir)
     for path in paths[: max(len(paths) - keep_last, 0)]:
-        step = _step(path)
+        step = checkpoint_step(path)
         if (snapshot_every and step % snapshot_every == 0) or (path / GUIDE_MARK).exists():
             continue
         _remove_checkpoint(path)
@@ -181,12 +180,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
     missing = [key for key in ("step", "images_seen", "optimizer") if key not in state]
     if missing:
         raise DifflabError(f"checkpoint {path}/state.pt lacks {', '.join(missing)}: it is damaged")
-    net = _load_weights(path / "net.safetensors")
-    ema = _load_weights(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None
+    net = read_weights(path / "net.safetensors")
+    ema = read_weights(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None
     return Checkpoint(path, int(state["step"]), net, ema, state)
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except FileNotFoundError:
@@ -246,7 +245,7 @@ def load_model(
     config = stored_config(path)
     net = build(config)
     if path.is_file():
-        weights = _load_weights(path)
+        weights = read_weights(path)
         ours = {k: v for k, v in weights.items() if not k.startswith(GUIDE_PREFIX)}
         load_weights_into(net, ours, path)
         return LoadedModel(config, net, _exported_step(path), path)
@@ -319,89 +318,6 @@ def split_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     return path, None
 
 
-def load_guide(
-    path: str | Path, config: Config, build: Callable[[Config], nn.Module]
-) -> LoadedModel:
-    """An autoguidance guide for a model of ``config``: the EMA weights of a run directory, one
-    of its checkpoint folders, or an export, trained with the same method on images of the same
-    size and classes (its network may differ: Karras et al. 2024 guide with a smaller one)."""
-    source, checkpoint = split_checkpoint(path)
-    try:
-        guide = load_model(source, build, checkpoint)
-    except DifflabError as error:  # say which of the two models it is
-        raise DifflabError(f"the guide: {error}") from None
-
-    def kind(c: Config) -> tuple:
-        return c.method, c.data.image_size, c.data.class_names
-
-    if kind(guide.config) != kind(config):
-        raise DifflabError(
-            f"the guide {path} was trained with another method, image size or classes than "
-            "this model; autoguidance needs a weaker model of the same kind (e.g. an earlier "
-            "checkpoint folder of the run)"
-        )
-    return guide
-
-
-def own_guide(
-    run_dir: Path, config: Config, build: Callable[[Config], nn.Module], step: int
-) -> nn.Module | None:
-    """A run's own guide (``sampler.guide_at``): the EMA weights of the newest guide checkpoint
-    the trainer kept before ``step``, the step of the weights to sample; None when the run has
-    no guide or has not reached it. An extended run keeps guiding by the guide it has."""
-    folder = own_guide_folder(run_dir, config, step=step)
-    return None if folder is None else load_model(run_dir, build, folder).net
-
-
-def own_guide_folder(
-    run_dir: Path, config: Config, doing: str = "sampling", step: int | None = None
-) -> Path | None:
-    """The checkpoint folder of a run's own guide for the weights of ``step`` (by default its
-    newest checkpoint's); ``doing`` is what goes on unguided if it is missing, for the warning."""
-    checkpoints = list_checkpoints(run_dir) if config.sampler.guide_at else []
-    if not checkpoints:
-        return None
-    step = _step(checkpoints[-1]) if step is None else step
-    kept = [p for p in checkpoints if (p / GUIDE_MARK).exists() and _step(p) < step]
-    if not kept:
-        if 0 < guide_step(config) < step:
-            log.warning("%s has no guide checkpoint: %s without autoguidance", run_dir, doing)
-        return None
-    return kept[-1]
-
-
-def exported_guide(
-    path: Path, config: Config, build: Callable[[Config], nn.Module]
-) -> nn.Module | None:
-    """The run's own guide that an export carries (its ``GUIDE_PREFIX`` keys), or None."""
-    n = len(GUIDE_PREFIX)
-    weights = {k[n:]: v for k, v in _load_weights(path).items() if k.startswith(GUIDE_PREFIX)}
-    if not weights:
-        return None
-    net = build(config)
-    load_weights_into(net, weights, path)
-    return net
-
-
-def model_guide(
-    path: Path,
-    config: Config,
-    build: Callable[[Config], nn.Module],
-    step: int,
-    guide: str | Path | None = None,
-) -> nn.Module | None:
-    """The guide of the model at ``path``: ``guide`` if named (``load_guide``; an export named as
-    its own guide means the guide it carries), else the run's own (``own_guide``) or the one
-    its export carries."""
-    if guide is not None and not (path.is_file() and Path(guide).resolve() == path.resolve()):
-        return load_guide(guide, config, build).net
-    if path.is_dir():
-        return own_guide(path, config, build, step)
-    carried = exported_guide(path, config, build)
-    if carried is None and guide is not None:
-        raise DifflabError(f"{path} carries no guide to guide by: name another with --guide")
-    return carried
-
-
-def _step(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder (``step-00001000``)."""
     return int(_STEP_DIR.match(path.name).group(1))

@@ -42,11 +42,11 @@ from difflab.train.checkpoint import (
     load_model,
     load_weights_into,
     newest_usable,
-    own_guide,
     prune_checkpoints,
     save_checkpoint,
 )
 from difflab.train.ema import make_ema, update_ema
+from difflab.train.guides import own_guide
 from difflab.train.rundir import RunLock, check_existing_run_dir, check_new_run_dir
 from difflab.train.schedule import ema_beta, guide_step, lr_at
 
