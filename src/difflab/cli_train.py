@@ -140,7 +140,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from difflab.config import SamplerConfig, apply_overrides, validate
     from difflab.registry import CONSISTENCY_BASES, build_network
     from difflab.train.checkpoint import stored_config
-    from difflab.train.guides import exported_guide, load_guide, own_guide_folder
+    from difflab.train.guides import carries_guide, load_guide, own_guide_folder
 
     teacher = Path(args.run_dir)
     base = stored_config(teacher)
@@ -162,7 +162,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         # ... of the teacher's sampler: autoguided by its own guide if it has one
         guide, sampler = own_guide_folder(teacher, base, "distilling"), base.sampler
         if teacher.is_file() and base.sampler.guide_at:  # an export: the guide it carries
-            guide = teacher if exported_guide(teacher, base, build_network) else None
+            guide = teacher if carries_guide(teacher) else None
             if guide is None:
                 log.warning("%s carries no guide: distilling without autoguidance", teacher)
         if args.guide:  # refused here, in one line, unless a weaker model of the teacher's kind

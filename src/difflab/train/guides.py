@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from safetensors import safe_open
 from torch import nn
 
 from difflab.config import Config
@@ -79,6 +80,12 @@ def own_guide_folder(
             log.warning("%s has no guide checkpoint: %s without autoguidance", run_dir, doing)
         return None
     return kept[-1]
+
+
+def carries_guide(path: Path) -> bool:
+    """Whether an export carries its run's guide: its key names only, no weights read."""
+    with safe_open(str(path), framework="pt") as handle:
+        return any(key.startswith(GUIDE_PREFIX) for key in handle.keys())  # noqa: SIM118 (not a dict)
 
 
 def exported_guide(
