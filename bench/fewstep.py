@@ -7,6 +7,8 @@ Resumable pieces; results land in bench/results/fewstep/*.json, ``report`` write
     python bench/fewstep.py distill     # the student: difflab distill TEACHER, 240,000 images,
                                         # the settings of LEVERS[STUDENT]
     python bench/fewstep.py student     # FID-1k and KID at 1, 2 and 4 steps, sampling img/s
+    python bench/fewstep.py cooldown    # a branch of the student cooled down over 60,000 more
+                                        # images (COOLDOWN), scored as the student is
     python bench/fewstep.py teacher     # the teacher at 1-35 evaluations (iPNDM, DPM-Solver++,
                                         # Heun; autoguided Heun), sampling img/s
     python bench/fewstep.py levels      # the 2-step student's intermediate level (--rho)
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -76,6 +79,9 @@ LEVERS = {
 }
 GUIDE = "checkpoints/step-00000980"  # of the teacher run
 STUDENT = "lr4-ag"  # the screening's best, distilled for the full budget
+#: The cooled-down branch: the student at its constant rate up to COOL_FROM images, then this
+#: share of the branch's images with the rate falling linearly to min_lr (240,000 + 60,000).
+COOL_FROM, COOLDOWN = 240_000, 0.2
 
 
 class FewStepSettings(Settings):
@@ -112,6 +118,33 @@ def _distill(settings: Settings, run_dir: Path, lever: str) -> None:
     sets = [a for item in LEVERS[lever] for a in ("--set", item.format(guide=guide))]
     difflab(settings, "distill", settings.teacher, "--out", run_dir, "--images", settings.images,
             "--set", "train.sample_every_kimg=0", *sets, "--no-progress")  # fmt: skip
+
+
+def piece_cooldown(settings: Settings) -> None:
+    """Warm-up, stable, decay (Hägele et al. 2024) on the student: a branch of its run at
+    COOL_FROM images, resumed with ``train.lr_schedule='cooldown'`` for a quarter more images
+    (the trunk keeps its constant rate, to be extended). The trainer refuses a resume that would
+    change a rate already used, so the branch is the run planned so from the start."""
+    trunk, branch = settings.run_dir("student"), settings.run_dir("student-cool")
+    if not (branch / "config.json").exists():
+        _branch(trunk, branch, COOL_FROM)
+    difflab(settings, "train", "--resume", branch, "--images", round(COOL_FROM / (1 - COOLDOWN)),
+            "--set", "train.lr_schedule='cooldown'", "--set", f"train.cooldown={COOLDOWN}",
+            "--no-progress")  # fmt: skip
+    piece_student(settings, "student-cool")
+
+
+def _branch(trunk: Path, branch: Path, images: int) -> None:
+    """A run directory that goes on from ``trunk``'s checkpoint at ``images`` images (each
+    budget the student was distilled for ends in one): what --resume reads."""
+    from difflab.config import load_json
+
+    steps = images // load_json(trunk / "config.json").train.batch_size
+    (branch / "checkpoints").mkdir(parents=True)
+    for name in ("config.json", "log.jsonl", "invocations.jsonl"):
+        shutil.copy2(trunk / name, branch / name)
+    name = f"step-{steps:08d}"
+    shutil.copytree(trunk / "checkpoints" / name, branch / "checkpoints" / name)
 
 
 def piece_lever(settings: Settings, name: str) -> None:
@@ -167,19 +200,19 @@ def _rows(settings: Settings, piece: str, wanted, measure) -> None:
         save(path, {"rows": rows})
 
 
-def piece_student(settings: Settings) -> None:
+def piece_student(settings: Settings, name: str = "student") -> None:
     from difflab import load_run, save_grid
 
-    student = settings.run_dir("student")
+    student = settings.run_dir(name)
 
     def measure(sampler, steps):
         return {**_score(settings, student, "--steps", steps),
                 "images_per_s": _rate(student, None, steps)}  # fmt: skip
 
-    _rows(settings, "student", [("consistency", k) for k in STUDENT_STEPS], measure)
+    _rows(settings, name, [("consistency", k) for k in STUDENT_STEPS], measure)
     run = load_run(student, device="cpu")
     for k in STUDENT_STEPS:  # the same 64 seeds at each step count
-        save_grid(run.sample(64, seed=0, steps=k).clamp(-1, 1), _figures(settings) / grid(k))
+        save_grid(run.sample(64, seed=0, steps=k).clamp(-1, 1), _figures(settings) / grid(k, name))
 
 
 def piece_levels(settings: Settings) -> None:
@@ -247,7 +280,8 @@ def piece_report(settings: Settings) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "piece", choices=["distill", "student", "teacher", "levels", "lever", "report", "all"]
+        "piece",
+        choices=["distill", "student", "cooldown", "teacher", "levels", "lever", "report", "all"],
     )
     parser.add_argument("lever", nargs="?", choices=list(LEVERS), help="for the lever piece")
     parser.add_argument(
@@ -261,8 +295,8 @@ def main() -> None:
     args = parser.parse_args()
     args.curve_num, args.max_minutes, args.minutes, args.chunks = 0, float("inf"), 0, 1
     settings = FewStepSettings(args)
-    pieces = {"distill": piece_distill, "student": piece_student, "teacher": piece_teacher,
-              "levels": piece_levels, "report": piece_report}  # fmt: skip
+    pieces = {"distill": piece_distill, "student": piece_student, "cooldown": piece_cooldown,
+              "teacher": piece_teacher, "levels": piece_levels, "report": piece_report}  # fmt: skip
     if args.piece == "lever":
         return piece_lever(settings, args.lever or "base")
     for name in list(pieces) if args.piece == "all" else [args.piece]:

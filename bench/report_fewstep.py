@@ -156,9 +156,9 @@ def _levels(rows: list[dict], who: str) -> list[str]:
     return [*lines, ""]
 
 
-def grid(steps: int) -> str:
-    """The file name of the student's 64 samples at ``steps`` steps."""
-    return f"fewstep-student-{steps}.png"
+def grid(steps: int, name: str = "student") -> str:
+    """The file name of a student's 64 samples at ``steps`` steps."""
+    return f"fewstep-{name}-{steps}.png"
 
 
 def _pictures(student: list[dict], figures: Path) -> list[str]:

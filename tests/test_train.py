@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
 from difflab.config import TrainConfig, apply_overrides, load_json, load_preset, validate
@@ -241,3 +242,29 @@ def test_ddpm_paper_is_ho_et_al_exactly():
         assert ema_beta(128, images_seen, t) == pytest.approx(0.9999, abs=1e-9)
     assert config.sampler.variance == "large" and config.sampler.clip_x0
     assert config.sampler.steps == config.method.ddpm.num_timesteps == 1000
+
+
+def test_a_constant_rate_run_resumed_into_a_cooldown_is_the_run_planned_so(
+    tmp_path, tiny_preset, image_folder, capsys
+):
+    """Warm-up, stable, decay branched off a finished constant-rate run: 6 steps, then resumed
+    to 10 cooling down over the last 4, ends bit-exactly where a run told so from the start ends;
+    extending that run again would change rates already used, so it is refused in one line and
+    config.json stays as it was."""
+    base = ["--preset", tiny_preset, "--data", image_folder, "--no-progress"]
+    base += ["--set", "train.sample_every_kimg=0"]
+    cool = ["--set", "train.lr_schedule='cooldown'", "--set", "train.cooldown=0.4"]
+    straight, branched = tmp_path / "straight", tmp_path / "branched"
+    assert run_cli(capsys, "train", *base, "--out", straight, "--steps", 10, *cool)[0] == 0
+    assert run_cli(capsys, "train", *base, "--out", branched, "--steps", 6)[0] == 0
+    code, _, err = run_cli(capsys, "train", "--resume", branched, "--steps", 10, *cool)
+    assert code == 0, err
+    assert json.loads((branched / "config.json").read_text())["train"]["lr_schedule"] == "cooldown"
+    for name in ("net", "ema"):
+        a, b = _weights(straight, name), _weights(branched, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ"
+    before = (branched / "config.json").read_text()
+    code, _, err = run_cli(capsys, "train", "--resume", branched, "--steps", 12, "--no-progress")
+    assert code != 0 and "change the learning rate of a step it has taken (step 7: 0.0015 -> 0.002)" in err, err
+    assert [line for line in err.splitlines() if "error" in line] == [err.splitlines()[-1]]
+    assert (branched / "config.json").read_text() == before

@@ -80,11 +80,17 @@ RESUMABLE = {
     "train.time_limit",
     "train.device",
     "train.checkpoint_every",
+    # the schedule too, where the steps already taken keep their rates (the trainer checks):
+    # a constant rate's run can end in a cool-down (warm-up, stable, decay)
+    "train.lr_schedule",
+    "train.cooldown",
+    "train.min_lr",
 }
 
 
 def _resume_config(args: argparse.Namespace):
-    """The run's own config; only its length (and device) may change when resuming."""
+    """The run's own config; only its length, device and (keeping the rates of the steps taken)
+    learning-rate schedule may change when resuming."""
     from difflab.config import apply_overrides, load_json, validate
     from difflab.train.rundir import check_existing_run_dir
 
@@ -113,7 +119,7 @@ def _resume_config(args: argparse.Namespace):
             raise DifflabError(
                 f"--set {item}: only {', '.join(sorted(RESUMABLE))} can change on --resume"
             )
-    overrides = _flags(args, *sorted(RESUMABLE))
+    overrides = _flags(args, *sorted(RESUMABLE & FLAG_KEYS.keys()))
     return validate(apply_overrides(config, overrides + args.set)), run_dir
 
 

@@ -38,6 +38,14 @@ def lr_at(step: int, train: TrainConfig) -> float:
     return train.lr
 
 
+def first_changed_rate(before: TrainConfig, after: TrainConfig, steps: int) -> int | None:
+    """The first of optimizer steps ``0 .. steps - 1`` whose learning rate differs between the two
+    configs, or None: a resumed run is the run its new config describes only if there is none
+    (a longer run with "cooldown" that had started cooling down re-warms; a constant rate
+    that turns into "cooldown" while still stable is a warm-up-stable-decay branch)."""
+    return next((s for s in range(steps) if lr_at(s, before) != lr_at(s, after)), None)
+
+
 def cooldown_start(train: TrainConfig) -> int:
     """The first step whose rate the run's length changes (the end of the stable phase)."""
     total = planned_steps(train)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from difflab.classes import learn_classes
-from difflab.config import Config, save_json
+from difflab.config import Config, from_dict, save_json, upgrade
 from difflab.data import ImageSet, load_images
 from difflab.denoisers import Denoiser
 from difflab.devices import autocast_dtype, configure, generator, resolve_device, to_device
@@ -48,7 +48,7 @@ from difflab.train.checkpoint import (
 from difflab.train.ema import make_ema, update_ema
 from difflab.train.guides import own_guide
 from difflab.train.rundir import RunLock, check_existing_run_dir, check_new_run_dir
-from difflab.train.schedule import ema_beta, guide_step, lr_at
+from difflab.train.schedule import ema_beta, first_changed_rate, guide_step, lr_at
 
 log = logging.getLogger("difflab")
 
@@ -108,8 +108,6 @@ class Trainer:
         )
         # A conditional run learns the data's classes: the config (and config.json) say which.
         self.config = config = learn_classes(config, data.class_names, data.source)
-        if self.world.is_main:
-            save_json(config, self.run_dir / "config.json")
         self.labels = data.labels.to(device)
         self.images = data.images.to(device)
         self.data = data
@@ -130,6 +128,8 @@ class Trainer:
         self.step, self.images_seen, self.elapsed = 0, 0, 0.0
         if resume:
             self._load_state()
+        if self.world.is_main:  # after resuming: a refused resume leaves config.json as it was
+            save_json(config, self.run_dir / "config.json")
         self.conditional = self.net.num_classes > 0  # the network says whether it takes classes
         self.autocast = self._autocast_dtype()
         self._pending: list[tuple[int, Tensor, Tensor]] = []  # (step, loss, grad norm) on device
@@ -190,7 +190,9 @@ class Trainer:
     def _load_state(self) -> None:
         """The newest checkpoint that loads and fits; damaged ones are skipped with a warning."""
         paths = list_checkpoints(self.run_dir)
-        if newest_usable(self.run_dir, self._load_checkpoint):
+        resumed = newest_usable(self.run_dir, self._load_checkpoint)
+        if resumed is not None:
+            self._check_past_rates(resumed)
             return
         if paths:  # starting over would let pruning delete the new checkpoints, not the bad ones
             raise DifflabError(
@@ -199,7 +201,20 @@ class Trainer:
             )
         # a run that stopped before its first checkpoint starts over
 
-    def _load_checkpoint(self, ckpt: Checkpoint) -> bool:
+    def _check_past_rates(self, ckpt: Checkpoint) -> None:
+        """A resumed run is the run its config describes: a new length or schedule may not change
+        the learning rate of a step already taken."""
+        before, after = from_dict(upgrade(ckpt.config)).train, self.config.train
+        changed = first_changed_rate(before, after, self.step)
+        if changed is not None:
+            raise DifflabError(
+                f"resuming {self.run_dir} so would change the learning rate of a step it has "
+                f"taken (step {changed:,}: {lr_at(changed, before):.3g} -> "
+                f"{lr_at(changed, after):.3g}): keep its length and schedule, or start a new run "
+                f"from its weights with --init {self.run_dir}"
+            )
+
+    def _load_checkpoint(self, ckpt: Checkpoint) -> Checkpoint:
         load_weights_into(self.net, ckpt.net, ckpt.path)
         if self.ema is not None:
             load_weights_into(self.ema, ckpt.ema if ckpt.ema is not None else ckpt.net, ckpt.path)
@@ -213,7 +228,7 @@ class Trainer:
         self.images_seen = int(ckpt.state["images_seen"])
         self.elapsed = float(ckpt.state.get("elapsed", 0.0))
         log.info("resuming from %s (step %d, %d images)", ckpt.path, self.step, self.images_seen)
-        return True
+        return ckpt
 
     # ----------------------------------------------------------------- the step
 
