@@ -4,11 +4,11 @@ winner, against that teacher at few network evaluations.
 Resumable pieces; results land in bench/results/fewstep/*.json, ``report`` writes the
 "## One and two steps" section of docs/benchmarks.md and its FID-against-evaluations plot.
 
-    python bench/fewstep.py distill     # the student: difflab distill TEACHER, 240,000 images,
-                                        # the settings of LEVERS[STUDENT]
+    python bench/fewstep.py distill     # the trunk: difflab distill TEACHER at a constant rate,
+                                        # 300,000 images, the settings of LEVERS[STUDENT]
     python bench/fewstep.py student     # FID-1k and KID at 1, 2 and 4 steps, sampling img/s
-    python bench/fewstep.py cooldown    # a branch of the student cooled down over 60,000 more
-                                        # images (COOLDOWN), scored as the student is
+    python bench/fewstep.py cooldown    # the student: the trunk branched at 240,000 images and
+                                        # cooled down over 60,000 more (COOLDOWN), scored so
     python bench/fewstep.py teacher     # the teacher at 1-35 evaluations (iPNDM, DPM-Solver++,
                                         # Heun; autoguided Heun), sampling img/s
     python bench/fewstep.py levels      # the 2-step student's intermediate level (--rho)
@@ -18,11 +18,12 @@ Resumable pieces; results land in bench/results/fewstep/*.json, ``report`` write
     python bench/fewstep.py all
 
 The teacher is ``--teacher RUN``: by default the 30-minute ``flow-cpu`` run on the cars that
-bench/conditional.py trains (``bench/out/conditional/runs/cars``). The budget is images (240,000:
-about 3 hours 15 minutes on this project's 2-core machine with the autoguided teacher; a run
-made for a smaller ``--images`` goes on to the larger one when asked), so the student
-does not depend on the machine; the report gives the minutes it took here, so run nothing else
-heavy beside it.
+bench/conditional.py trains (``bench/out/conditional/runs/cars``). The budget is images (the
+student's 300,000: about 4 hours on this project's 2-core machine with the autoguided teacher,
+and as long again for the trunk's last 60,000 at a constant rate, the cool-down's control; a
+run made for a smaller ``--images`` goes on to the larger one when asked), so the student does
+not depend on the machine; the report gives the minutes it took here, so run nothing else heavy
+beside it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 import quality
 from common import BENCHMARKS, ROOT, matmul_peak, write_section
 from quality_setup import DEFAULT_DATA, Settings, difflab, save
-from report_fewstep import STUDENT_STEPS, grid
+from report_fewstep import FINAL, STUDENT_STEPS, grid
 
 LEVEL_RHOS = [3.0, 5.0, 7.0, 10.0, 14.0]  # 2 steps' second level: 10.9, 4.4, 2.52, 1.53, 1.06
 CONFIRM_SEED = 1  # the levels' held-out check: 1,000 other images than seed 0's
@@ -103,20 +104,20 @@ class FewStepSettings(Settings):
 
 
 def piece_distill(settings: Settings) -> None:
-    """``difflab distill`` with the STUDENT lever for the image budget (resumed if cut short)."""
-    _distill(settings, settings.run_dir("student"), STUDENT)
+    """``difflab distill`` with the STUDENT lever at a constant rate for the image budget
+    (resumed if cut short), stopping at COOL_FROM on the way: the cool-down branches there."""
+    for images in sorted({min(COOL_FROM, settings.images), settings.images}):
+        _distill(settings, settings.run_dir("student"), STUDENT, images)
 
 
-def _distill(settings: Settings, run_dir: Path, lever: str) -> None:
+def _distill(settings: Settings, run_dir: Path, lever: str, images: int) -> None:
     if (run_dir / "config.json").exists():
         # the budget may have grown since (--images): the run goes on to it, bit-exactly
-        difflab(
-            settings, "train", "--resume", run_dir, "--images", settings.images, "--no-progress"
-        )
+        difflab(settings, "train", "--resume", run_dir, "--images", images, "--no-progress")
         return
     guide = settings.teacher / GUIDE
     sets = [a for item in LEVERS[lever] for a in ("--set", item.format(guide=guide))]
-    difflab(settings, "distill", settings.teacher, "--out", run_dir, "--images", settings.images,
+    difflab(settings, "distill", settings.teacher, "--out", run_dir, "--images", images,
             "--set", "train.sample_every_kimg=0", *sets, "--no-progress")  # fmt: skip
 
 
@@ -155,7 +156,7 @@ def piece_lever(settings: Settings, name: str) -> None:
         return
     run_dir = settings.run_dir(f"lever-{name}-{settings.images}")
     if not (run_dir / "config.json").exists():
-        _distill(settings, run_dir, name)
+        _distill(settings, run_dir, name, settings.images)
     scores = {str(k): _score(settings, run_dir, "--steps", k) for k in (1, 2)}
     minutes = quality._elapsed_minutes(run_dir)
     rows.append({"lever": name, "images": settings.images, "sets": LEVERS[name],
@@ -210,6 +211,8 @@ def piece_student(settings: Settings, name: str = "student") -> None:
                 "images_per_s": _rate(student, None, steps)}  # fmt: skip
 
     _rows(settings, name, [("consistency", k) for k in STUDENT_STEPS], measure)
+    if name != FINAL:  # the report shows the final student's samples
+        return
     run = load_run(student, device="cpu")
     for k in STUDENT_STEPS:  # the same 64 seeds at each step count
         save_grid(run.sample(64, seed=0, steps=k).clamp(-1, 1), _figures(settings) / grid(k, name))
@@ -222,7 +225,7 @@ def piece_levels(settings: Settings) -> None:
     first 1,000."""
     from difflab.schedules import edm_sigma_grid
 
-    student, path = settings.run_dir("student"), settings.result("levels")
+    student, path = settings.run_dir(FINAL), settings.result("levels")
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
 
     def score(rho: float, seed: int) -> None:
@@ -263,13 +266,16 @@ def piece_teacher(settings: Settings) -> None:
 
 
 def piece_report(settings: Settings) -> None:
-    from report_fewstep import MODELS, section
+    from report_fewstep import LEVELS, MODELS, section
 
-    pieces = [piece for piece, _ in MODELS] + ["levels", "levels-160k", "levels-lr1e-4", "levers"]
+    pieces = (
+        [piece for piece, _ in MODELS] + [f"levels{suffix}" for suffix, _ in LEVELS] + ["levers"]
+    )
     values = {piece: json.loads(settings.result(piece).read_text())["rows"]
               for piece in pieces if settings.result(piece).exists()}  # fmt: skip
-    values["distill_minutes"] = quality._elapsed_minutes(settings.run_dir("student"))
-    values["distill_images"] = settings.images
+    final = settings.run_dir(FINAL)
+    values["distill_minutes"] = quality._elapsed_minutes(final)
+    values["distill_images"] = json.loads((final / "config.json").read_text())["train"]["images"]
     values["student_lever"] = STUDENT
     values["teacher"] = values.get("teacher", [])
     values["matmul_peak_gflops"] = matmul_peak(10)  # this machine, measured now (keep it quiet)
@@ -289,7 +295,7 @@ def main() -> None:
     )
     parser.add_argument("--ref", default=ROOT / "bench" / "out" / "conditional" / "ref-cars.npz")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--images", type=int, default=240_000, help="the distillation budget")
+    parser.add_argument("--images", type=int, default=300_000, help="the trunk's budget")
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test")
     args = parser.parse_args()

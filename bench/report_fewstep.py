@@ -17,7 +17,8 @@ NEXT = (
     "Two levers moved it since: Adam 4e-4 instead of improved CT's 1e-4 (a fine-tuning run of a "
     "few thousand steps is far from their 400,000), and a teacher whose ODE is autoguided "
     "(`difflab distill --guide`, section 2.7), so the student learns a better sampler than the "
-    "plain one at no cost to its own sampling. The third is length (below). Of the later "
+    "plain one at no cost to its own sampling. The third is length, the fourth a cool-down of "
+    "the rate at the end (both below). Of the later "
     "screens, a teacher guided at w = 3 (`lr4-ag3`) and Adam 1e-3 (`lr10-ag`) each helped one "
     "step count and hurt the other at 12,000 images, so the student keeps `lr4-ag`; that the "
     "rate moves the 1-step FID most says the 1-step student is still far from converged. "
@@ -26,10 +27,10 @@ NEXT = (
     "this budget: its samples are coloured blotches without the fine detail, as if the "
     "low-noise pairs, which lambda = 1 / (s_{n+1} - s_n) weighs up to 200 times, were what "
     "taught the student to finish an image. "
-    "Length gives less each time (below: at 1 step 10.6 and then 5.8 FID-1k for each 80,000 "
-    "more images; the smoothed loss in log.jsonl fell from 2.28 at 80,000 images to 2.08 at "
-    "160,000 and stayed at 2.0-2.1 since), so at this rate the 1-step target is out of reach by "
-    "length on this CPU. What I would try next: Adam 1e-3 (the 1-step screen's best) for the "
+    "Length gives less each time (below; the smoothed loss in log.jsonl fell from 2.28 at "
+    "80,000 images to 2.08 at 160,000 and has stayed at 2.0-2.1 since), and the cool-down "
+    "gains most at 1 step but only a few FID-1k, so the 1-step target is out of reach by length "
+    "or schedule on this CPU. What I would try next: Adam 1e-3 (the 1-step screen's best) for the "
     "first half and 4e-4 after; Song et al.'s LPIPS distance in place of the pseudo-Huber one "
     "(it needs VGG weights, which this machine cannot download); ECT's and sCM's "
     "continuous-time objectives."
@@ -53,13 +54,18 @@ def _longer(values: dict) -> list[str]:
 
 
 STUDENT_STEPS = [1, 2, 4]
-#: The student's results at each budget it was scored at (results piece, images), in order.
-LENGTHS = [("student-80k", 80_000), ("student-160k", 160_000), ("student", 240_000)]
+#: The benchmark's student: the trunk ("student", a constant rate) cooled down from 240,000 images.
+FINAL = "student-cool"
+#: The trunk's results at each budget it was scored at (results piece, images), in order.
+LENGTHS = [("student-80k", 80_000), ("student-160k", 160_000), ("student-240k", 240_000),
+           ("student", 300_000)]  # fmt: skip
 #: The rows of the table: (results piece, who).
 MODELS = [
-    ("student", "student"),
-    ("student-160k", "the same student at 160,000 images (two thirds of its budget)"),
-    ("student-80k", "the same student at 80,000 images (a third of its budget)"),
+    (FINAL, "student: constant rate to 240,000 images, then cooled down over 60,000"),
+    ("student", "the same run at its constant rate to 300,000 images (the control)"),
+    ("student-240k", "the same run at 240,000 images"),
+    ("student-160k", "the same run at 160,000 images"),
+    ("student-80k", "the same run at 80,000 images"),
     ("student-lr1e-4", "student, last session (Adam 1e-4, unguided teacher, 48,000 images)"),
     ("student-edm-base", "student on EDM's base"),
     ("teacher", "teacher"),
@@ -67,14 +73,24 @@ MODELS = [
 ]
 
 
+#: The 2-step students whose second level was searched: (results piece suffix, who).
+LEVELS = [
+    ("", "student"),
+    ("-240k", "student's run at 240,000 images"),
+    ("-160k", "student's run at 160,000 images"),
+    ("-lr1e-4", "student of an earlier session (Adam 1e-4, unguided teacher)"),
+]
+
+
 def section(values: dict, settings, figures: Path) -> str:
-    student, teacher = values.get("student", []), values["teacher"]
+    student, teacher = values.get(FINAL, []), values["teacher"]
     lines = [
         "## One and two steps",
         "",
         f"_Written by `bench/fewstep.py report`; teacher `{settings.teacher.name}` (flow-cpu, 30 "
         f"minutes on the cars), student distilled from it on {values['distill_images']:,} images "
-        f"({values['distill_minutes']:.1f} minutes on this machine) with `difflab distill` "
+        f"({values['distill_minutes']:.1f} minutes on this machine; the rate cooled down over the "
+        f"last fifth, below) with `difflab distill` "
         f"(consistency distillation, section 2.8 of docs/methods.md) and the settings of lever "
         f"`{values['student_lever']}` below._",
         "",
@@ -104,12 +120,9 @@ def section(values: dict, settings, figures: Path) -> str:
         *_levers(values.get("levers", [])),
         *([NEXT, ""] if student else []),
         *_longer(values),
+        *_cooldown(values),
         *_targets(student, teacher + values.get("teacher-ag", []), values.get("levels", [])),
-        *_levels(values.get("levels", []), "student"),
-        *_levels(values.get("levels-160k", []), "student at 160,000 images"),
-        *_levels(
-            values.get("levels-lr1e-4", []), "student of last session (Adam 1e-4, unguided teacher)"
-        ),
+        *[line for suffix, who in LEVELS for line in _levels(values.get(f"levels{suffix}"), who)],
         *_plot(values, figures),
         *_pictures(student, figures),
     ]
@@ -135,7 +148,7 @@ def _levers(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def _levels(rows: list[dict], who: str) -> list[str]:
+def _levels(rows: list[dict] | None, who: str) -> list[str]:
     """The 2-step student with its second level moved (bench/fewstep.py levels); the default
     and the best level scored again on other seeds where that was done."""
     if not rows:
@@ -163,12 +176,30 @@ def grid(steps: int, name: str = "student") -> str:
 
 def _pictures(student: list[dict], figures: Path) -> list[str]:
     shown = [r["steps"] for r in sorted(student, key=lambda r: r["steps"])]
-    shown = [k for k in shown if (figures / grid(k)).exists()]
+    shown = [k for k in shown if (figures / grid(k, FINAL)).exists()]
     if not shown:
         return []
     lines = ["The student's samples, the same 64 seeds at " + ", ".join(map(str, shown))
              + " step(s):", ""]  # fmt: skip
-    return lines + [f"![student, {k} step(s)](figures/{grid(k)})" for k in shown] + [""]
+    return lines + [f"![student, {k} step(s)](figures/{grid(k, FINAL)})" for k in shown] + [""]
+
+
+def _cooldown(values: dict) -> list[str]:
+    """The cool-down against its control: the same 60,000 images at the constant rate."""
+    cooled, control, start = (values.get(piece) for piece in (FINAL, "student", "student-240k"))
+    if not (cooled and control and start):
+        return []
+
+    def fids(rows: list[dict]) -> str:
+        by = {r["evaluations"]: r["fid"] for r in rows}
+        return " / ".join(f"{by[k]:.1f}" for k in STUDENT_STEPS if k in by)
+
+    return [f"Cool-down (`bench/fewstep.py cooldown`; warm-up, stable, decay, Hägele et al. 2024): "
+            f"the run at 240,000 images, {fids(start)} FID-1k at 1 / 2 / 4 evaluations, went on "
+            f"for 60,000 more images either at its constant rate (the control: {fids(control)}) "
+            f"or with the rate falling linearly to 0 (a branch resumed with `--set "
+            f"train.lr_schedule='cooldown'`, which the trainer accepts because no step taken "
+            f"changes its rate: {fids(cooled)}). The cooled branch is the student above.", ""]  # fmt: skip
 
 
 def _targets(student: list[dict], teacher: list[dict], levels: list[dict]) -> list[str]:
@@ -256,8 +287,9 @@ def _plot(values: dict, figures: Path) -> list[str]:
     teacher = values["teacher"]
     series = {}
     for name, rows in [
-        ("student (consistency), 240,000 images", values.get("student", [])),
-        ("student at 160,000 images", values.get("student-160k", [])),
+        ("student (consistency), cooled down, 300,000 images", values.get(FINAL, [])),
+        ("student's run, constant rate, 300,000 images", values.get("student", [])),
+        ("student's run at 160,000 images", values.get("student-160k", [])),
         ("student at 80,000 images", values.get("student-80k", [])),
         ("student, last session", values.get("student-lr1e-4", [])),
         ("student on EDM's base", values.get("student-edm-base", [])),

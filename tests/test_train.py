@@ -265,6 +265,9 @@ def test_a_constant_rate_run_resumed_into_a_cooldown_is_the_run_planned_so(
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ"
     before = (branched / "config.json").read_text()
     code, _, err = run_cli(capsys, "train", "--resume", branched, "--steps", 12, "--no-progress")
-    assert code != 0 and "change the learning rate of a step it has taken (step 7: 0.0015 -> 0.002)" in err, err
+    assert (
+        code != 0
+        and "change the learning rate of a step it has taken (step 7: 0.0015 -> 0.002)" in err
+    ), err
     assert [line for line in err.splitlines() if "error" in line] == [err.splitlines()[-1]]
     assert (branched / "config.json").read_text() == before
