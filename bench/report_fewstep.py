@@ -290,7 +290,7 @@ def _plot(values: dict, figures: Path) -> list[str]:
         ("student (consistency), cooled down, 300,000 images", values.get(FINAL, [])),
         ("student's run, constant rate, 300,000 images", values.get("student", [])),
         ("student's run at 160,000 images", values.get("student-160k", [])),
-        ("student at 80,000 images", values.get("student-80k", [])),
+        ("student's run at 80,000 images", values.get("student-80k", [])),
         ("student, last session", values.get("student-lr1e-4", [])),
         ("student on EDM's base", values.get("student-edm-base", [])),
         ("teacher autoguided, heun", values.get("teacher-ag", [])),
