@@ -14,10 +14,16 @@ weights. In order, each part skipped with a note once the deadline is near:
    first checkpoint and ``--resume``, ``sample --strip --gif``, ``torchrun --nproc_per_node=1``,
    and eval's sampling half (1,000 images through ``Run.generate``) into ``samples.tar``, which
    ``difflab eval`` scores on the CPU afterwards.
-3. Speed: first the paper-size U-Net's levers (batch 512, compiled or eager, channels_last,
-   foreach instead of fused Adam, CUDA graphs); then every preset eager in bf16 and fp32; then
-   the slow compiles (max-autotune, batch 128, the small presets). Images/s, achieved
-   TFLOP/s and the fraction of the bf16 matmul peak measured in the same run.
+3. Few-step (``fewstep``): a run keeping its own guide, exported and sampled with it;
+   autoguidance by a named checkpoint; ``distill`` from the guided teacher; the student resumed
+   into a cool-down and sampled at 1 and 2 steps.
+4. Speed: first the paper-size U-Net's levers (batch 512 or 1024, compiled or eager,
+   channels_last, foreach instead of fused Adam, CUDA graphs); then every preset eager in bf16
+   and fp32; then the slow compiles (max-autotune, batch 128, the small presets). Images/s,
+   achieved TFLOP/s and the fraction of the bf16 matmul peak measured in the same run. With the
+   ``profile`` part, the base of the levers (or every row named by ``--rows``) is profiled too:
+   its step's GPU time by kernel family (convolutions, cuDNN's layout copies, Triton's fused
+   kernels, ...) and its costliest kernels.
 
 Results land in ``DIR/gpu.json`` after every measurement (a run cut short keeps what it has);
 ``report_gpu.py`` turns them into the ``## GPU`` section of docs/benchmarks.md.
@@ -54,9 +60,11 @@ from difflab.data import ImageSet, load_images
 from difflab.devices import BF16_MIN_GFLOP_PER_STEP
 from difflab.models import count_parameters, forward_gflops
 from difflab.registry import build_network
+from difflab.train.trainer import Trainer
 
 PRECISIONS = ("bf16", "fp32")
 PAPER = "edm-paper"  # the paper-size U-Net whose speed target is 35% of the bf16 peak
+PROFILED = f"{PAPER}, batch 512, compiled"  # the base of the levers
 LEVERS: list[tuple[str, list[str]]] = [
     ("batch 512, compiled", ["train.batch_size=512", "train.compile=true"]),
     ("batch 512, eager", ["train.batch_size=512"]),
@@ -68,6 +76,7 @@ LEVERS: list[tuple[str, list[str]]] = [
         "batch 512, compiled, foreach Adam",
         ["train.batch_size=512", "train.compile=true", "train.fused_optimizer=false"],
     ),
+    ("batch 1024, compiled", ["train.batch_size=1024", "train.compile=true"]),
     (
         "batch 512, reduce-overhead (CUDA graphs)",
         ["train.batch_size=512", "train.compile=true", "train.compile_mode='reduce-overhead'"],
@@ -129,8 +138,10 @@ def speed(
     device: torch.device,
     peak_tflops: float,
     seconds: float = 3.0,
+    profile: bool = False,
 ) -> dict:
-    """Images/s of ``Trainer.train_step`` (first step timed apart: it compiles)."""
+    """Images/s of ``Trainer.train_step`` (first step timed apart: it compiles); with
+    ``profile``, also where a step's GPU time goes (``kernel_shares``)."""
     with trainer_for(preset, data, overrides, device) as tr:
         first, _first_images = time_steps(tr, 1)
         warm, _warm_images = time_steps(tr, 2)
@@ -157,7 +168,60 @@ def speed(
             "fraction_of_bf16_peak": tflops / peak_tflops,
             "first_step_s": first,
             "compile_s": max(first - timed_s / count, 0.0),
+            "peak_memory_gib": peak_memory_gib(tr.device),
+            **({"kernels": kernel_shares(tr)} if profile else {}),
         }
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    gib = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return gib
+
+
+# Kernel families by name (cuDNN/cuBLAS convolutions and matmuls, flash attention, inductor's
+# fused Triton kernels); the first match names a kernel's family.
+FAMILIES = [
+    ("attention", ("flash", "fmha", "attention")),
+    ("layout copies", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("convolution/matmul", ("conv", "gemm", "xmma", "cudnn", "cutlass", "sm90", "sm80", "wgrad")),
+    ("fused elementwise/norm (Triton)", ("triton",)),
+]
+
+
+def kernel_shares(trainer: Trainer, steps: int = 3) -> dict[str, Any]:
+    """Where a step's time goes (``torch.profiler``): its share by kernel family and the ten
+    costliest kernels; on a GPU the device's kernels, on a CPU (the smoke test) ATen's ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    own = _device_us if cuda else lambda event: float(event.self_cpu_time_total)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        time_steps(trainer, steps)
+    kernels = [event for event in prof.key_averages() if own(event) > 0]
+    total = sum(map(own, kernels)) or 1.0
+    families: dict[str, float] = {}
+    for event in kernels:
+        name = event.key.lower()
+        family = next((f for f, keys in FAMILIES if any(k in name for k in keys)), "other")
+        families[family] = families.get(family, 0.0) + own(event)
+    top = sorted(kernels, key=own, reverse=True)[:10]
+    return {
+        "ms_per_step": total / 1000 / steps,
+        "families": {f: us / total for f, us in sorted(families.items(), key=lambda i: -i[1])},
+        "top": [[event.key[:90], own(event) / total] for event in top],
+    }
+
+
+def _device_us(event: Any) -> float:
+    """An event's own GPU time (``self_device_time_total``; ``self_cuda_time_total`` before)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, name):
+            return float(getattr(event, name))
+    return 0.0
 
 
 def auto_picks_bf16(preset: str) -> bool:
@@ -179,7 +243,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a CPU smoke test: tiny budgets")
     parser.add_argument("--presets", help="comma-separated presets (default: all)")
     parser.add_argument(
-        "--parts", default="paths,cli,speed", help="comma-separated parts: paths, cli, speed"
+        "--parts",
+        default="paths,cli,fewstep,speed,profile",
+        help="comma-separated parts: paths, cli, fewstep, speed, profile",
     )
     parser.add_argument(
         "--scored", type=Path, metavar="EVAL_JSON", help="with --render: eval of samples.tar"
@@ -196,13 +262,20 @@ def check_paths(
 ) -> None:
     """Parts 1 and 2: every preset's paths, then the command line on flow-cpu."""
     device, deadline = torch.device(args.device), args.deadline
-    sizes = checks.Sizes(20, 10, 10, 20) if args.quick else checks.Sizes()
+    sizes = checks.Sizes(20, 10, 10, 20, 6) if args.quick else checks.Sizes()
     for preset in args.presets if "paths" in parts else []:
         if deadline.left() < 0.75 * 60 * args.minutes:
             results.add("skipped", {"name": f"paths of {preset} and the presets after it"})
             break
         attempt(
             results, "paths", preset, lambda p=preset: checks.preset_paths(p, data, device, work)
+        )
+    if "fewstep" in parts:
+        attempt(
+            results,
+            "fewstep",
+            "distill, autoguidance, export, cool-down",
+            lambda: checks.fewstep_paths(args.data, work / "fewstep", args.device, sizes),
         )
     if "cli" not in parts:
         return
@@ -252,7 +325,8 @@ def speed_table(presets: list[str], quick: bool) -> list[tuple[str, str, list[st
 
 
 def measure_speed(results: Results, args: argparse.Namespace, data: ImageSet, peak: float) -> None:
-    """Part 3: the rows of ``speed_table``, each skipped once the deadline is near."""
+    """Part 3: the rows of ``speed_table``, each skipped once the deadline is near; with the
+    ``profile`` part, the base of the levers is profiled too."""
     seconds, device = (0.5 if args.quick else 3.0), torch.device(args.device)
     rows = speed_table(args.presets, args.quick)
     if args.rows:  # e.g. the rows a first run had to skip
@@ -265,7 +339,15 @@ def measure_speed(results: Results, args: argparse.Namespace, data: ImageSet, pe
             results,
             "speed",
             name,
-            lambda p=preset, o=overrides: speed(p, o, data, device, peak, seconds),
+            lambda p=preset, o=overrides, n=name: speed(
+                p,
+                o,
+                data,
+                device,
+                peak,
+                seconds,
+                profile=args.profile and (n == PROFILED or bool(args.rows)),
+            ),
         )
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the next row starts with the card's memory free
@@ -285,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args.deadline, device = Deadline(args.minutes), torch.device(args.device)
     args.presets = args.presets.split(",") if args.presets else preset_names()
     parts = set(args.parts.split(","))
+    args.profile = "profile" in parts
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU)"
     reps, size = (3, 1024) if args.quick else (10, 8192)
     peak = matmul_peak(reps, size, device, torch.bfloat16) / 1000
@@ -300,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Results(args.results, {"machine": info})
     data = load_images(str(args.data), None, 32)
     with tempfile.TemporaryDirectory(prefix="difflab-gpu-") as work:
-        if parts & {"paths", "cli"}:
+        if parts & {"paths", "cli", "fewstep"}:
             check_paths(results, args, parts, data, Path(work))
         if "speed" in parts:
             measure_speed(results, args, data, peak)

@@ -36,6 +36,7 @@ class Sizes:
     checkpoint_every: int = 100
     torchrun_steps: int = 50
     samples: int = 1000
+    distill_steps: int = 30
 
 
 def preset_paths(preset: str, data: ImageSet, device: torch.device, folder: Path) -> dict:
@@ -135,4 +136,48 @@ def eval_sampling_half(run_dir: Path, tar_path: Path, device: torch.device, num:
         "sampler": plan.name,
         "step": run.step,
         "tar": tar_path.name,
+    }
+
+
+def fewstep_paths(data: Path, folder: Path, device: str, sizes: Sizes) -> dict:
+    """Issue 16's paths on the GPU, through the command line: a run that keeps its own guide
+    (``sampler.guide_at``), exported with it and sampled from the export; autoguidance by a
+    named checkpoint; consistency distillation from the guided teacher; the student resumed
+    into a cool-down (the past-rates check) and sampled at 1 and 2 steps."""
+    teacher, student, export = folder / "teacher", folder / "student", folder / "teacher.st"
+    common = ("--device", device, "--no-progress")  # train and distill; sample has no bar
+    run_command(
+        difflab_command(
+            *("train", "--preset", "flow-cpu", "--data", data, "--out", teacher),
+            *("--steps", sizes.steps, "--checkpoint-every", sizes.checkpoint_every, *common),
+            *("--set", "sampler.guide_at=0.5", "--set", "sampler.steps=8"),
+        )
+    )
+    run_command(difflab_command("export", teacher, "--out", export.with_suffix(".safetensors")))
+    sampled = []
+    for source, extra in [
+        (export.with_suffix(".safetensors"), ()),  # the export's own guide
+        (teacher, ("--guide", list_checkpoints(teacher)[0], "--guidance", 2)),
+    ]:
+        out = folder / f"samples-{len(sampled)}"
+        run_command(
+            difflab_command("sample", source, "--num", 8, "--out", out, *extra, "--device", device)
+        )
+        sampled.append(len(list(out.glob("[0-9]*.png"))))
+    steps = sizes.distill_steps
+    distill = ("--out", student, "--steps", steps, "--checkpoint-every", steps // 2)
+    run_command(difflab_command("distill", teacher, *distill, "--batch-size", 32, *common))
+    cooled = ("--steps", steps * 4 // 3, "--set", "train.lr_schedule='cooldown'")
+    run_command(difflab_command("train", "--resume", student, *cooled, *common))
+    for steps in (1, 2):
+        out = folder / f"student-{steps}"
+        run_command(
+            difflab_command(
+                "sample", student, "--steps", steps, "--num", 8, "--out", out, "--device", device
+            )
+        )
+        sampled.append(len(list(out.glob("[0-9]*.png"))))
+    return {
+        "student_checkpoints": [p.name for p in list_checkpoints(student)],
+        "pngs": sampled,
     }

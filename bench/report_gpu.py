@@ -10,6 +10,8 @@ from common import BENCHMARKS, write_section
 HEADING = "## GPU"
 TARGET = 0.35  # issue 13: the paper-size U-Net at 35% of the bf16 matmul peak
 PAPER = "edm-paper"
+BASE = f"{PAPER}, batch 512, compiled"  # the base of the levers
+CHECKS = ("paths", "cli", "fewstep")  # the parts whose rows are checks (ok or failed)
 
 
 def _check_rows(rows: list[dict]) -> list[str]:
@@ -49,16 +51,18 @@ def _variant(row: dict) -> str:
 
 def _speed_rows(rows: list[dict]) -> list[str]:
     lines = [
-        "| preset | params | fwd GFLOP/img | batch | variant | img/s | TFLOP/s | % of bf16 peak | compile s |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| run | preset | params | fwd GFLOP/img | batch | variant | img/s | TFLOP/s | % of bf16 peak | compile s |",
+        "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for row in rows:
         if not row["ok"]:
-            lines.append(f"| {row['name']} | | | | **failed**: `{row['error'][:120]}` | | | | |")
+            lines.append(
+                f"| {row.get('run', 1)} | {row['name']} | | | | **failed**: `{row['error'][:120]}` | | | | |"
+            )
             continue
         compile_s = f"{row['compile_s']:.0f}" if row["compile"] else ""
         lines.append(
-            f"| {row['preset']} | {row['parameters'] / 1e6:.2f}M | {row['forward_gflop']:.2f} | "
+            f"| {row.get('run', 1)} | {row['preset']} | {row['parameters'] / 1e6:.2f}M | {row['forward_gflop']:.2f} | "
             f"{row['batch']} | {_variant(row)} | {row['images_per_s']:,.0f} | "
             f"{row['tflops']:.1f} | {row['fraction_of_bf16_peak']:.1%} | {compile_s} |"
         )
@@ -87,18 +91,47 @@ def _auto_lines(values: dict[str, Any]) -> list[str]:
 
 
 def _lever_lines(values: dict[str, Any]) -> list[str]:
-    """Each measured ``edm-paper`` variant against batch 512 compiled (the base of the levers)."""
-    rows = {r["name"]: r for r in values.get("speed", []) if r["ok"] and r["preset"] == PAPER}
-    base = rows.get(f"{PAPER}, batch 512, compiled")
-    if base is None or len(rows) < 2:
+    """Each measured ``edm-paper`` variant against batch 512 compiled (the base of the levers)
+    of its own run, or of the latest run before it where its own run measured no base."""
+    rows = [r for r in values.get("speed", []) if r["ok"] and r["preset"] == PAPER]
+    bases = {r.get("run", 1): r for r in rows if r["name"] == BASE}
+    if not bases or len(rows) < 2:
         return []
-    lines = [f"Each lever against `{PAPER}` at batch 512, bf16, compiled "
-             f"({base['images_per_s']:,.0f} img/s):", ""]  # fmt: skip
-    for row in rows.values():
+    lines = [f"Each lever against `{BASE}` (bf16) of the same run, or of the run before:", ""]
+    for row in rows:
+        run = row.get("run", 1)
+        base = bases.get(max((k for k in bases if k <= run), default=min(bases)))
         if row is not base:
             gain = row["images_per_s"] / base["images_per_s"] - 1
-            lines.append(f"- batch {row['batch']}, {_variant(row)}: {gain:+.1%}")
+            lines.append(
+                f"- batch {row['batch']}, {_variant(row)}{_run(row)}: {gain:+.1%} against "
+                f"{base['images_per_s']:,.0f} img/s{_run(base)}"
+            )
     return [*lines, ""]
+
+
+def _run(row: dict) -> str:
+    return f" (run {row['run']})" if "run" in row else ""
+
+
+def _kernel_lines(values: dict[str, Any]) -> list[str]:
+    """Where the time of a profiled step goes (``gpu.py``'s ``kernel_shares``)."""
+    what = "GPU kernels" if values["machine"]["device"].startswith("cuda") else "ATen operators"
+    lines: list[str] = []
+    for row in values.get("speed", []):
+        kernels = row.get("kernels") if row["ok"] else None
+        if not kernels or not kernels["families"]:
+            continue
+        families = ", ".join(f"{f} {share:.0%}" for f, share in kernels["families"].items())
+        lines += [
+            f"Where the time of one `{row['name']}` step{_run(row)} goes "
+            f"({kernels['ms_per_step']:.1f} ms of {what} per step, `torch.profiler` over 3 "
+            f"steps): {families}. The costliest:",
+            "",
+            *(f"- {share:.1%} `{name}`" for name, share in kernels["top"]),
+            "",
+        ]
+    return lines
 
 
 def _target_line(values: dict[str, Any]) -> list[str]:
@@ -118,11 +151,14 @@ def _target_line(values: dict[str, Any]) -> list[str]:
 def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Several gpu.json of one card (a later run measuring what an earlier one skipped) as one:
     the rows of all, each speed row against the peak measured in its own run."""
+    runs = [
+        {**v, "speed": [{**r, "run": i} for r in v.get("speed", [])]} for i, v in enumerate(runs, 1)
+    ]
     first, *later = runs
     merged: dict[str, Any] = {**first, "machine": {**first["machine"], "later": []}}
     for values in later:
         merged["machine"]["later"].append(values["machine"])
-        for part in ("paths", "cli", "speed"):
+        for part in (*CHECKS, "speed"):
             merged[part] = merged.get(part, []) + values.get(part, [])
         merged["skipped"] = merged.get("skipped", []) + values.get("skipped", [])
     measured = {row["name"] for part in ("paths", "speed") for row in merged.get(part, [])}
@@ -170,13 +206,14 @@ def section(values: dict[str, Any]) -> str:
         "log rows). Compile time: the first step minus a timed one.",
         "",
     ]
-    if values.get("paths") or values.get("cli"):
-        lines += ["### Every path on the GPU", ""]
-        lines += [*_check_rows(values.get("paths", []) + values.get("cli", [])), ""]
+    checks = [row for part in CHECKS for row in values.get(part, [])]
+    if checks:
+        lines += ["### Every path on the GPU", "", *_check_rows(checks), ""]
     if values.get("speed"):
         lines += ["### Training speed", "", *_speed_rows(values["speed"]), ""]
         lines += _target_line(values)
         lines += _lever_lines(values)
+        lines += _kernel_lines(values)
         auto = _auto_lines(values)
         if auto:
             lines += ['`train.precision = "auto"` against the measured eager rows:', "", *auto, ""]

@@ -148,16 +148,20 @@ def test_gpu_check_runs_every_part_on_the_cpu_and_writes_its_section(tmp_path, m
     folder = make_images(tmp_path / "images", 24, size=32, classes=("cars",)) / "cars"
     results = tmp_path / "results"
     argv = ["gpu.py", "--data", str(folder), "--device", "cpu", "--quick", "--minutes", "10"]
-    argv += ["--presets", "flow-cpu", "--parts", "paths,speed", "--results", str(results)]
-    assert gpu.main(argv) == 0
+    argv += ["--presets", "flow-cpu", "--parts", "paths,speed,profile", "--results", str(results)]
+    assert gpu.main([*argv, "--rows", "flow-cpu, bf16;flow-cpu, fp32"]) == 0
     values = json.loads((results / "gpu.json").read_text())
     (path,) = values["paths"]
     assert path["ok"] and path["gif"] and path["checkpoints"] >= 1, path
     assert path["samplers"] == ["euler", "heun", "edm", "dpm++2m", "ipndm"]
     assert [row["name"] for row in values["speed"]] == ["flow-cpu, bf16", "flow-cpu, fp32"]
     assert all(row["ok"] and row["images_per_s"] > 0 for row in values["speed"])
+    # --rows with the profile part: each row says where its step's time went (ATen ops here)
+    families = values["speed"][0]["kernels"]["families"]
+    assert families["convolution/matmul"] > 0.2 and sum(families.values()) == pytest.approx(1)
     text = (results / "benchmarks.md").read_text()
-    assert "## GPU" in text and "| flow-cpu | 1.14M | 0.49 | 16 |" in text
+    assert "## GPU" in text and "| 1 | flow-cpu | 1.14M | 0.49 | 16 |" in text
+    assert "Where the time of one `flow-cpu, bf16` step goes" in text, text
 
 
 def test_gpu_runs_merge_into_one_section(monkeypatch):
@@ -180,13 +184,19 @@ def test_gpu_runs_merge_into_one_section(monkeypatch):
     first = {"machine": {**machine, "command": "one", "bf16_peak_tflops": 700.0},
              "speed": [speed(base, 100.0)], "skipped": [{"name": f"speed of {lever}"}]}  # fmt: skip
     second = {"machine": {**machine, "command": "two", "bf16_peak_tflops": 710.0},
-              "speed": [speed(lever, 110.0, fused=False)]}  # fmt: skip
-    merged = report_gpu.merge([first, second])
-    assert [row["name"] for row in merged["speed"]] == [base, lever]
+              "speed": [speed(lever, 110.0, fused=False)],
+              "fewstep": [{"name": "distill", "ok": True, "seconds": 3.0}]}  # fmt: skip
+    third = {"machine": {**machine, "command": "three", "bf16_peak_tflops": 720.0},
+             "speed": [speed(base, 200.0), speed(lever, 190.0, fused=False)]}  # fmt: skip
+    merged = report_gpu.merge([first, second, third])
+    assert [row["name"] for row in merged["speed"]] == [base, lever, base, lever]
     assert merged["skipped"] == []
     text = report_gpu.section(merged)
-    assert "`one`" in text and "`two`" in text and "700 and 710 TFLOP/s" in text
-    assert "foreach Adam: +10.0%" in text and "Not measured" not in text
+    assert "`one`" in text and "`two`" in text and "700 and 710 and 720 TFLOP/s" in text
+    assert "| distill | ok | 3 |" in text and "Not measured" not in text
+    # a lever is compared with the base of its own run, or of the latest run before it
+    assert "foreach Adam (run 2): +10.0% against 100 img/s (run 1)" in text
+    assert "foreach Adam (run 3): -5.0% against 200 img/s (run 3)" in text
     # the paper-size U-Net's levers are measured before every other row
     table = [name for name, _, _ in gpu.speed_table(["flow-cpu", "edm-paper"], quick=False)]
     assert table[0] == "edm-paper, bf16" and table.index(base) < table.index("flow-cpu, fp32")
