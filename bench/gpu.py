@@ -65,8 +65,10 @@ from difflab.train.trainer import Trainer
 PRECISIONS = ("bf16", "fp32")
 PAPER = "edm-paper"  # the paper-size U-Net whose speed target is 35% of the bf16 peak
 PROFILED = f"{PAPER}, batch 512, compiled"  # the base of the levers
+GRAPH_CL = ["train.compile=true", "train.compile_layout='channels_last'"]  # inductor's layout opt
 LEVERS: list[tuple[str, list[str]]] = [
     ("batch 512, compiled", ["train.batch_size=512", "train.compile=true"]),
+    ("batch 512, compiled, channels-last graph", [*GRAPH_CL, "train.batch_size=512"]),
     ("batch 512, eager", ["train.batch_size=512"]),
     (
         "batch 512, compiled, channels_last",
@@ -77,6 +79,7 @@ LEVERS: list[tuple[str, list[str]]] = [
         ["train.batch_size=512", "train.compile=true", "train.fused_optimizer=false"],
     ),
     ("batch 1024, compiled", ["train.batch_size=1024", "train.compile=true"]),
+    ("batch 1024, compiled, channels-last graph", [*GRAPH_CL, "train.batch_size=1024"]),
     (
         "batch 512, reduce-overhead (CUDA graphs)",
         ["train.batch_size=512", "train.compile=true", "train.compile_mode='reduce-overhead'"],
@@ -158,6 +161,7 @@ def speed(
             "autocast": str(tr.autocast).replace("torch.", ""),
             "compile": t.compile,
             "compile_mode": t.compile_mode,
+            "compile_layout": t.compile_layout,
             "channels_last": t.channels_last,
             "fused_optimizer": t.fused_optimizer,
             "parameters": count_parameters(tr.net),

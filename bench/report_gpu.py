@@ -42,6 +42,8 @@ def _variant(row: dict) -> str:
         parts.append(
             "compiled" + ("" if row["compile_mode"] == "default" else f" ({row['compile_mode']})")
         )
+    if row.get("compile_layout", "auto") != "auto":
+        parts.append(f"{row['compile_layout'].replace('_', '-')} graph")
     if row["channels_last"]:
         parts.append("channels_last")
     if not row["fused_optimizer"]:

@@ -106,3 +106,40 @@ def test_precision_auto_chooses_bf16_by_the_work_of_a_step():
     assert autocast_dtype(cuda, "bf16", 1.0) is torch.bfloat16
     assert autocast_dtype(cuda, "fp32", 1e6) is None
     assert all(autocast_dtype(cpu, p, 1e6) is None for p in ("auto", "bf16", "fp32"))
+
+
+@pytest.mark.parametrize(
+    ("mode", "layout", "expected"),
+    [
+        ("default", "auto", {"mode": None}),
+        ("reduce-overhead", "auto", {"mode": "reduce-overhead"}),
+        ("default", "channels_last", {"options": {"force_layout_optimization": True}}),
+        (
+            "reduce-overhead",
+            "channels_last",
+            {"options": {"triton.cudagraphs": True, "force_layout_optimization": True}},
+        ),
+    ],
+)
+def test_the_compiled_layout_reaches_inductor_with_the_mode(
+    tmp_path, monkeypatch, mode, layout, expected
+):
+    """train.compile_layout = "channels_last" forces inductor's layout optimization (which its
+    heuristic leaves off for U-Nets), keeping the mode's own options; "auto" is torch's default.
+    The trainer compiles with the run's settings (torch.compile recorded, not run, on meta)."""
+    from difflab.train.trainer import Trainer
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: calls.append(kwargs) or module)
+    overrides = ["train.batch_size=4", "sampler.steps=0", "train.compile=true"]
+    overrides += [f"train.compile_mode={mode!r}", f"train.compile_layout={layout!r}"]
+    images = torch.randint(0, 256, (6, *SHAPE), dtype=torch.uint8)
+    data = ImageSet(images, torch.zeros(6, dtype=torch.int64), [], "synthetic")
+    with Trainer(_config("edm", *overrides), tmp_path / "run", data=data, device=META) as trainer:
+        trainer.train_step()
+    assert calls == [expected]
+    # the real torch.compile accepts the option (it refuses unknown ones when called)
+    monkeypatch.undo()
+    from difflab.devices import compile_module
+
+    compile_module(torch.nn.Conv2d(3, 3, 3), mode, layout)

@@ -205,6 +205,8 @@ class TrainConfig:
     precision: str = setting("auto", choices=("auto", "fp32", "bf16"))  # auto: devices.py
     compile: bool = False
     compile_mode: str = setting("default", choices=COMPILE_MODES)  # torch.compile's mode
+    # The compiled graph's layout: inductor's choice ("auto") or channels-last throughout
+    compile_layout: str = setting("auto", choices=("auto", "channels_last"))  # compile_module
     channels_last: bool = False
     fused_optimizer: bool = True  # Adam/AdamW's fused CUDA kernel (no effect on the CPU)
 

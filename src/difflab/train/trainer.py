@@ -28,7 +28,14 @@ from difflab.classes import learn_classes
 from difflab.config import Config, from_dict, save_json, upgrade
 from difflab.data import ImageSet, load_images
 from difflab.denoisers import Denoiser
-from difflab.devices import autocast_dtype, configure, generator, resolve_device, to_device
+from difflab.devices import (
+    autocast_dtype,
+    compile_module,
+    configure,
+    generator,
+    resolve_device,
+    to_device,
+)
 from difflab.errors import DifflabError, brief
 from difflab.models import forward_gflops
 from difflab.registry import Method, build_method, build_network, build_sampler
@@ -145,8 +152,8 @@ class Trainer:
         self._eager_denoiser = self.method.denoiser(eager)
         self.train_denoiser = self._eager_denoiser
         if t.compile:
-            mode = None if t.compile_mode == "default" else t.compile_mode
-            self.train_denoiser = self.method.denoiser(torch.compile(eager, mode=mode))
+            compiled = compile_module(eager, t.compile_mode, t.compile_layout)
+            self.train_denoiser = self.method.denoiser(compiled)
         self.plan = build_sampler(self.method, config.sampler)
 
     # ----------------------------------------------------------------- setup phases
