@@ -144,7 +144,8 @@ def fewstep_paths(data: Path, folder: Path, device: str, sizes: Sizes) -> dict:
     (``sampler.guide_at``), exported with it and sampled from the export; autoguidance by a
     named checkpoint; consistency distillation from the guided teacher; the student resumed
     into a cool-down (the past-rates check) and sampled at 1 and 2 steps."""
-    teacher, student, export = folder / "teacher", folder / "student", folder / "teacher.st"
+    teacher, student = folder / "teacher", folder / "student"
+    export = folder / "teacher.safetensors"
     common = ("--device", device, "--no-progress")  # train and distill; sample has no bar
     run_command(
         difflab_command(
@@ -153,10 +154,10 @@ def fewstep_paths(data: Path, folder: Path, device: str, sizes: Sizes) -> dict:
             *("--set", "sampler.guide_at=0.5", "--set", "sampler.steps=8"),
         )
     )
-    run_command(difflab_command("export", teacher, "--out", export.with_suffix(".safetensors")))
+    run_command(difflab_command("export", teacher, "--out", export))
     sampled = []
     for source, extra in [
-        (export.with_suffix(".safetensors"), ()),  # the export's own guide
+        (export, ()),  # the export's own guide
         (teacher, ("--guide", list_checkpoints(teacher)[0], "--guidance", 2)),
     ]:
         out = folder / f"samples-{len(sampled)}"

@@ -95,7 +95,9 @@ def autocast_dtype(device: torch.device, precision: str, gflop_per_step: float):
     return None
 
 
-def compile_module(module: torch.nn.Module, mode: str = "default", layout: str = "auto"):
+def compile_module(
+    module: torch.nn.Module, mode: str = "default", layout: str = "auto"
+) -> torch.nn.Module:
     """``torch.compile(module)`` in ``mode`` ("default" or one of torch's modes).
 
     ``layout = "channels_last"`` forces inductor's layout optimization: every convolution of the
