@@ -194,6 +194,33 @@ def test_a_student_samples_in_one_or_two_steps_deterministically(teacher, tmp_pa
     )
 
 
+def test_sigma_max_moves_where_the_student_starts(teacher, tmp_path, capsys):
+    """``sampler.sigma_max`` (``--sigma-max``, EDM's sampler's sigma_max) is the top of the
+    few-step grid: one step starts from noise at that level instead of the method's 80."""
+    from difflab.schedules import edm_sigma_grid
+
+    _distill(capsys, teacher, tmp_path / "student", "--steps", 2)
+    run = load_run(tmp_path / "student", device="cpu")
+
+    def levels(plan) -> list[float]:  # the grid as sigma / alpha, whatever the process
+        alpha, sigma = run.method.process.alpha_sigma(plan.grid[:-1])
+        return (sigma / alpha).tolist()
+
+    assert levels(run.plan(steps=1)) == pytest.approx([80.0])
+    assert levels(run.plan(steps=1, sigma_max=10.0)) == pytest.approx([10.0])
+    two = edm_sigma_grid(3, 0.002, 10.0, 7.0)[:2].tolist()
+    assert levels(run.plan(steps=2, sigma_max=10.0)) == pytest.approx(two)
+    low = run.sample(3, seed=1, plan=run.plan(steps=1, sigma_max=10.0))
+    assert not torch.equal(low, run.sample(3, seed=1))
+    student, out = tmp_path / "student", tmp_path / "s"
+    code, _, err = run_cli(capsys, "sample", student, "--num", 2, "--sigma-max", 10, "--out", out)
+    assert code == 0, err
+    for bad, says in ((["--sigma-max", 0.001], "above the grid's lowest level"),
+                      (["--grid", "process", "--sigma-max", 10], "the process grid has its own")):  # fmt: skip
+        code, _, err = run_cli(capsys, "sample", student, *bad, "--out", tmp_path / "bad")
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_resuming_a_distillation_is_bit_exact(teacher, tmp_path, capsys):
     _distill(capsys, teacher, tmp_path / "straight", "--steps", 6)
     _distill(capsys, teacher, tmp_path / "halves", "--steps", 3)

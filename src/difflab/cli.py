@@ -48,7 +48,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     run = load_run(
         args.run_dir, args.checkpoint, ema=not args.no_ema, device=args.device, guide=args.guide
     )
-    options = {k: getattr(args, k) for k in ("eta", "grid", "rho") if getattr(args, k) is not None}
+    chosen = ("eta", "grid", "rho", "sigma_max")
+    options = {k: getattr(args, k) for k in chosen if getattr(args, k) is not None}
     plan = run.plan(args.sampler, args.steps, **options)
     guided = run.guide is not None  # autoguidance: a guidance weight needs no label
     # checked before any work:
@@ -246,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--rho",
         type=Bounded.like(SamplerConfig, "rho"),
         help="rho of EDM's spacing in the edm and few-step grids (7; larger: levels nearer clean)",
+    )
+    sample.add_argument(
+        "--sigma-max",
+        type=Bounded.like(SamplerConfig, "sigma_max"),
+        help="top of the edm, logsnr and few-step grids as sigma (default: the method's, e.g. 80)",
     )
     sample.add_argument("--checkpoint", help="a checkpoint folder of the run (default: newest)")
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")

@@ -333,9 +333,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
     ),
 }
 
-#: Time grids by name: each maps (process, steps, rho) to a descending grid ending clean.
-GRIDS: dict[str, Callable[[ForwardProcess, int, float], Tensor]] = {
-    "process": lambda process, steps, rho: process.grid(steps),
+#: Time grids by name: each maps (process, steps, rho, sigma_max) to a descending grid ending
+#: clean (sigma_max: the top level as sigma / alpha, 0 for the process's own).
+GRIDS: dict[str, Callable[[ForwardProcess, int, float, float], Tensor]] = {
+    "process": lambda process, steps, rho, sigma_max: process.grid(steps),
     "edm": ratio_grid,
     "logsnr": logsnr_grid,
     "few-step": few_step_grid,
@@ -384,7 +385,18 @@ def build_sampler(method: Method, sampler: SamplerConfig) -> SamplingPlan:
     grid_name = spec.grid if sampler.grid == "default" else sampler.grid
     if grid_name != "process" and _is_tutorial(method):
         raise DifflabError(f"the {grid_name} grid is not defined for the tutorial method")
-    grid = GRIDS[grid_name](method.process, steps, sampler.rho)
+    if sampler.sigma_max and grid_name == "process":
+        raise DifflabError(
+            "sampler.sigma_max moves the top of the edm, logsnr and few-step grids; the process "
+            "grid has its own: use --grid edm, or leave sigma_max at 0"
+        )
+    floor = getattr(method.process, "sigma_min", 0.002)
+    if 0 < sampler.sigma_max <= floor:
+        raise DifflabError(
+            f"sampler.sigma_max ({sampler.sigma_max:g}) must be above the grid's lowest level "
+            f"({floor:g}); 0 keeps the method's own"
+        )
+    grid = GRIDS[grid_name](method.process, steps, sampler.rho, sampler.sigma_max)
     if name == "ipndm" and float(method.process.alpha_sigma(grid[:1])[0]) == 0:
         raise DifflabError(
             "ipndm needs a grid that starts below pure noise; use --grid edm or logsnr"

@@ -211,39 +211,46 @@ def edm_sigma_grid(
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
-def ratio_grid(process: ForwardProcess, num_steps: int, rho: float = 7.0) -> Tensor:
+def ratio_grid(
+    process: ForwardProcess, num_steps: int, rho: float = 7.0, sigma_max: float = 0.0
+) -> Tensor:
     """EDM's rho-spaced grid mapped onto any process through sigma / alpha (e.g. the flow path).
 
     The range is the process's own where it has one (EDM's sigma_min, sigma_max), else EDM's
-    defaults 0.002..80 (Karras et al. 2022, sec. 5).
+    defaults 0.002..80 (Karras et al. 2022, sec. 5); ``sigma_max`` > 0 moves its top.
     """
-    sigma_min, sigma_max = _ratio_range(process)
+    sigma_min, sigma_max = _ratio_range(process, sigma_max)
     return _on_process(process, edm_sigma_grid(num_steps, sigma_min, sigma_max, rho))
 
 
-def logsnr_grid(process: ForwardProcess, num_steps: int, rho: float = 7.0) -> Tensor:
+def logsnr_grid(
+    process: ForwardProcess, num_steps: int, rho: float = 7.0, sigma_max: float = 0.0
+) -> Tensor:
     """``num_steps`` noise levels evenly spaced in log SNR over the same range as
     ``ratio_grid``, then the clean end (DPM-Solver's "logSNR" schedule, Lu et al. 2022, sec. 3.4;
     ``rho`` is not used)."""
-    sigma_min, sigma_max = _ratio_range(process)
+    sigma_min, sigma_max = _ratio_range(process, sigma_max)
     ratios = torch.logspace(
         math.log10(sigma_max), math.log10(sigma_min), num_steps, dtype=torch.float64
     )
     return _on_process(process, torch.cat([ratios, torch.zeros(1, dtype=torch.float64)]))
 
 
-def few_step_grid(process: ForwardProcess, num_steps: int, rho: float = 7.0) -> Tensor:
+def few_step_grid(
+    process: ForwardProcess, num_steps: int, rho: float = 7.0, sigma_max: float = 0.0
+) -> Tensor:
     """The first ``num_steps`` levels of EDM's rho grid with one more level, then the clean end
     (1 step: sigma_max; 2 steps: sigma_max and about 2.5 at rho = 7). Unlike ``ratio_grid``, no
     evaluation is spent between sigma_min and 0, so k steps are k useful evaluations (the
     consistency sampler's levels, Song et al. 2023; diff-sampler's NFE count for iPNDM)."""
-    sigma_min, sigma_max = _ratio_range(process)
+    sigma_min, sigma_max = _ratio_range(process, sigma_max)
     levels = edm_sigma_grid(num_steps + 1, sigma_min, sigma_max, rho)[:num_steps]
     return _on_process(process, torch.cat([levels, torch.zeros(1, dtype=torch.float64)]))
 
 
-def _ratio_range(process: ForwardProcess) -> tuple[float, float]:
-    return getattr(process, "sigma_min", 0.002), getattr(process, "sigma_max", 80.0)
+def _ratio_range(process: ForwardProcess, sigma_max: float = 0.0) -> tuple[float, float]:
+    top = sigma_max or getattr(process, "sigma_max", 80.0)
+    return getattr(process, "sigma_min", 0.002), top
 
 
 def _on_process(process: ForwardProcess, ratios: Tensor) -> Tensor:

@@ -152,6 +152,9 @@ class SamplerConfig:
         "default", choices=("default", "process", "edm", "logsnr", "few-step")
     )  # GRIDS
     rho: float = setting(7.0, low=0, low_open=True, high=1000)
+    # The top of the edm, logsnr and few-step grids as sigma / alpha (0: the method's own, e.g.
+    # 80); EDM's sampler's sigma_max. A consistency model's one step may do better from lower.
+    sigma_max: float = setting(0.0, low=0, high=1e6)
     s_churn: float = setting(40.0, low=0)  # edm-stochastic
     s_tmin: float = setting(0.05, low=0)
     s_tmax: float = setting(50.0, low=0, finite=False)
