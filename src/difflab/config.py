@@ -303,7 +303,7 @@ def validate(config: Config) -> Config:
         f"method.consistency.sigma_min ({c.sigma_min}) must be below method.consistency.sigma_max "
         f"({c.sigma_max})",
     )
-    _check(  # flow's few-step sampling grid spans EDM's default range (schedules._ratio_range)
+    _check(  # flow's few-step sampling grid spans EDM's default range (schedules.ratio_range)
         m.section != "consistency" or c.base != "flow" or (c.sigma_min, c.sigma_max) == (0.002, 80),
         "method.consistency.base='flow' samples between sigma 0.002 and 80: leave "
         "method.consistency.sigma_min and sigma_max at those, or use base='edm'",

@@ -52,6 +52,7 @@ from difflab.schedules import (
     few_step_grid,
     logsnr_grid,
     ratio_grid,
+    ratio_range,
 )
 
 
@@ -390,7 +391,7 @@ def build_sampler(method: Method, sampler: SamplerConfig) -> SamplingPlan:
             "sampler.sigma_max moves the top of the edm, logsnr and few-step grids; the process "
             "grid has its own: use --grid edm, or leave sigma_max at 0"
         )
-    floor = getattr(method.process, "sigma_min", 0.002)
+    floor, _ = ratio_range(method.process)
     if 0 < sampler.sigma_max <= floor:
         raise DifflabError(
             f"sampler.sigma_max ({sampler.sigma_max:g}) must be above the grid's lowest level "

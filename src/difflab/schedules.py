@@ -219,7 +219,7 @@ def ratio_grid(
     The range is the process's own where it has one (EDM's sigma_min, sigma_max), else EDM's
     defaults 0.002..80 (Karras et al. 2022, sec. 5); ``sigma_max`` > 0 moves its top.
     """
-    sigma_min, sigma_max = _ratio_range(process, sigma_max)
+    sigma_min, sigma_max = ratio_range(process, sigma_max)
     return _on_process(process, edm_sigma_grid(num_steps, sigma_min, sigma_max, rho))
 
 
@@ -229,7 +229,7 @@ def logsnr_grid(
     """``num_steps`` noise levels evenly spaced in log SNR over the same range as
     ``ratio_grid``, then the clean end (DPM-Solver's "logSNR" schedule, Lu et al. 2022, sec. 3.4;
     ``rho`` is not used)."""
-    sigma_min, sigma_max = _ratio_range(process, sigma_max)
+    sigma_min, sigma_max = ratio_range(process, sigma_max)
     ratios = torch.logspace(
         math.log10(sigma_max), math.log10(sigma_min), num_steps, dtype=torch.float64
     )
@@ -243,12 +243,14 @@ def few_step_grid(
     (1 step: sigma_max; 2 steps: sigma_max and about 2.5 at rho = 7). Unlike ``ratio_grid``, no
     evaluation is spent between sigma_min and 0, so k steps are k useful evaluations (the
     consistency sampler's levels, Song et al. 2023; diff-sampler's NFE count for iPNDM)."""
-    sigma_min, sigma_max = _ratio_range(process, sigma_max)
+    sigma_min, sigma_max = ratio_range(process, sigma_max)
     levels = edm_sigma_grid(num_steps + 1, sigma_min, sigma_max, rho)[:num_steps]
     return _on_process(process, torch.cat([levels, torch.zeros(1, dtype=torch.float64)]))
 
 
-def _ratio_range(process: ForwardProcess, sigma_max: float = 0.0) -> tuple[float, float]:
+def ratio_range(process: ForwardProcess, sigma_max: float = 0.0) -> tuple[float, float]:
+    """(lowest, top) level of the ratio grids as sigma / alpha: the process's own where it has
+    them, else EDM's 0.002 and 80; ``sigma_max`` > 0 moves the top."""
     top = sigma_max or getattr(process, "sigma_max", 80.0)
     return getattr(process, "sigma_min", 0.002), top
 
