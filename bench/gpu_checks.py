@@ -143,7 +143,8 @@ def fewstep_paths(data: Path, folder: Path, device: str, sizes: Sizes) -> dict:
     """Issue 16's paths on the GPU, through the command line: a run that keeps its own guide
     (``sampler.guide_at``), exported with it and sampled from the export; autoguidance by a
     named checkpoint; consistency distillation from the guided teacher; the student resumed
-    into a cool-down (the past-rates check) and sampled at 1 and 2 steps."""
+    into a cool-down (the past-rates check) and sampled at 1 step (from ``--sigma-max 10``) and
+    at 2 steps."""
     teacher, student = folder / "teacher", folder / "student"
     export = folder / "teacher.safetensors"
     common = ("--device", device, "--no-progress")  # train and distill; sample has no bar
@@ -170,13 +171,10 @@ def fewstep_paths(data: Path, folder: Path, device: str, sizes: Sizes) -> dict:
     run_command(difflab_command("distill", teacher, *distill, "--batch-size", 32, *common))
     cooled = ("--steps", steps * 4 // 3, "--set", "train.lr_schedule='cooldown'")
     run_command(difflab_command("train", "--resume", student, *cooled, *common))
-    for steps in (1, 2):
+    for steps, start in ((1, ("--sigma-max", 10)), (2, ())):  # 1 step from sigma 10 (2.8)
         out = folder / f"student-{steps}"
-        run_command(
-            difflab_command(
-                "sample", student, "--steps", steps, "--num", 8, "--out", out, "--device", device
-            )
-        )
+        sample = ("sample", student, "--steps", steps, "--num", 8, "--out", out, *start)
+        run_command(difflab_command(*sample, "--device", device))
         sampled.append(len(list(out.glob("[0-9]*.png"))))
     return {
         "student_checkpoints": [p.name for p in list_checkpoints(student)],
