@@ -32,6 +32,7 @@ Results land in ``DIR/gpu.json`` after every measurement (a run cut short keeps 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import json
 import sys
@@ -53,44 +54,52 @@ from common import (
     time_steps,
     trainer_for,
 )
+from gpu_profile import kernel_shares
 from report_gpu import merge, write_report
 
 from difflab.config import load_preset, preset_names
 from difflab.data import ImageSet, load_images
-from difflab.devices import BF16_MIN_GFLOP_PER_STEP
+from difflab.devices import BF16_MIN_GFLOP_PER_STEP, compiled_layout
 from difflab.models import count_parameters, forward_gflops
 from difflab.registry import build_network
-from difflab.train.trainer import Trainer
 
 PRECISIONS = ("bf16", "fp32")
 PAPER = "edm-paper"  # the paper-size U-Net whose speed target is 35% of the bf16 peak
 PROFILED = f"{PAPER}, batch 512, compiled"  # the base of the levers
-GRAPH_CL = ["train.compile=true", "train.compile_layout='channels_last'"]  # inductor's layout opt
+# Compiled rows name their layout: inductor's own (every compiled row of runs 1-5, and the
+# levers' base) or channels-last throughout (compile_layout's "auto" on CUDA since run 6).
+COMPILED = ["train.compile=true", "train.compile_layout='inductor'"]
+GRAPH_CL = ["train.compile=true", "train.compile_layout='channels_last'"]
+INDUCTOR = "inductor."  # a lever's option of torch._inductor.config, e.g. "inductor.x=True"
 LEVERS: list[tuple[str, list[str]]] = [
-    ("batch 512, compiled", ["train.batch_size=512", "train.compile=true"]),
+    ("batch 512, compiled", [*COMPILED, "train.batch_size=512"]),
     ("batch 512, compiled, channels-last graph", [*GRAPH_CL, "train.batch_size=512"]),
     ("batch 512, eager", ["train.batch_size=512"]),
     (
         "batch 512, compiled, channels_last",
-        ["train.batch_size=512", "train.compile=true", "train.channels_last=true"],
+        [*COMPILED, "train.batch_size=512", "train.channels_last=true"],
     ),
     (
         "batch 512, compiled, foreach Adam",
-        ["train.batch_size=512", "train.compile=true", "train.fused_optimizer=false"],
+        [*COMPILED, "train.batch_size=512", "train.fused_optimizer=false"],
     ),
-    ("batch 1024, compiled", ["train.batch_size=1024", "train.compile=true"]),
+    ("batch 1024, compiled", [*COMPILED, "train.batch_size=1024"]),
     ("batch 1024, compiled, channels-last graph", [*GRAPH_CL, "train.batch_size=1024"]),
     (
         "batch 512, reduce-overhead (CUDA graphs)",
-        ["train.batch_size=512", "train.compile=true", "train.compile_mode='reduce-overhead'"],
+        [*COMPILED, "train.batch_size=512", "train.compile_mode='reduce-overhead'"],
+    ),
+    (
+        "batch 512, compiled, channels-last graph, aggressive fusion",
+        [*GRAPH_CL, "train.batch_size=512", "inductor.aggressive_fusion=True"],
+    ),
+    (
+        "batch 512, compiled, channels-last graph, coordinate-descent tuning",
+        [*GRAPH_CL, "train.batch_size=512", "inductor.coordinate_descent_tuning=True"],
     ),
     (
         "batch 512, max-autotune-no-cudagraphs",
-        [
-            "train.batch_size=512",
-            "train.compile=true",
-            "train.compile_mode='max-autotune-no-cudagraphs'",
-        ],
+        [*COMPILED, "train.batch_size=512", "train.compile_mode='max-autotune-no-cudagraphs'"],
     ),
 ]
 
@@ -144,8 +153,14 @@ def speed(
     profile: bool = False,
 ) -> dict:
     """Images/s of ``Trainer.train_step`` (first step timed apart: it compiles); with
-    ``profile``, also where a step's GPU time goes (``kernel_shares``)."""
-    with trainer_for(preset, data, overrides, device) as tr:
+    ``profile``, also where a step's GPU time goes (``kernel_shares``). Overrides named
+    ``inductor.OPTION=VALUE`` set an option of inductor's configuration for this row."""
+    inductor = {
+        key.removeprefix(INDUCTOR): ast.literal_eval(value)
+        for key, value in (o.split("=", 1) for o in overrides if o.startswith(INDUCTOR))
+    }
+    overrides = [o for o in overrides if not o.startswith(INDUCTOR)]
+    with torch._inductor.config.patch(inductor), trainer_for(preset, data, overrides, device) as tr:
         first, _first_images = time_steps(tr, 1)
         warm, _warm_images = time_steps(tr, 2)
         count = int(min(max(seconds / (warm / 2), 5), 300))
@@ -161,7 +176,8 @@ def speed(
             "autocast": str(tr.autocast).replace("torch.", ""),
             "compile": t.compile,
             "compile_mode": t.compile_mode,
-            "compile_layout": t.compile_layout,
+            "compile_layout": compiled_layout(t.compile_layout, tr.device),
+            **({"inductor": inductor} if inductor else {}),
             "channels_last": t.channels_last,
             "fused_optimizer": t.fused_optimizer,
             "parameters": count_parameters(tr.net),
@@ -183,49 +199,6 @@ def peak_memory_gib(device: torch.device) -> float | None:
     gib = torch.cuda.max_memory_allocated(device) / 2**30
     torch.cuda.reset_peak_memory_stats(device)
     return gib
-
-
-# Kernel families by name (cuDNN/cuBLAS convolutions and matmuls, flash attention, inductor's
-# fused Triton kernels); the first match names a kernel's family.
-FAMILIES = [
-    ("attention", ("flash", "fmha", "attention")),
-    ("layout copies", ("nchwtonhwc", "nhwctonchw", "transpose")),
-    ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("convolution/matmul", ("conv", "gemm", "xmma", "cudnn", "cutlass", "sm90", "sm80", "wgrad")),
-    ("fused elementwise/norm (Triton)", ("triton",)),
-]
-
-
-def kernel_shares(trainer: Trainer, steps: int = 3) -> dict[str, Any]:
-    """Where a step's time goes (``torch.profiler``): its share by kernel family and the ten
-    costliest kernels; on a GPU the device's kernels, on a CPU (the smoke test) ATen's ops."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = trainer.device.type == "cuda"
-    own = _device_us if cuda else lambda event: float(event.self_cpu_time_total)
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        time_steps(trainer, steps)
-    kernels = [event for event in prof.key_averages() if own(event) > 0]
-    total = sum(map(own, kernels)) or 1.0
-    families: dict[str, float] = {}
-    for event in kernels:
-        name = event.key.lower()
-        family = next((f for f, keys in FAMILIES if any(k in name for k in keys)), "other")
-        families[family] = families.get(family, 0.0) + own(event)
-    top = sorted(kernels, key=own, reverse=True)[:10]
-    return {
-        "ms_per_step": total / 1000 / steps,
-        "families": {f: us / total for f, us in sorted(families.items(), key=lambda i: -i[1])},
-        "top": [[event.key[:90], own(event) / total] for event in top],
-    }
-
-
-def _device_us(event: Any) -> float:
-    """An event's own GPU time (``self_device_time_total``; ``self_cuda_time_total`` before)."""
-    for name in ("self_device_time_total", "self_cuda_time_total"):
-        if hasattr(event, name):
-            return float(getattr(event, name))
-    return 0.0
 
 
 def auto_picks_bf16(preset: str) -> bool:

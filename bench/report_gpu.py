@@ -19,12 +19,14 @@ def _check_rows(rows: list[dict]) -> list[str]:
     for row in rows:
         if row["ok"]:
             details = ", ".join(
-                f"{k} {_plain(v)}" for k, v in row.items() if k not in ("name", "ok", "seconds")
+                f"{k} {_plain(v)}"
+                for k, v in row.items()
+                if k not in ("name", "ok", "seconds", "run")
             )
             result = f"ok ({details})" if details else "ok"
         else:
             result = f"**failed**: `{row['error'][:160]}`"
-        lines.append(f"| {row['name']} | {result} | {row['seconds']:.0f} |")
+        lines.append(f"| {row['name']}{_run(row)} | {result} | {row['seconds']:.0f} |")
     return lines
 
 
@@ -42,8 +44,9 @@ def _variant(row: dict) -> str:
         parts.append(
             "compiled" + ("" if row["compile_mode"] == "default" else f" ({row['compile_mode']})")
         )
-    if row.get("compile_layout", "auto") != "auto":
-        parts.append(f"{row['compile_layout'].replace('_', '-')} graph")
+    if row.get("compile_layout") == "channels_last":  # "auto" (runs 1-5), "inductor": its own
+        parts.append("channels-last graph")
+    parts += [f"inductor {key}={value}" for key, value in row.get("inductor", {}).items()]
     if row["channels_last"]:
         parts.append("channels_last")
     if not row["fused_optimizer"]:
@@ -93,21 +96,29 @@ def _auto_lines(values: dict[str, Any]) -> list[str]:
 
 
 def _lever_lines(values: dict[str, Any]) -> list[str]:
-    """Each measured ``edm-paper`` variant against batch 512 compiled (the base of the levers)
+    """Each measured ``edm-paper`` variant against the row it adds one lever to in its own run
+    (its name less the last ", lever"), else against batch 512 compiled (the base of the levers)
     of its own run, or of the latest run before it where its own run measured no base."""
     rows = [r for r in values.get("speed", []) if r["ok"] and r["preset"] == PAPER]
     bases = {r.get("run", 1): r for r in rows if r["name"] == BASE}
     if not bases or len(rows) < 2:
         return []
-    lines = [f"Each lever against `{BASE}` (bf16) of the same run, or of the run before:", ""]
+    named = {(r.get("run", 1), r["name"]): r for r in rows}
+    lines = [
+        f"Each lever against the row it adds to in the same run, else `{BASE}` (bf16) of the "
+        "same run or of the run before:",
+        "",
+    ]
     for row in rows:
         run = row.get("run", 1)
-        base = bases.get(max((k for k in bases if k <= run), default=min(bases)))
+        base = named.get((run, row["name"].rsplit(", ", 1)[0])) or bases.get(
+            max((k for k in bases if k <= run), default=min(bases))
+        )
         if row is not base:
             gain = row["images_per_s"] / base["images_per_s"] - 1
             lines.append(
                 f"- batch {row['batch']}, {_variant(row)}{_run(row)}: {gain:+.1%} against "
-                f"{base['images_per_s']:,.0f} img/s{_run(base)}"
+                f"{base['images_per_s']:,.0f} img/s (batch {base['batch']}, {_variant(base)}{_run(base)})"
             )
     return [*lines, ""]
 
@@ -133,6 +144,13 @@ def _kernel_lines(values: dict[str, Any]) -> list[str]:
             *(f"- {share:.1%} `{name}`" for name, share in kernels["top"]),
             "",
         ]
+        if kernels.get("launchers"):  # the operators (or compiled graphs) that launched them
+            lines += [
+                "The operators whose kernels cost most (their own GPU time, children excluded):",
+                "",
+                *(f"- {share:.1%} `{name}`" for name, share in kernels["launchers"]),
+                "",
+            ]
     return lines
 
 
@@ -154,7 +172,8 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Several gpu.json of one card (a later run measuring what an earlier one skipped) as one:
     the rows of all, each speed row against the peak measured in its own run."""
     runs = [
-        {**v, "speed": [{**r, "run": i} for r in v.get("speed", [])]} for i, v in enumerate(runs, 1)
+        {**v, **{part: [{**r, "run": i} for r in v.get(part, [])] for part in (*CHECKS, "speed")}}
+        for i, v in enumerate(runs, 1)
     ]
     first, *later = runs
     merged: dict[str, Any] = {**first, "machine": {**first["machine"], "later": []}}

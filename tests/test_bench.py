@@ -187,16 +187,28 @@ def test_gpu_runs_merge_into_one_section(monkeypatch):
               "speed": [speed(lever, 110.0, fused=False)],
               "fewstep": [{"name": "distill", "ok": True, "seconds": 3.0}]}  # fmt: skip
     third = {"machine": {**machine, "command": "three", "bf16_peak_tflops": 720.0},
-             "speed": [speed(base, 200.0), speed(lever, 190.0, fused=False)]}  # fmt: skip
+             "speed": [speed(base, 200.0), speed(lever, 190.0, fused=False),
+                       {**speed(f"{lever}, more", 209.0, fused=False), "batch": 1024}]}  # fmt: skip
     merged = report_gpu.merge([first, second, third])
-    assert [row["name"] for row in merged["speed"]] == [base, lever, base, lever]
+    assert [row["name"] for row in merged["speed"]] == [base, lever, base, lever, f"{lever}, more"]
     assert merged["skipped"] == []
     text = report_gpu.section(merged)
     assert "`one`" in text and "`two`" in text and "700 and 710 and 720 TFLOP/s" in text
-    assert "| distill | ok | 3 |" in text and "Not measured" not in text
-    # a lever is compared with the base of its own run, or of the latest run before it
-    assert "foreach Adam (run 2): +10.0% against 100 img/s (run 1)" in text
-    assert "foreach Adam (run 3): -5.0% against 200 img/s (run 3)" in text
+    assert "| distill (run 2) | ok | 3 |" in text and "Not measured" not in text
+    # a lever is compared with the row it adds to in its own run, else with the base of its own
+    # run or of the latest run before it
+    assert (
+        "foreach Adam (run 2): +10.0% against 100 img/s (batch 512, bfloat16, compiled (run 1))"
+        in text
+    )
+    assert (
+        "foreach Adam (run 3): -5.0% against 200 img/s (batch 512, bfloat16, compiled (run 3))"
+        in text
+    )
+    assert (
+        "batch 1024, bfloat16, compiled, foreach Adam (run 3): +10.0% against 190 img/s (batch 512, bfloat16, compiled, foreach Adam (run 3))"
+        in text
+    )
     # the paper-size U-Net's levers are measured before every other row
     table = [name for name, _, _ in gpu.speed_table(["flow-cpu", "edm-paper"], quick=False)]
     assert table[0] == "edm-paper, bf16" and table.index(base) < table.index("flow-cpu, fp32")

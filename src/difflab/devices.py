@@ -95,21 +95,32 @@ def autocast_dtype(device: torch.device, precision: str, gflop_per_step: float):
     return None
 
 
+def compiled_layout(layout: str, device: torch.device) -> str:
+    """``train.compile_layout`` on ``device``: "auto" is "channels_last" on CUDA and inductor's
+    own choice ("inductor") elsewhere.
+
+    Inductor's heuristic leaves a graph channels-first when any 3x3 convolution has at least
+    twice as many input channels as output channels, which every U-Net decoder that concatenates
+    its skips has; cuDNN's convolutions on an H100 are channels-last, so it then converts
+    layouts around each one (27% of a compiled ``edm-paper`` step's GPU time). Forcing the
+    layout made that step 12% faster at batch 512 (docs/benchmarks.md "GPU", run 5).
+    """
+    if layout != "auto":
+        return layout
+    return "channels_last" if device.type == "cuda" else "inductor"
+
+
 def compile_module(
-    module: torch.nn.Module, mode: str = "default", layout: str = "auto"
+    module: torch.nn.Module, mode: str = "default", layout: str = "inductor"
 ) -> torch.nn.Module:
     """``torch.compile(module)`` in ``mode`` ("default" or one of torch's modes).
 
     ``layout = "channels_last"`` forces inductor's layout optimization: every convolution of the
-    compiled graph, and the buffers between them, channels-last. Inductor's own heuristic
-    ("auto") leaves a graph channels-first when any 3x3 convolution has at least twice as many
-    input channels as output channels, which every U-Net decoder that concatenates its skips
-    has; on an H100 cuDNN's convolutions are channels-last, so it then converts layouts around
-    each one (27% of a compiled ``edm-paper`` step's GPU time, docs/benchmarks.md "GPU").
-    Converting the module itself (``train.channels_last``) is not the same: the layout
-    constraints inductor does not plan are then met by eager copies.
+    compiled graph, and the buffers between them, channels-last; "inductor" leaves the choice to
+    inductor (see ``compiled_layout``). Converting the module itself (``train.channels_last``)
+    is not the same: the layout constraints inductor does not plan are then met by eager copies.
     """
-    if layout == "auto":
+    if layout == "inductor":
         return torch.compile(module, mode=None if mode == "default" else mode)
     options = {} if mode == "default" else dict(torch._inductor.list_mode_options(mode))
     return torch.compile(module, options={**options, "force_layout_optimization": True})

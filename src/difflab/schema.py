@@ -208,8 +208,9 @@ class TrainConfig:
     precision: str = setting("auto", choices=("auto", "fp32", "bf16"))  # auto: devices.py
     compile: bool = False
     compile_mode: str = setting("default", choices=COMPILE_MODES)  # torch.compile's mode
-    # The compiled graph's layout: inductor's choice ("auto") or channels-last throughout
-    compile_layout: str = setting("auto", choices=("auto", "channels_last"))  # compile_module
+    # The compiled graph's layout: channels-last throughout ("channels_last"), inductor's choice
+    # ("inductor"), or "auto": channels-last on CUDA, inductor's elsewhere (compiled_layout)
+    compile_layout: str = setting("auto", choices=("auto", "inductor", "channels_last"))
     channels_last: bool = False
     fused_optimizer: bool = True  # Adam/AdamW's fused CUDA kernel (no effect on the CPU)
 

@@ -31,6 +31,7 @@ from difflab.denoisers import Denoiser
 from difflab.devices import (
     autocast_dtype,
     compile_module,
+    compiled_layout,
     configure,
     generator,
     resolve_device,
@@ -152,7 +153,8 @@ class Trainer:
         self._eager_denoiser = self.method.denoiser(eager)
         self.train_denoiser = self._eager_denoiser
         if t.compile:
-            compiled = compile_module(eager, t.compile_mode, t.compile_layout)
+            layout = compiled_layout(t.compile_layout, device)
+            compiled = compile_module(eager, t.compile_mode, layout)
             self.train_denoiser = self.method.denoiser(compiled)
         self.plan = build_sampler(self.method, config.sampler)
 

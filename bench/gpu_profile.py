@@ -1,0 +1,67 @@
+"""Where a training step's time goes (``torch.profiler``), for bench/gpu.py's ``profile`` part."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common import time_steps
+from torch.autograd import DeviceType
+
+from difflab.train.trainer import Trainer
+
+# Kernel families by name (cuDNN/cuBLAS convolutions and matmuls, flash attention, inductor's
+# fused Triton kernels); the first match names a kernel's family.
+FAMILIES = [
+    ("attention", ("flash", "fmha", "attention")),
+    ("layout copies", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("convolution/matmul", ("conv", "gemm", "xmma", "cudnn", "cutlass", "sm90", "sm80", "wgrad")),
+    ("fused elementwise/norm (Triton)", ("triton",)),
+]
+TOP = 10
+
+
+def kernel_shares(trainer: Trainer, steps: int = 3) -> dict[str, Any]:
+    """Where a step's time goes: its share by kernel family, the ten costliest kernels and, on a
+    GPU, the ten operators whose kernels cost most (the ATen operator or compiled graph that
+    launched them: what to change to remove a kernel). On a CPU (the smoke test) the kernels
+    are ATen's operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        time_steps(trainer, steps)
+    events = prof.key_averages()
+    if cuda:
+        own = _device_us
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA and own(e) > 0]
+        launchers = [e for e in events if e.device_type == DeviceType.CPU and own(e) > 0]
+    else:
+        own = lambda event: float(event.self_cpu_time_total)  # noqa: E731
+        kernels, launchers = [e for e in events if own(e) > 0], []
+    total = sum(map(own, kernels)) or 1.0
+    families: dict[str, float] = {}
+    for event in kernels:
+        name = event.key.lower()
+        family = next((f for f, keys in FAMILIES if any(k in name for k in keys)), "other")
+        families[family] = families.get(family, 0.0) + own(event)
+
+    def costliest(events: list) -> list[list]:
+        ranked = sorted(events, key=own, reverse=True)[:TOP]
+        return [[event.key[:90], own(event) / total] for event in ranked]
+
+    return {
+        "ms_per_step": total / 1000 / steps,
+        "families": {f: us / total for f, us in sorted(families.items(), key=lambda i: -i[1])},
+        "top": costliest(kernels),
+        **({"launchers": costliest(launchers)} if cuda else {}),
+    }
+
+
+def _device_us(event: Any) -> float:
+    """An event's own GPU time (``self_device_time_total``; ``self_cuda_time_total`` before)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, name):
+            return float(getattr(event, name))
+    return 0.0
