@@ -119,12 +119,20 @@ def eval_sampling_half(run_dir: Path, tar_path: Path, device: torch.device, num:
     tar file: ``tar xf samples.tar && difflab eval samples --ref REF.npz`` scores them."""
     run = difflab.load_run(run_dir, device=device)
     plan = run.plan()
+    return {**sample_to_tar(run, plan, tar_path, num), "sampler": plan.name, "step": run.step}
+
+
+def sample_to_tar(
+    run: difflab.Run, plan, tar_path: Path, num: int, chunk: int = 250, **request
+) -> dict:
+    """``num`` images of ``run`` sampled with ``plan`` (and ``Run.generate``'s ``request``),
+    written as PNGs into a tar file (one folder, ``samples``)."""
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "samples"
-        for first in range(0, num, 250):
-            count = min(250, num - first)
-            generated = run.generate(count, 0, plan=plan, batch_size=count, start=first)
+        for first in range(0, num, chunk):
+            count = min(chunk, num - first)
+            generated = run.generate(count, 0, plan=plan, batch_size=count, start=first, **request)
             save_images(generated.images, out, start_index=first)
         seconds = time.monotonic() - start
         with tarfile.open(tar_path, "w") as tar:
@@ -133,8 +141,6 @@ def eval_sampling_half(run_dir: Path, tar_path: Path, device: torch.device, num:
         "images": num,
         "images_per_s": num / seconds,
         "evaluations": generated.evaluations,
-        "sampler": plan.name,
-        "step": run.step,
         "tar": tar_path.name,
     }
 

@@ -214,6 +214,35 @@ def test_gpu_runs_merge_into_one_section(monkeypatch):
     assert table[0] == "edm-paper, bf16" and table.index(base) < table.index("flow-cpu, fp32")
 
 
+def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeypatch):
+    """bench/fewstep_gpu.py's report: each target against the teacher's best FID-1k, met or
+    not, and each student's distillation rate from its most-trained scored samples."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import fewstep_gpu
+
+    def sample(model, row, step, evaluations, fid, seen):
+        return {"model": model, "row": row, "step": step, "evaluations": evaluations,
+                "fid": fid, "kid": fid / 1000, "images": 1000, "images_seen": seen}  # fmt: skip
+
+    values = {
+        "machine": {"card": "H", "torch": "t", "date": "d", "command": "c"},
+        "teacher": {"seconds": 60.0, "args": [*fewstep_gpu.TEACHER, *fewstep_gpu.TEACHER_SETS]},
+        "students": {"s": {"batch": 128, "sets": [], "minutes": 2.0}},
+        "samples": [
+            sample("teacher", "heun 18", 3000, 35, 50.0, 96000),
+            sample("teacher", "heun 9, autoguided", 3000, 34, 40.0, 96000),
+            sample("s", "1 step", 100, 1, 60.0, 12800),
+            sample("s", "1 step", 200, 1, 53.0, 25600),
+            sample("s", "2 steps", 200, 2, 47.0, 25600),
+        ],
+    }
+    text = fewstep_gpu.section(values)
+    assert "best 53.0 (s, 1 step, step 200) against the teacher's 40.0" in text
+    assert "+32.5%, target at most +35%: met" in text
+    assert "+17.5%, target at most +15%: **not met**" in text
+    assert "s: 25,600 images in 2.0 minutes (213 img/s" in text
+
+
 def test_ablation_levers_chain_and_pay_for_their_cost_in_images(monkeypatch, tmp_path):
     """bench/ablation.py: a lever keeps the settings of the one it builds on; one that changes
     the network or the batch gets the base's images times the base's cost over its own."""

@@ -1,0 +1,213 @@
+"""Issue 16 on one GPU: the few-step benchmark's teacher, students distilled from it side by
+side for minutes instead of hours, all sampled in one command; scored on the CPU afterwards.
+
+    python bench/fewstep_gpu.py run --data CARS --out DIR [--minutes 9]    # on the GPU
+    python bench/fewstep_gpu.py score DIR [--ref REF.npz]                  # here, on the CPU
+    python bench/fewstep_gpu.py report                                     # docs/benchmarks.md
+
+``run`` trains the teacher as bench/fewstep.py's was trained (``flow-cpu`` on the 5,000 cars
+of CARS/automobile, 3,000 steps, its own autoguide kept at a third: the steps the CPU
+benchmark's 30 minutes reached), samples it with Heun (18 steps, 35 evaluations; autoguided at
+w = 2 in 9 steps, 34), then distils every STUDENT at once (networks this small leave a GPU
+mostly idle, so the runs share it at little cost each) in two halves of the time left, and
+samples each student after each half at 1 step (from sigma 80 and from 10) and at 2 steps.
+Every set of 1,000 PNGs is a tar file in DIR, named in DIR/fewstep-gpu.json; the Inception
+network never runs on the GPU machine. ``score`` runs ``difflab eval`` on each tar against the
+cars' reference and records bench/results/fewstep/gpu.json; ``report`` writes its section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import gpu_checks as checks
+import torch
+from common import BENCHMARKS, ROOT, machine_info, write_section
+from report_fewstep import TARGETS
+
+import difflab
+from difflab.train.checkpoint import list_checkpoints
+
+TEACHER = ["--preset", "flow-cpu", "--class", "automobile", "--steps", "3000"]
+TEACHER_SETS = ["sampler.guide_at=0.33", "train.sample_every_kimg=0"]
+TEACHER_ROWS = [("heun 18", "heun", 18, 1.0), ("heun 9, autoguided", "heun", 9, 2.0)]
+#: name: (batch, --set overrides); each distils from the teacher autoguided at w = 2 (lr4-ag)
+STUDENTS = {
+    "batch 128, lr 4e-4": (128, ["train.lr=4e-4"]),
+    "batch 128, lr 1e-3": (128, ["train.lr=1e-3"]),
+    "batch 32, lr 4e-4": (32, ["train.lr=4e-4"]),
+}
+STUDENT_ROWS = [("1 step", 1, 0.0), ("1 step from sigma 10", 1, 10.0), ("2 steps", 2, 0.0)]
+RESULTS = ROOT / "bench" / "results" / "fewstep" / "gpu.json"
+HEADING = "## One and two steps on a GPU"
+
+
+def difflab_run(*args: object, device: str) -> subprocess.Popen:
+    command = checks.difflab_command(*args, "--device", device, "--no-progress")
+    return subprocess.Popen(command, env=checks.ENV, stderr=subprocess.PIPE, text=True)
+
+
+def wait(processes: dict[str, subprocess.Popen]) -> None:
+    for name, process in processes.items():
+        _, err = process.communicate()
+        if process.returncode:
+            raise SystemExit(f"{name} exited {process.returncode}: {err[-600:]}")
+
+
+def piece_run(args: argparse.Namespace) -> None:
+    end = time.monotonic() + args.minutes * 60
+    work, out = Path(tempfile.mkdtemp(prefix="difflab-fewstep-")), args.out
+    out.mkdir(parents=True, exist_ok=True)
+    quick = ["--steps", "24"] if args.quick else []
+    values: dict = {"machine": machine_info(sys.argv), "teacher": {}, "students": {}, "samples": []}
+    values["machine"]["card"] = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else "none (CPU)"
+    )
+    save = lambda: (out / "fewstep-gpu.json").write_text(json.dumps(values, indent=2))  # noqa: E731
+    started = time.monotonic()
+    teacher = work / "teacher"
+    sets = [a for s in TEACHER_SETS for a in ("--set", s)]
+    train = ("train", *TEACHER, *quick, "--data", args.data, "--out", teacher, *sets)
+    wait({"teacher": difflab_run(*train, device=args.device)})
+    values["teacher"] = {"seconds": time.monotonic() - started, "args": TEACHER + TEACHER_SETS}
+    num = 16 if args.quick else args.num
+    run = difflab.load_run(teacher, device=args.device)
+    for label, sampler, steps, w in TEACHER_ROWS:
+        plan = run.plan(sampler, steps)
+        tar = out / f"teacher-{sampler}{steps}-w{w:g}.tar"
+        row = checks.sample_to_tar(run, plan, tar, num, guidance=w)
+        seen = run.step * run.config.train.batch_size
+        values["samples"].append({"model": "teacher", "row": label, "step": run.step,
+                                  "images_seen": seen, **row})  # fmt: skip
+    save()
+
+    reserve = 30 if args.quick else 100  # seconds kept for sampling the students
+    halves = [(end - reserve - time.monotonic()) / 2] * 2
+    for half, seconds in enumerate(halves):
+        processes = {}
+        for name, (batch, overrides) in STUDENTS.items():
+            folder = work / name.replace(", ", "-").replace(" ", "")
+            if half == 0:
+                sets = [a for s in ["train.sample_every_kimg=0", *overrides] for a in ("--set", s)]
+                command = ("distill", teacher, "--out", folder, "--batch-size", batch, *sets,
+                           "--images", 10**9, "--guidance", 2)  # fmt: skip
+            else:
+                command = ("train", "--resume", folder, "--images", 10**9)
+            processes[name] = difflab_run(
+                *command, "--time-limit", seconds / 60, device=args.device
+            )
+        wait(processes)
+    for name in STUDENTS:
+        folder = work / name.replace(", ", "-").replace(" ", "")
+        log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+        values["students"][name] = {"batch": STUDENTS[name][0], "sets": STUDENTS[name][1],
+                                    "minutes": sum(halves) / 60, "last_log": log[-1] if log else None}  # fmt: skip
+        for checkpoint in list_checkpoints(folder):
+            run = difflab.load_run(folder, checkpoint=checkpoint, device=args.device)
+            for label, steps, sigma_max in STUDENT_ROWS:
+                plan = run.plan(None, steps, sigma_max=sigma_max)
+                tar = out / f"{folder.name}-{checkpoint.name}-{steps}-{sigma_max:g}.tar"
+                row = checks.sample_to_tar(run, plan, tar, num)
+                values["samples"].append({"model": name, "row": label, "step": run.step,
+                                          "images_seen": run.step * run.config.train.batch_size,
+                                          **row})  # fmt: skip
+        save()
+    print(f"{len(values['samples'])} sample sets in {out}; {end - time.monotonic():.0f} s left")
+
+
+def piece_score(args: argparse.Namespace) -> None:
+    """``difflab eval`` of every tar named in DIR/fewstep-gpu.json against the cars' reference."""
+    values = json.loads((args.out / "fewstep-gpu.json").read_text())
+    for sample in values["samples"]:
+        if "fid" in sample:
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            with tarfile.open(args.out / sample["tar"]) as tar:
+                tar.extractall(folder, filter="data")
+            result = Path(folder) / "eval.json"
+            command = checks.difflab_command(
+                "eval", Path(folder) / "samples", "--ref", args.ref, "--json", result
+            )
+            checks.run_command(command, timeout=3600)
+            scored = json.loads(result.read_text())
+        sample.update(fid=scored["fid"], kid=scored["kid_mean"], kid_std=scored["kid_std"])
+        print(json.dumps({k: sample[k] for k in ("model", "row", "step", "fid", "kid")}))
+        path = args.out / "fewstep-gpu.json" if args.quick else RESULTS
+        path.write_text(json.dumps(values, indent=2) + "\n")
+
+
+def section(values: dict) -> str:
+    m = values["machine"]
+    lines = [
+        f"_Written by `bench/fewstep_gpu.py` from samples made on **{m['card']}** (torch "
+        f"{m['torch']}, {m['date']}, `{m['command']}`) and scored here with `difflab eval` "
+        f"({values['samples'][0]['images']:,} images each against the 5,000 training cars)._",
+        "",
+        f"The teacher: `difflab train {' '.join(values['teacher']['args'][:6])}` with "
+        f"{', '.join(values['teacher']['args'][6:])} ({values['teacher']['seconds']:.0f} s). "
+        "The students: `difflab distill` from it, autoguided at w = 2, run side by side on the "
+        "one GPU for the same minutes.",
+        "",
+        "| model | sampling | step | images seen | evaluations | FID-1k | KID |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    scored = [s for s in values["samples"] if "fid" in s]
+    for s in scored:
+        lines.append(
+            f"| {s['model']} | {s['row']} | {s['step']:,} | {s['images_seen']:,} | "
+            f"{s['evaluations']} | {s['fid']:.1f} | {s['kid']:.4f} |"
+        )
+    lines.append("")
+    teacher = [s for s in scored if s["model"] == "teacher"]
+    if not teacher:
+        return "\n".join(lines)
+    best = min(teacher, key=lambda s: s["fid"])
+    for evaluations, margin in TARGETS.items():
+        rows = [s for s in scored if s["model"] != "teacher" and s["evaluations"] == evaluations]
+        if rows:
+            top = min(rows, key=lambda s: s["fid"])
+            ratio = top["fid"] / best["fid"] - 1
+            met = "met" if ratio <= margin else "**not met**"
+            lines.append(
+                f"- {evaluations} evaluation(s): best {top['fid']:.1f} ({top['model']}, "
+                f"{top['row']}, step {top['step']:,}) against the teacher's {best['fid']:.1f} "
+                f"({best['row']}): {ratio:+.1%}, target at most {margin:+.0%}: {met}."
+            )
+    for name, student in values["students"].items():
+        seen = max((s["images_seen"] for s in scored if s["model"] == name), default=0)
+        lines.append(
+            f"- {name}: {seen:,} images in {student['minutes']:.1f} minutes "
+            f"({seen / student['minutes'] / 60:,.0f} img/s with the others beside it)."
+        )
+    return "\n".join([*lines, ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("piece", choices=["run", "score", "report"])
+    parser.add_argument("out", type=Path, nargs="?", help="the folder of the tars and their JSON")
+    parser.add_argument("--data", type=Path, help="a folder with automobile/ (the 5,000 cars)")
+    parser.add_argument("--minutes", type=float, default=9.0, help="deadline of run")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--num", type=int, default=1000)
+    parser.add_argument("--ref", type=Path, default=ROOT / "runs" / "cars-ref.npz")
+    parser.add_argument("--quick", action="store_true", help="a CPU smoke test: tiny budgets")
+    args = parser.parse_args()
+    if args.piece == "run":
+        piece_run(args)
+    elif args.piece == "score":
+        piece_score(args)
+    else:
+        values = json.loads(RESULTS.read_text())
+        print(f"wrote {write_section(HEADING, section(values), BENCHMARKS)}")
+
+
+if __name__ == "__main__":
+    main()
