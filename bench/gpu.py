@@ -56,6 +56,7 @@ from common import (
 )
 from gpu_profile import kernel_shares
 from report_gpu import merge, write_report
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from difflab.config import load_preset, preset_names
 from difflab.data import ImageSet, load_images
@@ -71,6 +72,7 @@ PROFILED = f"{PAPER}, batch 512, compiled"  # the base of the levers
 COMPILED = ["train.compile=true", "train.compile_layout='inductor'"]
 GRAPH_CL = ["train.compile=true", "train.compile_layout='channels_last'"]
 INDUCTOR = "inductor."  # a lever's option of torch._inductor.config, e.g. "inductor.x=True"
+SDPA = "sdpa="  # a lever's only attention kernel (torch.nn.attention.SDPBackend), e.g. "sdpa=math"
 LEVERS: list[tuple[str, list[str]]] = [
     ("batch 512, compiled", [*COMPILED, "train.batch_size=512"]),
     ("batch 512, compiled, channels-last graph", [*GRAPH_CL, "train.batch_size=512"]),
@@ -96,6 +98,10 @@ LEVERS: list[tuple[str, list[str]]] = [
     (
         "batch 512, compiled, channels-last graph, coordinate-descent tuning",
         [*GRAPH_CL, "train.batch_size=512", "inductor.coordinate_descent_tuning=True"],
+    ),
+    (  # the math path every U-Net attention took before its heads were made contiguous
+        "batch 512, compiled, channels-last graph, math attention",
+        [*GRAPH_CL, "train.batch_size=512", "sdpa=math"],
     ),
     (
         "batch 512, max-autotune-no-cudagraphs",
@@ -154,13 +160,20 @@ def speed(
 ) -> dict:
     """Images/s of ``Trainer.train_step`` (first step timed apart: it compiles); with
     ``profile``, also where a step's GPU time goes (``kernel_shares``). Overrides named
-    ``inductor.OPTION=VALUE`` set an option of inductor's configuration for this row."""
+    ``inductor.OPTION=VALUE`` set an option of inductor's configuration for this row, and
+    ``sdpa=BACKEND`` the only attention kernel it may use."""
     inductor = {
         key.removeprefix(INDUCTOR): ast.literal_eval(value)
         for key, value in (o.split("=", 1) for o in overrides if o.startswith(INDUCTOR))
     }
-    overrides = [o for o in overrides if not o.startswith(INDUCTOR)]
-    with torch._inductor.config.patch(inductor), trainer_for(preset, data, overrides, device) as tr:
+    sdpa = [o.removeprefix(SDPA) for o in overrides if o.startswith(SDPA)]
+    kernels = [getattr(SDPBackend, name.upper()) for name in sdpa]
+    overrides = [o for o in overrides if not o.startswith((INDUCTOR, SDPA))]
+    with (
+        torch._inductor.config.patch(inductor),
+        sdpa_kernel(kernels) if kernels else contextlib.nullcontext(),
+        trainer_for(preset, data, overrides, device) as tr,
+    ):
         first, _first_images = time_steps(tr, 1)
         warm, _warm_images = time_steps(tr, 2)
         count = int(min(max(seconds / (warm / 2), 5), 300))
@@ -178,6 +191,7 @@ def speed(
             "compile_mode": t.compile_mode,
             "compile_layout": compiled_layout(t.compile_layout, tr.device),
             **({"inductor": inductor} if inductor else {}),
+            **({"sdpa": sdpa} if sdpa else {}),
             "channels_last": t.channels_last,
             "fused_optimizer": t.fused_optimizer,
             "parameters": count_parameters(tr.net),

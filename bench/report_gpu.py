@@ -47,6 +47,7 @@ def _variant(row: dict) -> str:
     if row.get("compile_layout") == "channels_last":  # "auto" (runs 1-5), "inductor": its own
         parts.append("channels-last graph")
     parts += [f"inductor {key}={value}" for key, value in row.get("inductor", {}).items()]
+    parts += [f"{name} attention" for name in row.get("sdpa", [])]
     if row["channels_last"]:
         parts.append("channels_last")
     if not row["fused_optimizer"]:

@@ -257,6 +257,25 @@ def test_forward_gflops() -> None:
     assert diff * 1e9 == pytest.approx(sdpa + convs)
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_unet_attention_takes_a_fused_kernel(heads: int) -> None:
+    """Self-attention hands scaled_dot_product_attention queries, keys and values whose last
+    dimension has stride 1, which every fused kernel needs (PyTorch's checks are shared by the
+    CPU and CUDA kernels): with only the flash kernel allowed it runs forward and backward. When
+    the heads' channels were strided, PyTorch refused here, and chose its math path, which
+    builds the whole attention matrix with batched matmuls, everywhere else (on an H100,
+    aten::bmm took 3.8% of a compiled edm-paper step, docs/benchmarks.md "GPU")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    config = dataclasses.replace(TINY, num_heads=heads)
+    net = UNet(3, 16, config)
+    x = torch.randn(2, 3, 16, 16)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out = net(x, torch.rand(2))
+        out.square().mean().backward()
+    assert out.shape == x.shape and all(p.grad is not None for p in net.parameters())
+
+
 # --- user errors ------------------------------------------------------------------------
 
 

@@ -138,7 +138,10 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         n, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each [N, heads, HW, d]
+        # each [N, heads, HW, d] with a head's channels contiguous: every fused attention kernel
+        # (flash, memory-efficient, cuDNN) needs stride 1 in the last dimension, and without it
+        # PyTorch builds the whole HW x HW attention matrix with batched matmuls instead
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(out.transpose(-1, -2).reshape(n, c, h, w))
 
