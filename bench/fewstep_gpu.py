@@ -10,10 +10,12 @@ of CARS/automobile, 3,000 steps, its own autoguide kept at a third: the steps th
 benchmark's 30 minutes reached), samples it with Heun (18 steps, 35 evaluations; autoguided at
 w = 2 in 9 steps, 34), then distils every STUDENT at once (networks this small leave a GPU
 mostly idle, so the runs share it at little cost each) in two halves of the time left, and
-samples each student after each half at 1 step (from sigma 80 and from 10) and at 2 steps.
-Every set of 1,000 PNGs is a tar file in DIR, named in DIR/fewstep-gpu.json; the Inception
-network never runs on the GPU machine. ``score`` runs ``difflab eval`` on each tar against the
-cars' reference and records bench/results/fewstep/gpu.json; ``report`` writes its section.
+samples each student at 1 step after the first half, and after the second at 1 step (from
+sigma 80 and from 10) and at 2 steps. The sets of 1,000 PNGs are folders in a few tar files
+under 15 MiB each in DIR (what a device machine returns), named in DIR/fewstep-gpu.json; the
+Inception network never runs on the GPU machine. ``score`` runs ``difflab eval`` on each folder
+against the cars' reference and records bench/results/fewstep/gpu.json; ``report`` writes its
+section.
 """
 
 from __future__ import annotations
@@ -79,14 +81,17 @@ def piece_run(args: argparse.Namespace) -> None:
     values["teacher"] = {"seconds": time.monotonic() - started, "args": TEACHER + TEACHER_SETS}
     num = 16 if args.quick else args.num
     run = difflab.load_run(teacher, device=args.device)
-    for label, sampler, steps, w in TEACHER_ROWS:
-        plan = run.plan(sampler, steps)
-        tar = out / f"teacher-{sampler}{steps}-w{w:g}.tar"
-        row = checks.sample_to_tar(run, plan, tar, num, guidance=w)
+    samples = work / "samples"
+
+    def sample(model: str, label: str, run: difflab.Run, plan, **request) -> None:
+        folder = f"{len(values['samples']):02d}"
+        row = checks.sample_to_folder(run, plan, samples / folder, num, **request)
         seen = run.step * run.config.train.batch_size
-        values["samples"].append({"model": "teacher", "row": label, "step": run.step,
-                                  "images_seen": seen, **row})  # fmt: skip
-    save()
+        values["samples"].append({"model": model, "row": label, "step": run.step,
+                                  "images_seen": seen, "folder": folder, **row})  # fmt: skip
+
+    for label, sampler, steps, w in TEACHER_ROWS:
+        sample("teacher", label, run, run.plan(sampler, steps), guidance=w)
 
     reserve = 30 if args.quick else 100  # seconds kept for sampling the students
     halves = [(end - reserve - time.monotonic()) / 2] * 2
@@ -109,17 +114,33 @@ def piece_run(args: argparse.Namespace) -> None:
         log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
         values["students"][name] = {"batch": STUDENTS[name][0], "sets": STUDENTS[name][1],
                                     "minutes": sum(halves) / 60, "last_log": log[-1] if log else None}  # fmt: skip
-        for checkpoint in list_checkpoints(folder):
+        *halfway, last = list_checkpoints(folder)
+        for checkpoint in [*halfway, last]:  # the halfway checkpoint at 1 step only
             run = difflab.load_run(folder, checkpoint=checkpoint, device=args.device)
-            for label, steps, sigma_max in STUDENT_ROWS:
-                plan = run.plan(None, steps, sigma_max=sigma_max)
-                tar = out / f"{folder.name}-{checkpoint.name}-{steps}-{sigma_max:g}.tar"
-                row = checks.sample_to_tar(run, plan, tar, num)
-                values["samples"].append({"model": name, "row": label, "step": run.step,
-                                          "images_seen": run.step * run.config.train.batch_size,
-                                          **row})  # fmt: skip
-        save()
+            for label, steps, sigma_max in STUDENT_ROWS[: 1 if checkpoint in halfway else None]:
+                sample(name, label, run, run.plan(None, steps, sigma_max=sigma_max))
+    bundle(samples, values["samples"], out)
+    save()
     print(f"{len(values['samples'])} sample sets in {out}; {end - time.monotonic():.0f} s left")
+
+
+def bundle(samples: Path, rows: list[dict], out: Path, limit: float = 15 * 2**20) -> None:
+    """The sample folders packed into as few tar files as keep each under ``limit`` bytes
+    (what comes back from a device machine: 8 files of 16 MiB at most)."""
+    parts: list[list[dict]] = []
+    size = 0.0
+    for row in rows:
+        folder_size = sum(f.stat().st_size + 1024 for f in (samples / row["folder"]).iterdir())
+        if not parts or size + folder_size > limit:  # (+1 KiB: a tar header each)
+            parts.append([])
+            size = 0.0
+        parts[-1].append(row)
+        size += folder_size
+    for number, part in enumerate(parts, 1):
+        with tarfile.open(out / f"samples-{number}.tar", "w") as tar:
+            for row in part:
+                tar.add(samples / row["folder"], arcname=row["folder"])
+                row["tar"] = f"samples-{number}.tar"
 
 
 def piece_score(args: argparse.Namespace) -> None:
@@ -130,10 +151,11 @@ def piece_score(args: argparse.Namespace) -> None:
             continue
         with tempfile.TemporaryDirectory() as folder:
             with tarfile.open(args.out / sample["tar"]) as tar:
-                tar.extractall(folder, filter="data")
+                members = [m for m in tar if m.name.split("/")[0] == sample["folder"]]
+                tar.extractall(folder, members, filter="data")
             result = Path(folder) / "eval.json"
             command = checks.difflab_command(
-                "eval", Path(folder) / "samples", "--ref", args.ref, "--json", result
+                "eval", Path(folder) / sample["folder"], "--ref", args.ref, "--json", result
             )
             checks.run_command(command, timeout=3600)
             scored = json.loads(result.read_text())

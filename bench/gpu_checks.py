@@ -122,27 +122,27 @@ def eval_sampling_half(run_dir: Path, tar_path: Path, device: torch.device, num:
     return {**sample_to_tar(run, plan, tar_path, num), "sampler": plan.name, "step": run.step}
 
 
-def sample_to_tar(
-    run: difflab.Run, plan, tar_path: Path, num: int, chunk: int = 250, **request
+def sample_to_tar(run: difflab.Run, plan, tar_path: Path, num: int) -> dict:
+    """``num`` images of ``run`` sampled with ``plan``, as PNGs in a tar file (``samples/``)."""
+    with tempfile.TemporaryDirectory() as folder:
+        row = sample_to_folder(run, plan, Path(folder) / "samples", num)
+        with tarfile.open(tar_path, "w") as tar:
+            tar.add(Path(folder) / "samples", arcname="samples")
+    return {**row, "tar": tar_path.name}
+
+
+def sample_to_folder(
+    run: difflab.Run, plan, folder: Path, num: int, chunk: int = 250, **request
 ) -> dict:
     """``num`` images of ``run`` sampled with ``plan`` (and ``Run.generate``'s ``request``),
-    written as PNGs into a tar file (one folder, ``samples``)."""
+    written as PNGs into ``folder``."""
     start = time.monotonic()
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "samples"
-        for first in range(0, num, chunk):
-            count = min(chunk, num - first)
-            generated = run.generate(count, 0, plan=plan, batch_size=count, start=first, **request)
-            save_images(generated.images, out, start_index=first)
-        seconds = time.monotonic() - start
-        with tarfile.open(tar_path, "w") as tar:
-            tar.add(out, arcname="samples")
-    return {
-        "images": num,
-        "images_per_s": num / seconds,
-        "evaluations": generated.evaluations,
-        "tar": tar_path.name,
-    }
+    for first in range(0, num, chunk):
+        count = min(chunk, num - first)
+        generated = run.generate(count, 0, plan=plan, batch_size=count, start=first, **request)
+        save_images(generated.images, folder, start_index=first)
+    seconds = time.monotonic() - start
+    return {"images": num, "images_per_s": num / seconds, "evaluations": generated.evaluations}
 
 
 def fewstep_paths(data: Path, folder: Path, device: str, sizes: Sizes) -> dict:

@@ -243,6 +243,31 @@ def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeyp
     assert "s: 25,600 images in 2.0 minutes (213 img/s" in text
 
 
+def test_gpu_samples_come_back_in_few_tar_files_under_the_size_limit(tmp_path, monkeypatch):
+    """bench/fewstep_gpu.py packs its sample folders into tar files each under the limit (a
+    device machine returns 8 files of 16 MiB at most), every folder in exactly one, named in
+    its row."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import tarfile
+
+    import fewstep_gpu
+
+    rows = [{"folder": f"{i:02d}"} for i in range(5)]
+    for row in rows:
+        (tmp_path / "s" / row["folder"]).mkdir(parents=True)
+        for k in range(3):
+            (tmp_path / "s" / row["folder"] / f"{k}.png").write_bytes(b"x" * 1000)
+    (tmp_path / "out").mkdir()
+    fewstep_gpu.bundle(tmp_path / "s", rows, tmp_path / "out", limit=2 * 3 * 2024)
+    tars = sorted((tmp_path / "out").iterdir())
+    assert [t.name for t in tars] == ["samples-1.tar", "samples-2.tar", "samples-3.tar"]
+    for tar_path in tars:
+        with tarfile.open(tar_path) as tar:
+            folders = {name.split("/")[0] for name in tar.getnames()}
+        assert folders == {row["folder"] for row in rows if row["tar"] == tar_path.name}
+        assert len(folders) <= 2
+
+
 def test_ablation_levers_chain_and_pay_for_their_cost_in_images(monkeypatch, tmp_path):
     """bench/ablation.py: a lever keeps the settings of the one it builds on; one that changes
     the network or the batch gets the base's images times the base's cost over its own."""
