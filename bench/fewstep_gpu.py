@@ -56,72 +56,85 @@ def difflab_run(*args: object, device: str) -> subprocess.Popen:
     return subprocess.Popen(command, env=checks.ENV, stderr=subprocess.PIPE, text=True)
 
 
-def wait(processes: dict[str, subprocess.Popen]) -> None:
+def wait(processes: dict[str, subprocess.Popen]) -> dict[str, str]:
+    """The processes' failures by name: the end of each one's error output."""
+    failed = {}
     for name, process in processes.items():
         _, err = process.communicate()
         if process.returncode:
-            raise SystemExit(f"{name} exited {process.returncode}: {err[-600:]}")
+            failed[name] = f"exited {process.returncode}: {err[-600:]}"
+    return failed
+
+
+def student_dir(work: Path, name: str) -> Path:
+    return work / name.replace(", ", "-").replace(" ", "")
 
 
 def piece_run(args: argparse.Namespace) -> None:
     end = time.monotonic() + args.minutes * 60
     work, out = Path(tempfile.mkdtemp(prefix="difflab-fewstep-")), args.out
     out.mkdir(parents=True, exist_ok=True)
-    quick = ["--steps", "24"] if args.quick else []
-    values: dict = {"machine": machine_info(sys.argv), "teacher": {}, "students": {}, "samples": []}
-    values["machine"]["card"] = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else "none (CPU)"
-    )
-    save = lambda: (out / "fewstep-gpu.json").write_text(json.dumps(values, indent=2))  # noqa: E731
-    started = time.monotonic()
-    teacher = work / "teacher"
-    sets = [a for s in TEACHER_SETS for a in ("--set", s)]
-    train = ("train", *TEACHER, *quick, "--data", args.data, "--out", teacher, *sets)
-    wait({"teacher": difflab_run(*train, device=args.device)})
-    values["teacher"] = {"seconds": time.monotonic() - started, "args": TEACHER + TEACHER_SETS}
+    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "none (CPU)"
+    values: dict = {"machine": {**machine_info(sys.argv), "card": card}, "samples": []}
     num = 16 if args.quick else args.num
-    run = difflab.load_run(teacher, device=args.device)
-    samples = work / "samples"
 
     def sample(model: str, label: str, run: difflab.Run, plan, **request) -> None:
         folder = f"{len(values['samples']):02d}"
-        row = checks.sample_to_folder(run, plan, samples / folder, num, **request)
+        row = checks.sample_to_folder(run, plan, work / "samples" / folder, num, **request)
         seen = run.step * run.config.train.batch_size
         values["samples"].append({"model": model, "row": label, "step": run.step,
                                   "images_seen": seen, "folder": folder, **row})  # fmt: skip
 
+    started, teacher = time.monotonic(), work / "teacher"
+    sets = [a for s in TEACHER_SETS for a in ("--set", s)]
+    quick = ["--steps", "24"] if args.quick else []
+    train = ("train", *TEACHER, *quick, "--data", args.data, "--out", teacher, *sets)
+    if failed := wait({"teacher": difflab_run(*train, device=args.device)}):
+        raise SystemExit(f"the teacher {failed['teacher']}")
+    values["teacher"] = {"seconds": time.monotonic() - started, "args": TEACHER + TEACHER_SETS}
+    run = difflab.load_run(teacher, device=args.device)
     for label, sampler, steps, w in TEACHER_ROWS:
         sample("teacher", label, run, run.plan(sampler, steps), guidance=w)
 
     reserve = 30 if args.quick else 100  # seconds kept for sampling the students
-    halves = [(end - reserve - time.monotonic()) / 2] * 2
-    for half, seconds in enumerate(halves):
-        processes = {}
-        for name, (batch, overrides) in STUDENTS.items():
-            folder = work / name.replace(", ", "-").replace(" ", "")
-            if half == 0:
-                sets = [a for s in ["train.sample_every_kimg=0", *overrides] for a in ("--set", s)]
-                command = ("distill", teacher, "--out", folder, "--batch-size", batch, *sets,
-                           "--images", 10**9, "--guidance", 2)  # fmt: skip
-            else:
-                command = ("train", "--resume", folder, "--images", 10**9)
-            processes[name] = difflab_run(
-                *command, "--time-limit", seconds / 60, device=args.device
-            )
-        wait(processes)
-    for name in STUDENTS:
-        folder = work / name.replace(", ", "-").replace(" ", "")
-        log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-        values["students"][name] = {"batch": STUDENTS[name][0], "sets": STUDENTS[name][1],
-                                    "minutes": sum(halves) / 60, "last_log": log[-1] if log else None}  # fmt: skip
+    minutes = max((end - reserve - time.monotonic()) / 120, 0.2)  # each half
+    values["failed"] = distill(args, teacher, work, minutes)
+    values["students"] = {}
+    for name, (batch, overrides) in STUDENTS.items():
+        if name in values["failed"]:
+            continue
+        folder = student_dir(work, name)
+        values["students"][name] = {"batch": batch, "sets": overrides, "minutes": 2 * minutes}
         *halfway, last = list_checkpoints(folder)
         for checkpoint in [*halfway, last]:  # the halfway checkpoint at 1 step only
             run = difflab.load_run(folder, checkpoint=checkpoint, device=args.device)
             for label, steps, sigma_max in STUDENT_ROWS[: 1 if checkpoint in halfway else None]:
                 sample(name, label, run, run.plan(None, steps, sigma_max=sigma_max))
-    bundle(samples, values["samples"], out)
-    save()
+    bundle(work / "samples", values["samples"], out)
+    (out / "fewstep-gpu.json").write_text(json.dumps(values, indent=2))
     print(f"{len(values['samples'])} sample sets in {out}; {end - time.monotonic():.0f} s left")
+
+
+def distill(args: argparse.Namespace, teacher: Path, work: Path, minutes: float) -> dict:
+    """Every student distilled at once, ``minutes`` then resumed for as many more (a checkpoint
+    at each end); the failures by name (a failed student is left out, the others go on)."""
+    failed: dict[str, str] = {}
+    for half in range(2):
+        processes = {}
+        for name, (batch, overrides) in STUDENTS.items():
+            if name in failed:
+                continue
+            folder = student_dir(work, name)
+            if half == 0:
+                sets = [a for s in ["train.sample_every_kimg=0", *overrides] for a in ("--set", s)]
+                command = ("distill", teacher, "--out", folder, "--batch-size", batch, *sets,
+                           "--guidance", 2)  # fmt: skip
+            else:
+                command = ("train", "--resume", folder)
+            budget = ("--images", 10**9, "--time-limit", minutes)  # the time ends it
+            processes[name] = difflab_run(*command, *budget, device=args.device)
+        failed.update(wait(processes))
+    return failed
 
 
 def bundle(samples: Path, rows: list[dict], out: Path, limit: float = 15 * 2**20) -> None:
@@ -208,6 +221,7 @@ def section(values: dict) -> str:
             f"- {name}: {seen:,} images in {student['minutes']:.1f} minutes "
             f"({seen / student['minutes'] / 60:,.0f} img/s with the others beside it)."
         )
+    lines += [f"- {name}: **failed** ({why[:200]})" for name, why in values["failed"].items()]
     return "\n".join([*lines, ""])
 
 

@@ -228,6 +228,7 @@ def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeyp
         "machine": {"card": "H", "torch": "t", "date": "d", "command": "c"},
         "teacher": {"seconds": 60.0, "args": [*fewstep_gpu.TEACHER, *fewstep_gpu.TEACHER_SETS]},
         "students": {"s": {"batch": 128, "sets": [], "minutes": 2.0}},
+        "failed": {"t": "exited 1: out of memory"},
         "samples": [
             sample("teacher", "heun 18", 3000, 35, 50.0, 96000),
             sample("teacher", "heun 9, autoguided", 3000, 34, 40.0, 96000),
@@ -241,6 +242,7 @@ def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeyp
     assert "+32.5%, target at most +35%: met" in text
     assert "+17.5%, target at most +15%: **not met**" in text
     assert "s: 25,600 images in 2.0 minutes (213 img/s" in text
+    assert "t: **failed** (exited 1: out of memory)" in text
 
 
 def test_gpu_samples_come_back_in_few_tar_files_under_the_size_limit(tmp_path, monkeypatch):
