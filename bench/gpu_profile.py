@@ -23,20 +23,21 @@ TOP = 10
 
 def kernel_shares(trainer: Trainer, steps: int = 3) -> dict[str, Any]:
     """Where a step's time goes: its share by kernel family, the ten costliest kernels and, on a
-    GPU, the ten operators whose kernels cost most (the ATen operator or compiled graph that
-    launched them: what to change to remove a kernel). On a CPU (the smoke test) the kernels
-    are ATen's operators."""
+    GPU, the ten operators whose kernels cost most, with the shapes they took (the ATen
+    operator or compiled graph that launched them: what to change to remove a kernel). On a CPU
+    (the smoke test) the kernels are ATen's operators."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = trainer.device.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=cuda) as prof:
         time_steps(trainer, steps)
     events = prof.key_averages()
     if cuda:
         own = _device_us
         kernels = [e for e in events if e.device_type == DeviceType.CUDA and own(e) > 0]
-        launchers = [e for e in events if e.device_type == DeviceType.CPU and own(e) > 0]
+        by_shape = prof.key_averages(group_by_input_shape=True)  # which tensors an op took
+        launchers = [e for e in by_shape if e.device_type == DeviceType.CPU and own(e) > 0]
     else:
         own = lambda event: float(event.self_cpu_time_total)  # noqa: E731
         kernels, launchers = [e for e in events if own(e) > 0], []
@@ -47,15 +48,16 @@ def kernel_shares(trainer: Trainer, steps: int = 3) -> dict[str, Any]:
         family = next((f for f, keys in FAMILIES if any(k in name for k in keys)), "other")
         families[family] = families.get(family, 0.0) + own(event)
 
-    def costliest(events: list) -> list[list]:
+    def costliest(events: list, shapes: bool = False) -> list[list]:
         ranked = sorted(events, key=own, reverse=True)[:TOP]
-        return [[event.key[:90], own(event) / total] for event in ranked]
+        names = [e.key + (f" {e.input_shapes}" if shapes else "") for e in ranked]
+        return [[name[:160], own(e) / total] for name, e in zip(names, ranked, strict=True)]
 
     return {
         "ms_per_step": total / 1000 / steps,
         "families": {f: us / total for f, us in sorted(families.items(), key=lambda i: -i[1])},
         "top": costliest(kernels),
-        **({"launchers": costliest(launchers)} if cuda else {}),
+        **({"launchers": costliest(launchers, shapes=True)} if cuda else {}),
     }
 
 
