@@ -6,8 +6,8 @@ side for minutes instead of hours, all sampled in one command; scored on the CPU
     python bench/fewstep_gpu.py report                                     # docs/benchmarks.md
 
 ``run`` trains the teacher as bench/fewstep.py's was trained (``flow-cpu`` on the 5,000 cars
-of CARS/automobile, 3,000 steps, its own autoguide kept at a third: the steps the CPU
-benchmark's 30 minutes reached), samples it with Heun (18 steps, 35 evaluations; autoguided at
+of CARS/automobile, the 3,044 steps the CPU benchmark's 30 minutes reached, at a constant rate,
+its own autoguide the EMA at step 980), samples it with Heun (18 steps, 35 evaluations; autoguided at
 w = 2 in 9 steps, 34), then distils every STUDENT at once (networks this small leave a GPU
 mostly idle, so the runs share it at little cost each) in two halves of the time left, and
 samples each student at 1 step after the first half, and after the second at 1 step (from
@@ -37,8 +37,14 @@ from report_fewstep import TARGETS
 import difflab
 from difflab.train.checkpoint import list_checkpoints
 
-TEACHER = ["--preset", "flow-cpu", "--class", "automobile", "--steps", "3000"]
-TEACHER_SETS = ["sampler.guide_at=0.33", "train.sample_every_kimg=0"]
+# The benchmark's teacher, bench/conditional.py's cars run: 30 minutes of a run planned for 10^9
+# steps, so 3,044 steps at a constant rate (the cool-down never came), its guide the EMA at 980.
+TEACHER = ["--preset", "flow-cpu", "--class", "automobile", "--steps", "3044"]
+TEACHER_SETS = [
+    "train.lr_schedule='constant'",
+    "sampler.guide_at=0.322",
+    "train.sample_every_kimg=0",
+]
 TEACHER_ROWS = [("heun 18", "heun", 18, 1.0), ("heun 9, autoguided", "heun", 9, 2.0)]
 #: name: (batch, --set overrides); each distils from the teacher autoguided at w = 2 (lr4-ag)
 STUDENTS = {
