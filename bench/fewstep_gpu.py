@@ -97,7 +97,11 @@ def piece_run(args: argparse.Namespace) -> None:
     train = ("train", *TEACHER, *quick, "--data", args.data, "--out", teacher, *sets)
     if failed := wait({"teacher": difflab_run(*train, device=args.device)}):
         raise SystemExit(f"the teacher {failed['teacher']}")
-    values["teacher"] = {"seconds": time.monotonic() - started, "args": TEACHER + TEACHER_SETS}
+    values["teacher"] = {
+        "seconds": time.monotonic() - started,
+        "flags": TEACHER,
+        "sets": TEACHER_SETS,
+    }
     run = difflab.load_run(teacher, device=args.device)
     for label, sampler, steps, w in TEACHER_ROWS:
         sample("teacher", label, run, run.plan(sampler, steps), guidance=w)
@@ -191,8 +195,8 @@ def section(values: dict) -> str:
         f"{m['torch']}, {m['date']}, `{m['command']}`) and scored here with `difflab eval` "
         f"({values['samples'][0]['images']:,} images each against the 5,000 training cars)._",
         "",
-        f"The teacher: `difflab train {' '.join(values['teacher']['args'][:6])}` with "
-        f"{', '.join(values['teacher']['args'][6:])} ({values['teacher']['seconds']:.0f} s). "
+        f"The teacher: `difflab train {' '.join(values['teacher']['flags'])}` with "
+        f"{', '.join(values['teacher']['sets'])} ({values['teacher']['seconds']:.0f} s). "
         "The students: `difflab distill` from it, autoguided at w = 2, run side by side on the "
         "one GPU for the same minutes.",
         "",

@@ -226,7 +226,11 @@ def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeyp
 
     values = {
         "machine": {"card": "H", "torch": "t", "date": "d", "command": "c"},
-        "teacher": {"seconds": 60.0, "args": [*fewstep_gpu.TEACHER, *fewstep_gpu.TEACHER_SETS]},
+        "teacher": {
+            "seconds": 60.0,
+            "flags": fewstep_gpu.TEACHER,
+            "sets": fewstep_gpu.TEACHER_SETS,
+        },
         "students": {"s": {"batch": 128, "sets": [], "minutes": 2.0}},
         "failed": {"t": "exited 1: out of memory"},
         "samples": [
