@@ -1,21 +1,21 @@
 """Issue 16 on one GPU: the few-step benchmark's teacher, students distilled from it side by
 side for minutes instead of hours, all sampled in one command; scored on the CPU afterwards.
 
-    python bench/fewstep_gpu.py run --data CARS --out DIR [--minutes 9]    # on the GPU
-    python bench/fewstep_gpu.py score DIR [--ref REF.npz]                  # here, on the CPU
-    python bench/fewstep_gpu.py report                                     # docs/benchmarks.md
+    python bench/fewstep_gpu.py run DIR --data CARS [--minutes 9]   # on the GPU
+    python bench/fewstep_gpu.py score DIR [--ref REF.npz]           # here, on the CPU
+    python bench/fewstep_gpu.py report                              # docs/benchmarks.md
 
-``run`` trains the teacher as bench/fewstep.py's was trained (``flow-cpu`` on the 5,000 cars
-of CARS/automobile, the 3,044 steps the CPU benchmark's 30 minutes reached, at a constant rate,
-its own autoguide the EMA at step 980), samples it with Heun (18 steps, 35 evaluations; autoguided at
-w = 2 in 9 steps, 34), then distils every STUDENT at once (networks this small leave a GPU
-mostly idle, so the runs share it at little cost each) in two halves of the time left, and
-samples each student at 1 step after the first half, and after the second at 1 step (from
-sigma 80 and from 10) and at 2 steps. The sets of 1,000 PNGs are folders in a few tar files
-under 15 MiB each in DIR (what a device machine returns), named in DIR/fewstep-gpu.json; the
-Inception network never runs on the GPU machine. ``score`` runs ``difflab eval`` on each folder
-against the cars' reference and records bench/results/fewstep/gpu.json; ``report`` writes its
-section.
+``run`` trains the teacher with the recipe of bench/fewstep.py's (``flow-cpu`` on the 5,000
+cars of CARS/automobile, the 3,044 steps the CPU benchmark's 30 minutes reached, at a constant
+rate, its own autoguide the EMA at step 980; see TEACHER for how its FID compares), samples it
+with Heun (18 steps, 35 evaluations; autoguided at w = 2 in 9 steps, 34), then distils every
+STUDENT at once (networks this small leave a GPU mostly idle, so the runs share it at little
+cost each) in two halves of the time left, and samples each student at 1 step after the first
+half, and after the second at 1 step (from sigma 80 and from 10) and at 2 steps. The sets of
+1,000 PNGs are folders in a few tar files under 15 MiB each in DIR (what a device machine
+returns), named in DIR/fewstep-gpu.json; the Inception network never runs on the GPU machine.
+``score`` runs ``difflab eval`` on each folder against the cars' reference and records
+bench/results/fewstep/gpu.json; ``report`` writes its section.
 """
 
 from __future__ import annotations
