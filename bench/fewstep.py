@@ -17,13 +17,13 @@ Resumable pieces; results land in bench/results/fewstep/*.json, ``report`` write
     python bench/fewstep.py report
     python bench/fewstep.py all
 
-The teacher is ``--teacher RUN``: by default the 30-minute ``flow-cpu`` run on the cars that
-bench/conditional.py trains (``bench/out/conditional/runs/cars``). The budget is images (the
-student's 300,000: about 4 hours on this project's 2-core machine with the autoguided teacher,
-and as long again for the trunk's last 60,000 at a constant rate, the cool-down's control; a
-run made for a smaller ``--images`` goes on to the larger one when asked), so the student does
-not depend on the machine; the report gives the minutes it took here, so run nothing else heavy
-beside it.
+The teacher is ``--teacher RUN``: by default the 30-minute run on the cars that
+bench/conditional.py trains (``bench/out/conditional/runs/cars``, its ``CARS_RECIPE``:
+``flow-cpu`` as it was before issue 14). The budget is images (the student's 300,000: about 4
+hours on this project's 2-core machine with the autoguided teacher, and as long again for the
+trunk's last 60,000 at a constant rate, the cool-down's control; a run made for a smaller
+``--images`` goes on to the larger one when asked), so the student does not depend on the
+machine; the report gives the minutes it took here, so run nothing else heavy beside it.
 """
 
 from __future__ import annotations

@@ -5,13 +5,14 @@ side for minutes instead of hours, all sampled in one command; scored on the CPU
     python bench/fewstep_gpu.py score DIR [--ref REF.npz]           # here, on the CPU
     python bench/fewstep_gpu.py report                              # docs/benchmarks.md
 
-``run`` trains the teacher with the recipe of bench/fewstep.py's (``flow-cpu`` on the 5,000
-cars of CARS/automobile, the 3,044 steps the CPU benchmark's 30 minutes reached, at a constant
-rate, its own autoguide the EMA at step 980; see TEACHER for how its FID compares), samples it
+``run`` trains the teacher with the recipe of bench/fewstep.py's (``flow-cpu`` as it was before
+issue 14, on the 5,000 cars of CARS/automobile, the 3,044 steps the CPU benchmark's 30 minutes
+reached, at a constant rate, its own autoguide the EMA at step 980; see TEACHER), samples it
 with Heun (18 steps, 35 evaluations; autoguided at w = 2 in 9 steps, 34), then distils every
 STUDENT at once (networks this small leave a GPU mostly idle, so the runs share it at little
-cost each) in two halves of the time left, and samples each student at 1 step after the first
-half, and after the second at 1 step (from sigma 80 and from 10) and at 2 steps. The sets of
+cost each) in two halves of the time left (a constant rate, then as many steps again whose last
+fifth cools the rate down to 0, as the CPU student's), and samples each student at 1 step after
+the first half, and after the second at 1 step (from sigma 80 and from 10) and at 2 steps. The sets of
 1,000 PNGs are folders in a few tar files under 15 MiB each in DIR (what a device machine
 returns), named in DIR/fewstep-gpu.json; the Inception network never runs on the GPU machine.
 ``score`` runs ``difflab eval`` on each folder against the cars' reference and records
@@ -32,21 +33,20 @@ from pathlib import Path
 import gpu_checks as checks
 import torch
 from common import BENCHMARKS, ROOT, machine_info, write_section
+from conditional import CARS_RECIPE
 from report_fewstep import TARGETS
 
 import difflab
-from difflab.train.checkpoint import list_checkpoints
+from difflab.limits import MAX_STEPS
+from difflab.train.checkpoint import checkpoint_step, list_checkpoints
 
-# The recipe of the benchmark's teacher, bench/conditional.py's cars run: 30 minutes of a run
-# planned for 10^9 steps, so 3,044 steps at a constant rate (the cool-down never came), its guide
-# the EMA at 980. A CPU run of it scored FID-1k 64.3 autoguided against runs/cars-ref.npz, not the
-# benchmark's 43.2 (start-screen.json; unexplained): students are judged against this teacher.
-TEACHER = ["--preset", "flow-cpu", "--class", "automobile", "--steps", "3044"]
-TEACHER_SETS = [
-    "train.lr_schedule='constant'",
-    "sampler.guide_at=0.322",
-    "train.sample_every_kimg=0",
-]
+# The recipe of the benchmark's teacher, bench/conditional.py's cars run (flow-cpu as it was
+# before issue 14: 64 channels, batch 32, constant rate): 30 minutes of a run planned for 10^9
+# steps reached 3,044 steps, its guide the EMA at 980. The same recipe with today's flow-cpu
+# network and batch (32 channels, batch 16) scored FID-1k 64.3 autoguided, not 43.2
+# (start-screen.json).
+TEACHER = [*CARS_RECIPE, "--steps", "3044"]
+TEACHER_SETS = ["sampler.guide_at=0.322", "train.sample_every_kimg=0"]
 TEACHER_ROWS = [("heun 18", "heun", 18, 1.0), ("heun 9, autoguided", "heun", 9, 2.0)]
 #: name: (batch, --set overrides); each distils from the teacher autoguided at w = 2 (lr4-ag)
 STUDENTS = {
@@ -54,6 +54,7 @@ STUDENTS = {
     "batch 128, lr 1e-3": (128, ["train.lr=1e-3"]),
     "batch 32, lr 4e-4": (32, ["train.lr=4e-4"]),
 }
+COOLDOWN = 0.2  # of a student's steps: its rate falls to 0 over the last fifth (fewstep.py)
 STUDENT_ROWS = [("1 step", 1, 0.0), ("1 step from sigma 10", 1, 10.0), ("2 steps", 2, 0.0)]
 RESULTS = ROOT / "bench" / "results" / "fewstep" / "gpu.json"
 HEADING = "## One and two steps on a GPU"
@@ -128,8 +129,10 @@ def piece_run(args: argparse.Namespace) -> None:
 
 
 def distill(args: argparse.Namespace, teacher: Path, work: Path, minutes: float) -> dict:
-    """Every student distilled at once, ``minutes`` then resumed for as many more (a checkpoint
-    at each end); the failures by name (a failed student is left out, the others go on)."""
+    """Every student distilled at once at a constant rate for ``minutes``, then resumed for as
+    many steps again, cooled down over the last COOLDOWN of them, within as many minutes (a
+    checkpoint at each end); the failures by name (a failed student is left out, the others
+    go on)."""
     failed: dict[str, str] = {}
     for half in range(2):
         processes = {}
@@ -138,12 +141,18 @@ def distill(args: argparse.Namespace, teacher: Path, work: Path, minutes: float)
                 continue
             folder = student_dir(work, name)
             if half == 0:
-                sets = [a for s in ["train.sample_every_kimg=0", *overrides] for a in ("--set", s)]
+                # no rolling checkpoints: a run's two are the ends of its halves (sampled)
+                fixed = ["train.sample_every_kimg=0", f"train.checkpoint_every={MAX_STEPS}"]
+                sets = [a for s in [*fixed, *overrides] for a in ("--set", s)]
                 command = ("distill", teacher, "--out", folder, "--batch-size", batch, *sets,
                            "--guidance", 2)  # fmt: skip
-            else:
-                command = ("train", "--resume", folder)
-            budget = ("--images", 10**9, "--time-limit", minutes)  # the time ends it
+                budget = ("--images", 10**9, "--time-limit", minutes)  # the time ends it
+            else:  # as many steps again, the last COOLDOWN of them cooling down (the time limit
+                # still ends it: the rates of the first half's steps do not change)
+                steps = 2 * checkpoint_step(list_checkpoints(folder)[-1])
+                command = ("train", "--resume", folder, "--set", "train.lr_schedule='cooldown'",
+                           "--set", f"train.cooldown={COOLDOWN}")  # fmt: skip
+                budget = ("--steps", steps, "--time-limit", minutes)
             processes[name] = difflab_run(*command, *budget, device=args.device)
         failed.update(wait(processes))
     return failed
@@ -200,7 +209,9 @@ def section(values: dict) -> str:
         f"The teacher: `difflab train {' '.join(values['teacher']['flags'])}` with "
         f"{', '.join(values['teacher']['sets'])} ({values['teacher']['seconds']:.0f} s). "
         "The students: `difflab distill` from it, autoguided at w = 2, run side by side on the "
-        "one GPU for the same minutes.",
+        "one GPU for the same minutes in two halves: a constant rate (the rows at the first "
+        f"half's step), then as many steps again, the last {COOLDOWN:.0%} cooling the rate "
+        "down to 0 (the CPU student's schedule).",
         "",
         "| model | sampling | step | images seen | evaluations | FID-1k | KID |",
         "|---|---|---:|---:|---:|---:|---:|",

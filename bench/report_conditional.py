@@ -74,8 +74,9 @@ def _cars_lines(values: dict, best: dict) -> list[str]:
         else ("worse for the shared network" if diff > 0 else "better for the shared network")
     )
     return [
-        f"Cars alone, same budget: `flow-cpu` trained {values['train-cars']:.1f} minutes on the "
-        f"5,000 training cars scores KID {small['kid']:.4f} ± {small['kid_std']:.4f} with 100 "
+        f"Cars alone, same budget: `flow-cpu` as it was before issue 14 (the conditional "
+        "network's 64 channels, batch 32 and constant rate; `CARS_RECIPE` in conditional.py) "
+        f"trained {values['train-cars']:.1f} minutes on the 5,000 training cars scores KID {small['kid']:.4f} ± {small['kid_std']:.4f} with 100 "
         f"samples against the training cars. The conditional network's 100 cars at w = {best['guidance']:g} score "
         f"KID {best['car_kid']:.4f} ± {best['car_kid_std']:.4f}: {verdict} (difference "
         f"{diff:+.4f}, subset std of the difference {noise:.4f}). The conditional network "

@@ -87,8 +87,8 @@ def section(values: dict, settings, figures: Path) -> str:
     lines = [
         "## One and two steps",
         "",
-        f"_Written by `bench/fewstep.py report`; teacher `{settings.teacher.name}` (flow-cpu, 30 "
-        f"minutes on the cars), student distilled from it on {values['distill_images']:,} images "
+        f"_Written by `bench/fewstep.py report`; teacher `{settings.teacher.name}` (flow-cpu as it "
+        "was before issue 14: 64 channels, batch 32, a constant rate; 30 minutes on the cars), student distilled from it on {values['distill_images']:,} images "
         f"({values['distill_minutes']:.1f} minutes on this machine; the rate cooled down over the "
         f"last fifth, below) with `difflab distill` "
         f"(consistency distillation, section 2.8 of docs/methods.md) and the settings of lever "

@@ -298,3 +298,61 @@ def test_a_sampling_lever_evaluates_the_run_it_builds_on(monkeypatch):
     lever = ablation.LEVERS["heun9"]
     assert ablation.run_dir("heun9", 30) == ablation.run_dir(lever.on, 30)
     assert ablation.images_for("heun9", 30) == ablation.images_for(lever.on, 30)
+
+
+def test_the_benchmark_cars_run_is_the_conditional_runs_network_on_the_cars(monkeypatch):
+    """bench/conditional.py's cars run (and so the few-step teacher, on the CPU and on a GPU)
+    trains flow-cpu-cond's network, batch and rate without the labels: flow-cpu as it was
+    when the classes and few-step benchmarks were measured, not today's smaller flow-cpu."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import dataclasses
+
+    import conditional
+    import fewstep_gpu
+
+    from difflab.cli import build_parser
+    from difflab.cli_train import _train_config
+    from difflab.config import load_preset
+
+    args = build_parser().parse_args(["train", *fewstep_gpu.TEACHER, "--data", "cifar10"])
+    config, cond = _train_config(args), load_preset("flow-cpu-cond")
+    assert fewstep_gpu.TEACHER[: len(conditional.CARS_RECIPE)] == conditional.CARS_RECIPE
+    unet = dataclasses.replace(config.network.unet, num_classes=cond.network.unet.num_classes)
+    assert unet == cond.network.unet
+    for key in ("batch_size", "lr", "lr_schedule", "warmup_steps", "ema_halflife_kimg"):
+        assert getattr(config.train, key) == getattr(cond.train, key), key
+    assert not config.data.conditional and config.data.class_name == "automobile"
+    assert config.train.steps == 3044
+
+
+def test_gpu_students_cool_down_over_the_steps_of_their_second_half(monkeypatch, tmp_path):
+    """bench/fewstep_gpu.py distils each student at a constant rate for a time, then resumes it
+    for as many steps again with the rate cooling down over the last COOLDOWN (the CPU
+    student's schedule), keeping no rolling checkpoints between the ends of the halves."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import argparse
+
+    import fewstep_gpu
+
+    commands = []
+
+    def fake_run(*args, device):
+        commands.append([str(a) for a in args])
+        folder = fewstep_gpu.student_dir(tmp_path, next(iter(fewstep_gpu.STUDENTS)))
+        (folder / "checkpoints" / "step-00000150").mkdir(parents=True, exist_ok=True)
+        return None
+
+    monkeypatch.setattr(fewstep_gpu, "difflab_run", fake_run)
+    monkeypatch.setattr(fewstep_gpu, "wait", lambda processes: {})
+    monkeypatch.setattr(fewstep_gpu, "STUDENTS", {"b": (8, ["train.lr=4e-4"])})
+    args = argparse.Namespace(device="cpu")
+    assert fewstep_gpu.distill(args, tmp_path / "teacher", tmp_path, 1.5) == {}
+    first, second = commands
+    assert first[0] == "distill" and "train.lr=4e-4" in first
+    assert f"train.checkpoint_every={fewstep_gpu.MAX_STEPS}" in first
+    assert first[first.index("--time-limit") + 1] == "1.5"
+    assert second[:3] == ["train", "--resume", str(fewstep_gpu.student_dir(tmp_path, "b"))]
+    assert second[second.index("--steps") + 1] == "300"
+    assert "train.lr_schedule='cooldown'" in second
+    assert f"train.cooldown={fewstep_gpu.COOLDOWN}" in second
+    assert second[second.index("--time-limit") + 1] == "1.5"
