@@ -12,10 +12,10 @@ with Heun (18 steps, 35 evaluations; autoguided at w = 2 in 9 steps, 34), then d
 STUDENT at once (networks this small leave a GPU mostly idle, so the runs share it at little
 cost each) in two halves of the time left (a constant rate, then as many steps again whose last
 fifth cools the rate down to 0, as the CPU student's), and samples each student at 1 step after
-the first half, and after the second at 1 step (from sigma 80 and from 10) and at 2 steps. The sets of
-1,000 PNGs are folders in a few tar files under 15 MiB each in DIR (what a device machine
-returns), named in DIR/fewstep-gpu.json; the Inception network never runs on the GPU machine.
-``score`` runs ``difflab eval`` on each folder against the cars' reference and records
+the first half, and after the second at 1 step (from sigma 80 and from 10) and at 2 steps. The
+sets of 1,000 PNGs are folders in a few tar files under 15 MiB each in DIR (what a device
+machine returns), named in DIR/fewstep-gpu.json; the Inception network never runs on the GPU
+machine. ``score`` runs ``difflab eval`` on each folder against the cars' reference and records
 bench/results/fewstep/gpu.json; ``report`` writes its section.
 """
 
@@ -34,6 +34,7 @@ import gpu_checks as checks
 import torch
 from common import BENCHMARKS, ROOT, machine_info, write_section
 from conditional import CARS_RECIPE
+from fewstep import COOLDOWN  # the CPU student's: the last fifth of its steps
 from report_fewstep import TARGETS
 
 import difflab
@@ -54,7 +55,6 @@ STUDENTS = {
     "batch 128, lr 1e-3": (128, ["train.lr=1e-3"]),
     "batch 32, lr 4e-4": (32, ["train.lr=4e-4"]),
 }
-COOLDOWN = 0.2  # of a student's steps: its rate falls to 0 over the last fifth (fewstep.py)
 STUDENT_ROWS = [("1 step", 1, 0.0), ("1 step from sigma 10", 1, 10.0), ("2 steps", 2, 0.0)]
 RESULTS = ROOT / "bench" / "results" / "fewstep" / "gpu.json"
 HEADING = "## One and two steps on a GPU"

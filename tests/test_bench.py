@@ -338,9 +338,8 @@ def test_gpu_students_cool_down_over_the_steps_of_their_second_half(monkeypatch,
 
     def fake_run(*args, device):
         commands.append([str(a) for a in args])
-        folder = fewstep_gpu.student_dir(tmp_path, next(iter(fewstep_gpu.STUDENTS)))
+        folder = fewstep_gpu.student_dir(tmp_path, "b")  # its first half ends at step 150
         (folder / "checkpoints" / "step-00000150").mkdir(parents=True, exist_ok=True)
-        return None
 
     monkeypatch.setattr(fewstep_gpu, "difflab_run", fake_run)
     monkeypatch.setattr(fewstep_gpu, "wait", lambda processes: {})
