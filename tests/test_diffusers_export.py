@@ -122,6 +122,29 @@ def test_export_writes_a_pipeline_folder_that_diffusers_loads(
     assert code == 0, err  # an earlier export is replaced
 
 
+def test_a_conditional_export_samples_each_class_by_its_model_cards_code(
+    tmp_path, tiny_preset, image_folder, capsys
+):
+    run_dir, out = tmp_path / "run", tmp_path / "export"
+    ddpm = ["method.name='ddpm'", "network.unet.embedding='positional'", "data.conditional=true"]
+    ddpm += ["network.unet.channels=32"]
+    sets = [arg for s in [*ddpm, "train.sample_every_kimg=0"] for arg in ("--set", s)]
+    code, _, err = run_cli(capsys, "train", "--preset", tiny_preset, "--data", image_folder,
+                           "--out", run_dir, "--no-progress", "--steps", 2, *sets)  # fmt: skip
+    assert code == 0, err
+    code, printed, err = run_cli(capsys, "export", run_dir, "--format", "diffusers", "--out", out)
+    assert code == 0 and "class_labels" in printed, err
+    card = (out / "README.md").read_text()
+    assert "| 0 | cars |" in card and "| 1 | ships |" in card and "| 2 | no class |" in card
+    assert "unconditional-image-generation" not in card
+    code_block = card.split("```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(code_block.replace("PATH/TO/THIS/FOLDER", str(out)).replace("(1000)", "(20)"), namespace)
+    images = namespace["images"]
+    assert images.shape == (16, 3, 8, 8) and images.min() >= 0 and images.max() <= 1
+    assert images.std() > 0
+
+
 @pytest.mark.parametrize("preset", ["flow-cpu", "edm-paper", "ddpm-cpu", "tutorial"])
 def test_presets_that_do_not_map_are_refused_in_one_line(preset):
     config = load_preset(preset)

@@ -216,9 +216,21 @@ def test_cuda_requested_but_missing_is_one_line(tmp_path, tiny_preset, image_fol
     assert not (tmp_path / "run").exists()
 
 
-def test_out_of_memory_is_one_line_and_the_run_resumes(checkpointed, capsys, monkeypatch):
+#: What running out of memory raises: on a GPU; on the CPU, in torch's allocator and in Python.
+OUT_OF_MEMORY = [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+        "memory: you tried to allocate 268435456 bytes. Error code 12 (Cannot allocate memory)"
+    ),
+    MemoryError(),
+]
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["cuda", "cpu-allocator", "python"])
+def test_out_of_memory_is_one_line_and_the_run_resumes(checkpointed, capsys, monkeypatch, error):
     def oom(self):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise error
 
     monkeypatch.setattr(Trainer, "train_step", oom)
     code, _, err = run_cli(capsys, "train", "--resume", checkpointed, "--steps", 8, "--no-progress")
@@ -229,6 +241,20 @@ def test_out_of_memory_is_one_line_and_the_run_resumes(checkpointed, capsys, mon
         capsys, "train", "--resume", checkpointed, "--steps", 8, "--no-progress"
     )
     assert code == 0 and "to step 8" in out, err
+
+
+def test_out_of_memory_while_sampling_says_to_lower_the_batch(
+    checkpointed, tmp_path, capsys, monkeypatch
+):
+    def oom(*args, **kwargs):
+        raise OUT_OF_MEMORY[1]
+
+    monkeypatch.setattr("difflab.api.Run.generate", oom)
+    code, _, err = run_cli(
+        capsys, "-q", "sample", checkpointed, "--num", 4, "--out", tmp_path / "s"
+    )
+    line = assert_one_line_error(code, err)
+    assert line == "difflab: error: out of memory; lower --batch-size"
 
 
 def test_a_failing_compile_falls_back_to_eager_with_a_short_warning(

@@ -16,8 +16,17 @@ import torch
 from torch import Tensor, nn
 
 from difflab.classes import LabelRequest, bind_request
-from difflab.config import Config, SamplerConfig
+from difflab.config import Config, SamplerConfig, TrainConfig, check_limits
 from difflab.devices import resolve_device
+from difflab.errors import DifflabError
+from difflab.limits import (
+    MAX_IMAGES,
+    MAX_SAMPLE_BATCH,
+    MAX_SAMPLER_STEPS,
+    MAX_STEPS,
+    Limits,
+    limits_of,
+)
 from difflab.registry import Method, SamplingPlan, build_method, build_network, build_sampler
 from difflab.sampling import Generated, generate, image_seeds
 from difflab.train.checkpoint import load_model
@@ -46,9 +55,15 @@ class Run:
         ``options`` are any ``SamplerConfig`` fields (eta, grid, rho, s_churn, clip_x0, ...).
         """
         config = self.config.sampler if sampler is None else SamplerConfig(name=sampler)
-        if steps is not None:
+        if steps is not None:  # 0 in a config is the method's default; asked for, at least 1
+            _check_count(steps, "steps", STEPS)
             options["steps"] = steps
-        return build_sampler(self.method, dataclasses.replace(config, **options))
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(SamplerConfig)})
+        if unknown:
+            raise DifflabError(f"unknown sampler option(s) {', '.join(unknown)}; see SamplerConfig")
+        config = dataclasses.replace(config, **options)
+        check_limits(config, "sampler.")
+        return build_sampler(self.method, config)
 
     @property
     def class_names(self) -> list[str]:
@@ -77,6 +92,9 @@ class Run:
         own by default; 1 = the plain model): away from the guide when the run has one
         (autoguidance), else classifier-free towards the label.
         """
+        for value, name, limits in ((num, "num", NUM), (batch_size, "batch_size", BATCH),
+                                    (start, "start", START), (seed, "seed", SEED)):  # fmt: skip
+            _check_count(value, name, limits)
         plan = plan or self.plan(sampler, steps)
         guide = None if self.guide is None else self.method.denoiser(self.guide)
         labels, guidance = bind_request(
@@ -103,6 +121,20 @@ class Run:
         return self.generate(num, seed, **kwargs).images
 
 
+STEPS = Limits(low=1, high=MAX_SAMPLER_STEPS, integer=True)
+NUM = Limits(low=1, high=MAX_IMAGES, integer=True)
+BATCH = Limits(low=1, high=MAX_SAMPLE_BATCH, integer=True)
+START = Limits(low=0, high=MAX_STEPS, integer=True)
+SEED = limits_of(TrainConfig, "seed")  # the command line's --seed
+
+
+def _check_count(value: object, name: str, limits: Limits) -> None:
+    """A one-line error unless ``value`` is an integer within ``limits``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DifflabError(f"{name} must be {limits.describe()}, got {value!r}")
+    limits.check(value, name)
+
+
 def load_run(
     path: str | Path,
     checkpoint: str | Path | None = None,
@@ -116,7 +148,7 @@ def load_run(
     directory, one of its checkpoint folders or an export); by default the run's own guide
     when its config has one (``sampler.guide_at``).
     """
-    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    torch_device = resolve_device(str(device))  # a torch.device is checked as its name is
 
     def build(config: Config) -> nn.Module:
         return build_network(config).to(torch_device).eval()

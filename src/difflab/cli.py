@@ -64,20 +64,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
         else 0
     )
     kept, evaluations, frames = [], 0, None
-    bar = tqdm(total=args.num, desc="sampling", unit="img", disable=args.quiet)
-    for start in range(0, args.num, args.batch_size):
-        count = min(args.batch_size, args.num - start)
-        result = run.generate(
-            count, args.seed, label=args.label, guidance=args.guidance, plan=plan,
-            batch_size=count, start=start, record=record,
-        )  # fmt: skip
-        frames = frames if frames is not None else result.frames
-        record = 0  # the first batch's first images only
-        save_images(result.images, out, start_index=start)
-        kept.append(result.images[: max(grid_size - start, 0)])
-        evaluations = result.evaluations
-        bar.update(count)
-    bar.close()
+    with tqdm(total=args.num, desc="sampling", unit="img", disable=args.quiet) as bar:
+        for start in range(0, args.num, args.batch_size):
+            count = min(args.batch_size, args.num - start)
+            result = run.generate(
+                count, args.seed, label=args.label, guidance=args.guidance, plan=plan,
+                batch_size=count, start=start, record=record,
+            )  # fmt: skip
+            frames = frames if frames is not None else result.frames
+            record = 0  # the first batch's first images only
+            save_images(result.images, out, start_index=start)
+            kept.append(result.images[: max(grid_size - start, 0)])
+            evaluations = result.evaluations
+            bar.update(count)
     grid = torch.cat(kept)
     if rows:  # one class per row
         grid = class_rows(grid, len(run.class_names))[0]
@@ -175,10 +174,13 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "the model only, not its guide (sampler.guide_at)"
             )
         write_diffusers(run, out, Path(args.run_dir), args.raw)
-        print(
-            f"exported step {run.step} to {out}: DDPMPipeline.from_pretrained({str(out)!r}) "
-            "loads it in diffusers"
+        how = (
+            "UNet2DModel and DDPMScheduler load it in diffusers (class-conditional: its "
+            "README.md has the sampling loop with class_labels)"
+            if run.class_names
+            else f"DDPMPipeline.from_pretrained({str(out)!r}) loads it in diffusers"
         )
+        print(f"exported step {run.step} to {out}: {how}")
         return 0
     if out.suffix != ".safetensors":
         raise DifflabError(f"--out {out}: the export file must end in .safetensors")
@@ -317,7 +319,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv, debug)
 
 
+#: What frees memory, by command: training can accumulate gradients over smaller batches.
+_MEMORY_ADVICE = {
+    "train": "lower --batch-size or raise train.accumulation",
+    "distill": "lower --batch-size or raise train.accumulation",
+    **dict.fromkeys(("sample", "eval", "ref"), "lower --batch-size"),
+}
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A GPU's out-of-memory error, or the CPU allocator's (torch raises a RuntimeError there)."""
+    import torch
+
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
 def _main(argv: list[str], debug: bool) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
         if args.quiet:
@@ -337,13 +357,9 @@ def _main(argv: list[str], debug: bool) -> int:
     except Exception as error:  # the last line of defence: still one line, unless --debug
         if debug:
             raise
-        import torch
-
-        if isinstance(error, torch.OutOfMemoryError):
-            print(
-                "difflab: error: out of memory; lower --batch-size or raise train.accumulation",
-                file=sys.stderr,
-            )
+        if _out_of_memory(error):
+            advice = _MEMORY_ADVICE.get(getattr(args, "command", ""), "free some memory")
+            print(f"difflab: error: out of memory; {advice}", file=sys.stderr)
         else:
             print(
                 f"difflab: error: unexpected {type(error).__name__}: {_one_line(error)} (rerun "

@@ -72,6 +72,11 @@ def _load_reference(args: argparse.Namespace, extractor):
 
     if args.ref.endswith(".npz"):
         return load_stats(args.ref)
+    if Path(args.ref).is_file():
+        raise DifflabError(
+            f"--ref {args.ref} is neither a .npz of reference statistics (difflab ref) nor a "
+            "folder of images; give one of those, or cifar10"
+        )
     return reference_stats(args.ref, args.class_name, args.image_size, extractor, args.batch_size)
 
 

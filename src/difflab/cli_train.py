@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from difflab.config import ConsistencyMethod, TrainConfig
+from difflab.config import ConsistencyMethod, TrainConfig, parse_value
 from difflab.errors import DifflabError
 from difflab.limits import Bounded
 
@@ -39,17 +39,22 @@ def _train_config(args: argparse.Namespace):
         # 200,000 steps) would otherwise outlast a --time-limit and keep a cool-down away.
         config.train.steps, config.train.images, config.train.time_limit = 0, 0, 0.0
     overrides = _flags(args, *RUN_FLAGS, "data.source", "data.class_name", "sampler.name")
-    return _absolute_data(validate(apply_overrides(config, overrides + args.set)))
+    return _absolute_paths(validate(apply_overrides(config, overrides + args.set)))
 
 
-def _absolute_data(config):
-    """A folder given as the data is stored as an absolute path, so that --resume and distill
-    find it from any working directory."""
-    source = config.data.source
-    if source.strip().lower() == "cifar10":
-        return config
-    absolute = str(Path(source).expanduser().resolve())
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, source=absolute))
+def _absolute_paths(config):
+    """What a run reads is stored as absolute paths, so that --resume and distill find it from
+    any working directory: a folder given as the data, a student's teacher and its guide."""
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    if config.data.source.strip().lower() != "cifar10":
+        data = dataclasses.replace(config.data, source=absolute(config.data.source))
+        config = dataclasses.replace(config, data=data)
+    c = config.method.consistency
+    c = dataclasses.replace(c, teacher=absolute(c.teacher), teacher_guide=absolute(c.teacher_guide))
+    return dataclasses.replace(config, method=dataclasses.replace(config.method, consistency=c))
 
 
 #: The config key of each command-line option (args.<name> holds its value).
@@ -71,7 +76,14 @@ RUN_FLAGS = [key for key in FLAG_KEYS if key.startswith("train.")]
 def _flags(args: argparse.Namespace, *keys: str) -> list[str]:
     """``key=value`` overrides of the options given, for these config keys."""
     values = {key: getattr(args, FLAG_KEYS[key]) for key in keys}
-    return [f"{key}={json.dumps(value)}" for key, value in values.items() if value is not None]
+    return [f"{key}={_literal(value)}" for key, value in values.items() if value is not None]
+
+
+def _literal(value: object) -> str:
+    """``value`` as override text that parses back to it: quoted, so that a folder named 1e3
+    stays a string, unless the quoting cannot say it (a path that is not valid UTF-8)."""
+    text = json.dumps(value)
+    return text if parse_value(text) == value else str(value)
 
 
 RESUMABLE = {
@@ -85,6 +97,9 @@ RESUMABLE = {
     "train.lr_schedule",
     "train.cooldown",
     "train.min_lr",
+    # a distilled student's teacher and its guide, moved (the same weights at a new path)
+    "method.consistency.teacher",
+    "method.consistency.teacher_guide",
 }
 
 
@@ -120,7 +135,7 @@ def _resume_config(args: argparse.Namespace):
                 f"--set {item}: only {', '.join(sorted(RESUMABLE))} can change on --resume"
             )
     overrides = _flags(args, *sorted(RESUMABLE & FLAG_KEYS.keys()))
-    return validate(apply_overrides(config, overrides + args.set)), run_dir
+    return _absolute_paths(validate(apply_overrides(config, overrides + args.set))), run_dir
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -196,8 +211,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
         train=length,
     )
     overrides = _flags(args, *RUN_FLAGS, "data.source")
-    config = _absolute_data(validate(apply_overrides(config, overrides + args.set)))
+    config = _absolute_paths(validate(apply_overrides(config, overrides + args.set)))
     init = None if args.from_scratch else teacher
+    if init is not None and config.network != base.network:
+        raise DifflabError(
+            "the student starts from the teacher's weights, so its network cannot change; "
+            "add --from-scratch for a student network of its own"
+        )
+    if config.data.image_size != base.data.image_size:
+        raise DifflabError(
+            f"{teacher} makes {base.data.image_size}x{base.data.image_size} images; drop "
+            "data.image_size (a student learns at its teacher's size)"
+        )
     if init is not None and config.method.consistency.base != base.method.name:
         log.warning(
             "%s is a %s run: its network was trained on other input scalings than the "

@@ -23,7 +23,7 @@ from difflab.errors import DifflabError, brief
 log = logging.getLogger("difflab")
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
-_FOLDER_HINT = "point --data at an image folder (class subfolders or a flat folder of images)"
+_FOLDER_HINT = "give a folder of images (class subfolders or a flat folder of images)"
 _NAMES_IN_MESSAGE = 5
 _CLASSES_IN_MESSAGE = 30
 _SERIAL_BELOW = 64
@@ -162,7 +162,7 @@ def _load_folder(
 ) -> ImageSet:
     if not folder.exists():
         raise DifflabError(
-            f"data path {folder} does not exist; {_FOLDER_HINT} or use --data cifar10"
+            f"data path {folder} does not exist; {_FOLDER_HINT}, or cifar10 for CIFAR-10"
         )
     if not folder.is_dir():
         raise DifflabError(f"data path {folder} is not a folder; {_FOLDER_HINT}")

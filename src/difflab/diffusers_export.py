@@ -269,8 +269,7 @@ def model_card(run, run_dir: Path, raw: bool) -> str:
     prediction = PREDICTION_TYPES[run.method.parameterization.name]
     return f"""---
 library_name: diffusers
-pipeline_tag: unconditional-image-generation
-tags: [difflab, ddpm]
+{"tags: [difflab, ddpm, class-conditional]" if data.class_names else UNCONDITIONAL}
 ---
 
 # {config.preset} trained with difflab
@@ -283,13 +282,48 @@ tags: [difflab, ddpm]
 - **Budget**: {run.step:,} optimizer steps of batch {config.train.batch_size}; {"raw" if raw else "EMA"} weights.
 - **Quality**: {quality}.
 
-```python
+{_conditional_usage(data.class_names, data.image_size) if data.class_names else USAGE}
+`UNet2DModel.from_pretrained(PATH, subfolder="unet")` loads the network alone. difflab's time
+input (step 1..T) is folded into the weights: the model takes diffusers' timesteps 0..T-1.
+"""
+
+
+UNCONDITIONAL = "pipeline_tag: unconditional-image-generation\ntags: [difflab, ddpm]"
+USAGE = """```python
 from diffusers import DDPMPipeline
 
 pipeline = DDPMPipeline.from_pretrained("PATH/TO/THIS/FOLDER")
 images = pipeline(batch_size=16, num_inference_steps=1000).images
 ```
+"""
 
-`UNet2DModel.from_pretrained(PATH, subfolder="unet")` loads the network alone. difflab's time
-input (step 1..T) is folded into the weights: the model takes diffusers' timesteps 0..T-1.
+
+def _conditional_usage(class_names: list[str], size: int) -> str:
+    """DDPMPipeline passes no class labels, so a conditional network samples by its own loop."""
+    table = "\n".join(f"| {i} | {name} |" for i, name in enumerate(class_names))
+    none = len(class_names)
+    return f"""The network is class-conditional: `DDPMPipeline` passes no `class_labels` (it refuses
+to run), so sample with the scheduler's loop. `class_labels` are these indices; {none} is "no
+class" (the label dropout's unconditional model).
+
+| index | class |
+|---:|---|
+{table}
+| {none} | no class |
+
+```python
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("PATH/TO/THIS/FOLDER", subfolder="unet")
+scheduler = DDPMScheduler.from_pretrained("PATH/TO/THIS/FOLDER", subfolder="scheduler")
+labels = torch.tensor([0] * 16)  # 16 images of class 0
+x = torch.randn(16, 3, {size}, {size}, generator=torch.Generator().manual_seed(0))
+scheduler.set_timesteps(1000)
+for t in scheduler.timesteps:
+    with torch.no_grad():
+        model_output = unet(x, t, class_labels=labels).sample
+    x = scheduler.step(model_output, t, x).prev_sample
+images = (x.clamp(-1, 1) + 1) / 2  # [16, 3, {size}, {size}] in [0, 1]
+```
 """

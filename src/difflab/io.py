@@ -4,6 +4,7 @@ with the permissions an ordinary ``open()`` would give, and output paths checked
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -11,7 +12,22 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from difflab.errors import DifflabError
+from safetensors import SafetensorError
+
+from difflab.errors import DifflabError, brief
+
+#: What a failed write raises: OSError, safetensors' own error, torch.save's RuntimeError.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def disk_full(error: Exception) -> bool:
+    """Whether a failed write ran out of space (safetensors says so only in its text)."""
+    text = str(error)
+    return (
+        getattr(error, "errno", None) == errno.ENOSPC
+        or "os error 28" in text
+        or "No space left" in text
+    )
 
 
 def fsync_dir(folder: Path) -> None:
@@ -81,18 +97,24 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     make_folder(path.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
         os.chmod(tmp, file_mode(path))
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except WRITE_ERRORS as error:  # safetensors and torch.save do not raise OSError
+        if disk_full(error):
+            raise DifflabError(f"disk full while writing {path}; free some space") from None
+        raise DifflabError(f"could not write {path} ({brief(error, 200)})") from None
     finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -140,3 +162,8 @@ def _check_parents_writable(folder: Path, flag: str) -> None:
         raise DifflabError(f"{flag}: {existing} is a file, not a folder; choose another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise DifflabError(f"{flag}: cannot write in {existing} (permission denied)")
+    try:  # some file systems refuse what the permission bits allow (/sys, read-only mounts)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise DifflabError(f"{flag}: cannot write in {existing} ({error.strerror})") from None

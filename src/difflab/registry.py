@@ -237,6 +237,12 @@ def _load_teacher(path: str, guide: str, guidance: float, device: torch.device) 
     def build(config):
         return build_network(config).to(device).eval().requires_grad_(False)
 
+    gone = {key: where for key, where in (("teacher", path), ("teacher_guide", guide))
+            if where and not Path(where).exists()}  # fmt: skip
+    if gone:
+        sets = " ".join(f"--set method.consistency.{key}='NEW PATH'" for key in gone)
+        raise DifflabError(f"{' and '.join(gone.values())} (the {' and '.join(gone)}) not found; "
+                           f"if moved, resume with {sets}")  # fmt: skip
     loaded = load_model(path, build)
     teacher = build_method(loaded.config)
     if teacher.parameterization.name == "consistency":

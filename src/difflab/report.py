@@ -76,7 +76,7 @@ def _facts(run: Path, config: Config, rows: list[dict]) -> dict[str, str]:
     t, last = config.train, next((r for r in reversed(rows) if "loss" in r), {})
     limits = [f"{t.steps:,} steps" if t.steps else "", f"{t.images:,} images" if t.images else ""]
     limits += [f"{t.time_limit:.1f} min time limit (last invocation)" if t.time_limit else ""]
-    invocations = _invocations(run)
+    invocations = read_log(run / "invocations.jsonl")
     data = config.data.source + (
         f", class {config.data.class_name}" if config.data.class_name else ""
     )
@@ -94,16 +94,11 @@ def _facts(run: Path, config: Config, rows: list[dict]) -> dict[str, str]:
             if last
             else "not started"
         ),
-        "machine": invocations[-1]["machine"] if invocations else "not recorded",
+        "machine": invocations[-1].get("machine", "not recorded")
+        if invocations
+        else "not recorded",
         "invocations": str(len(invocations)),
     }
-
-
-def _invocations(run: Path) -> list[dict]:
-    path = run / "invocations.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _curves(rows: list[dict]) -> dict[str, str]:

@@ -98,7 +98,7 @@ class ConsistencyMethod:
     sigma_data: float = setting(0.5, low=0, low_open=True)
     sigma_min: float = setting(0.002, low=0, low_open=True)
     sigma_max: float = setting(80.0, low=0, low_open=True)
-    rho: float = setting(7.0, low=0, low_open=True, high=1000)  # discretisation (Karras eq. 5)
+    rho: float = setting(7.0, low=1, high=1000)  # discretisation (Karras eq. 5); 1: even in sigma
     # which pairs of levels, weighted how: "log-normal" levels with lambda = 1 / (s_{n+1} - s_n)
     # (improved CT, Song & Dhariwal 2023), or "uniform" n with lambda = 1 (Song et al. 2023)
     weighting: str = setting("log-normal", choices=("log-normal", "uniform"))
@@ -151,7 +151,7 @@ class SamplerConfig:
     grid: str = setting(
         "default", choices=("default", "process", "edm", "logsnr", "few-step")
     )  # GRIDS
-    rho: float = setting(7.0, low=0, low_open=True, high=1000)
+    rho: float = setting(7.0, low=1, high=1000)  # the few-step, edm grids (Karras eq. 5); 1: even
     # The top of the edm, logsnr and few-step grids as sigma / alpha (0: the method's own, e.g.
     # 80); EDM's sampler's sigma_max. A consistency model's one step may do better from lower.
     sigma_max: float = setting(0.0, low=0, high=1e6)

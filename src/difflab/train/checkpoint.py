@@ -13,7 +13,6 @@ with autoguidance (``sampler.guide_at``) keeps the checkpoint of its guide step 
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -30,7 +29,14 @@ from torch import nn
 
 from difflab.config import Config, from_dict, load_json, upgrade, validate
 from difflab.errors import DifflabError, brief
-from difflab.io import delete_path, fsync_dir, new_file_mode, publish_folder
+from difflab.io import (
+    WRITE_ERRORS,
+    delete_path,
+    disk_full,
+    fsync_dir,
+    new_file_mode,
+    publish_folder,
+)
 
 FORMAT_VERSION = 1
 GUIDE_MARK = "guide"  # an empty file in the checkpoint folder of a run's guide
@@ -82,14 +88,10 @@ def save_checkpoint(
             (tmp / GUIDE_MARK).touch()
         _write_files(tmp, step, net, ema, state)
         publish_folder(tmp, final)
-    except _WRITE_ERRORS as error:  # safetensors and torch.save do not raise OSError
+    except WRITE_ERRORS as error:  # safetensors and torch.save do not raise OSError
         delete_path(tmp)
         raise _write_error(error, final) from None
     return final
-
-
-# What a failed write raises: OSError, safetensors' own error, torch.save's RuntimeError.
-_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def _write_files(
@@ -110,9 +112,7 @@ def _write_files(
 def _write_error(error: Exception, final: Path) -> DifflabError:
     reason = brief(error, 200)
     intact = f"the previous checkpoints in {final.parent} are intact"
-    text = str(error)
-    full = getattr(error, "errno", None) == errno.ENOSPC or "os error 28" in text
-    if full or "No space left" in text:
+    if disk_full(error):
         return DifflabError(
             f"disk full while writing checkpoint {final.name}; {intact}: free some space, "
             "then resume with --resume"
@@ -255,7 +255,7 @@ def load_model(
         load_weights_into(net, weights, ckpt.path)
         return ckpt.step
 
-    step = use(load_checkpoint(Path(checkpoint))) if checkpoint else newest_usable(path, use)
+    step = use(_chosen(path, config, checkpoint)) if checkpoint else newest_usable(path, use)
     if step is None:
         found = len(list_checkpoints(path))
         if found:
@@ -265,6 +265,23 @@ def load_model(
             )
         raise DifflabError(f"{path} has no checkpoint yet; train it first (difflab train)")
     return LoadedModel(config, net, step, path)
+
+
+def _chosen(run_dir: Path, config: Config, checkpoint: str | Path) -> Checkpoint:
+    """The checkpoint asked for by path, or by name among the run's, if it is of the run's
+    method and network (another run's weights would load into a look-alike network)."""
+    chosen = Path(checkpoint)
+    if not chosen.exists() and len(chosen.parts) == 1:
+        chosen = checkpoint_dir(run_dir) / chosen
+    ckpt = load_checkpoint(chosen)
+    theirs = from_dict(upgrade(ckpt.config))
+    if (theirs.method.name, theirs.network) != (config.method.name, config.network):
+        raise DifflabError(
+            f"{chosen} is a checkpoint of another model ({theirs.method.name}, "
+            f"{theirs.network.name}) than {run_dir}'s ({config.method.name}, "
+            f"{config.network.name}); choose one of {checkpoint_dir(run_dir)}"
+        )
+    return ckpt
 
 
 def stored_config(path: str | Path) -> Config:

@@ -54,12 +54,15 @@ class TrainLog:
 
 
 def read_log(path: Path) -> list[dict[str, float]]:
-    """Rows of a log.jsonl; a last line cut off by a crash is ignored."""
+    """Rows of a .jsonl log (log.jsonl, invocations.jsonl); a line cut off or garbled by a
+    crash is ignored."""
     rows = []
     if path.exists():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
     return rows

@@ -55,6 +55,8 @@ def check_new_run_dir(run_dir: Path) -> None:
 
 
 def check_existing_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DifflabError(f"{run_dir} is a file, not a run directory")
     if not run_dir.is_dir():
         raise DifflabError(f"run directory {run_dir} does not exist")
     if not (run_dir / "config.json").is_file():
