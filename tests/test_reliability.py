@@ -233,8 +233,8 @@ def test_out_of_memory_is_one_line_and_the_run_resumes(checkpointed, capsys, mon
         raise error
 
     monkeypatch.setattr(Trainer, "train_step", oom)
-    code, _, err = run_cli(capsys, "train", "--resume", checkpointed, "--steps", 8, "--no-progress")
-    line = assert_one_line_error(code, err)
+    code, _, err = run_cli(capsys, "train", "--resume", checkpointed, "--steps", 8)
+    line = assert_one_line_error(code, err)  # after the progress bar, on a line of its own
     assert line == "difflab: error: out of memory; lower --batch-size or raise train.accumulation"
     monkeypatch.undo()
     code, out, err = run_cli(
@@ -250,9 +250,8 @@ def test_out_of_memory_while_sampling_says_to_lower_the_batch(
         raise OUT_OF_MEMORY[1]
 
     monkeypatch.setattr("difflab.api.Run.generate", oom)
-    code, _, err = run_cli(
-        capsys, "-q", "sample", checkpointed, "--num", 4, "--out", tmp_path / "s"
-    )
+    code, _, err = run_cli(capsys, "sample", checkpointed, "--num", 4, "--out", tmp_path / "s")
+    # the progress bar is closed first: the error is a line of its own
     line = assert_one_line_error(code, err)
     assert line == "difflab: error: out of memory; lower --batch-size"
 

@@ -75,24 +75,23 @@ def generate(
     hooks = [net.register_forward_hook(counter) for net in nets]
     outputs, frames = [], []
     try:
-        bar = tqdm(total=len(seeds), desc="sampling", unit="img", disable=not progress)
-        for start in range(0, len(seeds), batch_size):
-            chunk = seeds[start : start + batch_size]
-            rng = SampleNoise(chunk, device)
-            noise = rng.randn(shape) * scale
-            chunk_labels = None if labels is None else labels[start : start + len(chunk)]
-            bound = denoiser.bind(chunk_labels, guidance, guide)
-            kept = max(min(keep_images - start, len(chunk)), 0)
-            states = [to_uint8(noise[:kept])] if kept else None
+        with tqdm(total=len(seeds), desc="sampling", unit="img", disable=not progress) as bar:
+            for start in range(0, len(seeds), batch_size):
+                chunk = seeds[start : start + batch_size]
+                rng = SampleNoise(chunk, device)
+                noise = rng.randn(shape) * scale
+                chunk_labels = None if labels is None else labels[start : start + len(chunk)]
+                bound = denoiser.bind(chunk_labels, guidance, guide)
+                kept = max(min(keep_images - start, len(chunk)), 0)
+                states = [to_uint8(noise[:kept])] if kept else None
 
-            def keep(i: int, x: Tensor, x0: Tensor, states=states, kept=kept) -> None:
-                states.append(to_uint8(x[:kept]))
+                def keep(i: int, x: Tensor, x0: Tensor, states=states, kept=kept) -> None:
+                    states.append(to_uint8(x[:kept]))
 
-            outputs.append(plan(bound, noise, rng, keep if kept else None).float().cpu())
-            if kept:
-                frames.append(torch.stack(states))
-            bar.update(len(chunk))
-        bar.close()
+                outputs.append(plan(bound, noise, rng, keep if kept else None).float().cpu())
+                if kept:
+                    frames.append(torch.stack(states))
+                bar.update(len(chunk))
     finally:
         for hook in hooks:
             hook.remove()

@@ -106,10 +106,9 @@ class Loop:
             return self._result("already-done")
         if self.main and trainer.step == 0:
             self.pictures.at_start(trainer.data, trainer.method.objective)
-        bar = self._progress_bar()
         self.last_row = (time.monotonic(), trainer.images_seen)
         stopped_by = None
-        with StopRequest() as stop:
+        with self._progress_bar() as bar, StopRequest() as stop:  # an error closes the bar too
             while stopped_by is None:
                 step_start = time.monotonic()
                 previous_images = trainer.images_seen
@@ -134,7 +133,6 @@ class Loop:
                 every = trainer.step % t.checkpoint_every == 0
                 if stopped_by is None and (every or trainer.step == guide_step(trainer.config)):
                     trainer.checkpoint()  # and the run's guide, kept (sampler.guide_at)
-        bar.close()
         trainer.checkpoint()
         result = self._result(stopped_by)
         if stopped_by == "signal":
