@@ -20,6 +20,7 @@ GIF_IMAGES = 16  # images in sample's reverse-process.gif
 # Numeric options: parsed and range-checked by the limits their config fields declare.
 SEED = Bounded.like(TrainConfig, "seed")
 SAMPLER_STEPS = Bounded.like(SamplerConfig, "steps", low=1)
+CHECKPOINT_HELP = "one of the run's checkpoints: its folder, or its name step-N (default: newest)"
 GUIDANCE = Bounded.like(SamplerConfig, "guidance")
 
 
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Bounded.like(SamplerConfig, "sigma_max"),
         help="top of the edm, logsnr and few-step grids as sigma (default: the method's, e.g. 80)",
     )
-    sample.add_argument("--checkpoint", help="a checkpoint folder of the run (default: newest)")
+    sample.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     sample.add_argument("--guide", help=GUIDE_HELP)
     sample.add_argument("--strip", action="store_true", help="also write strip.png of the progress")
@@ -284,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "DDPM presets with the positional embedding (ddpm-paper, ddpm-cosine-paper)",
     )
     export.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
-    export.add_argument("--checkpoint", help="a checkpoint folder of the run (default: newest)")
+    export.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     export.set_defaults(func=cmd_export)
 
     add_eval_commands(sub)

@@ -182,7 +182,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--steps", type=Bounded.like(SamplerConfig, "steps", low=1), help="sampler steps (run)"
     )
-    evaluate.add_argument("--checkpoint", help="a checkpoint folder of the run")
+    evaluate.add_argument("--checkpoint", help="one of the run's checkpoints: its folder or name")
     evaluate.add_argument("--seed", type=Bounded.like(TrainConfig, "seed"), default=0)
     evaluate.add_argument(
         "--label", help="class(es) to sample from a conditional run (default all)"
