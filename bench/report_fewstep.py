@@ -30,7 +30,14 @@ NEXT = (
     "Length gives less each time (below; the smoothed loss in log.jsonl fell from 2.28 at "
     "80,000 images to 2.08 at 160,000 and has stayed at 2.0-2.1 since), and the cool-down "
     "gains most at 1 step but only a few FID-1k, so the 1-step target is out of reach by length "
-    "or schedule on this CPU. What I would try next: Adam 1e-3 (the 1-step screen's best) for the "
+    "or schedule on this CPU. A later screen found the lever that length and schedule are not: "
+    "where the pairs are drawn. Improved CT's log-normal draws (log sigma centred on -1.1) put "
+    "4% of the pairs above sigma = 10, where a 1-step sample starts (at 80); centred on 0 "
+    "(`lr4-ag-pm0`, 11%) the 1-step FID-1k at 12,000 images fell from 157.7 to 116.0 (-26%) "
+    "with the 2-step one unchanged (65.3 -> 65.9). That screen distilled a CPU copy of the teacher "
+    "(the table's last rows), so it awaits the long run: "
+    "bench/fewstep_gpu.py distils it beside the others. What I would try next: p_mean 0 at the "
+    "student's full length and higher still; Adam 1e-3 (the 1-step screen's best) for the "
     "first half and 4e-4 after; Song et al.'s LPIPS distance in place of the pseudo-Huber one "
     "(it needs VGG weights, which this machine cannot download); ECT's and sCM's "
     "continuous-time objectives."
@@ -143,8 +150,15 @@ def _levers(rows: list[dict]) -> list[str]:
                          if "{" not in item else "`teacher_guide=` its step 980"
                          for item in r["sets"]) or "-"  # fmt: skip
         one, two = r["scores"]["1"], r["scores"]["2"]
-        lines.append(f"| `{r['lever']}` | {sets} | {r['images']:,} | {r['minutes']:.1f} | "
+        lever = f"`{r['lever']}`" + (f", `{r['teacher']}`*" if r.get("teacher") else "")
+        lines.append(f"| {lever} | {sets} | {r['images']:,} | {r['minutes']:.1f} | "
                      f"{one['fid']:.1f} | {two['fid']:.1f} | {two['kid']:.4f} |")  # fmt: skip
+    others = sorted({(r["teacher"], r["matmul_peak_gflops"]) for r in rows if r.get("teacher")})
+    for name, peak in others:
+        lines += ["", f"\\* Distilled from `{name}`, the teacher's recipe trained again on a later "
+                  "session's CPU (autoguided FID-1k 44.2 against the benchmark teacher's 43.2, "
+                  "bench/results/fewstep/start-screen.json), on a slower machine (fp32 matmul peak "
+                  f"{peak:.0f} GFLOP/s, partly beside other work: its minutes do not compare)."]  # fmt: skip
     return [*lines, ""]
 
 
