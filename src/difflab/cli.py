@@ -20,8 +20,9 @@ GIF_IMAGES = 16  # images in sample's reverse-process.gif
 # Numeric options: parsed and range-checked by the limits their config fields declare.
 SEED = Bounded.like(TrainConfig, "seed")
 SAMPLER_STEPS = Bounded.like(SamplerConfig, "steps", low=1)
-CHECKPOINT_HELP = "one of the run's checkpoints: its folder, or its name step-N (default: newest)"
 GUIDANCE = Bounded.like(SamplerConfig, "guidance")
+
+CHECKPOINT_HELP = "one of the run's checkpoints: its folder, or its name step-N (default: newest)"
 
 
 class _Parser(argparse.ArgumentParser):
