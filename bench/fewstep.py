@@ -76,6 +76,14 @@ LEVERS = {
         "method.consistency.teacher_guidance=2",
         "method.consistency.p_mean=0.0",
     ],
+    # the trend of lr4-ag-pm0 followed one step further: centred on log sigma 0.6 (sigma 1.8),
+    # sigma above 10 is drawn about 20% of the time
+    "lr4-ag-pm06": [
+        "train.lr=4e-4",
+        "method.consistency.teacher_guide='{guide}'",
+        "method.consistency.teacher_guidance=2",
+        "method.consistency.p_mean=0.6",
+    ],
     # the original paper's weighting (n uniform over the 18 pairs, lambda = 1), not improved CT's
     # log-normal one with lambda = 1 / (s_{n+1} - s_n), which gives the 6 pairs above sigma = 10
     # 4% of the draws, the top one 0.2%
@@ -227,8 +235,14 @@ def piece_student(settings: Settings, name: str = "student") -> None:
                 "images_per_s": _rate(student, None, steps)}  # fmt: skip
 
     _rows(settings, name, [("consistency", k) for k in STUDENT_STEPS], measure)
-    if name != FINAL:  # the report shows the final student's samples
+    if name != FINAL:  # the report shows the final student's samples and what it cost
         return
+    # what the report says of the student's cost and of this machine, kept with the rates so
+    # that the report can be written again anywhere, without the run folder
+    config = json.loads((student / "config.json").read_text())
+    save(settings.result("distill"), {"images": config["train"]["images"],
+                                      "minutes": quality._elapsed_minutes(student),
+                                      "matmul_peak_gflops": matmul_peak(10)})  # fmt: skip
     run = load_run(student, device="cpu")
     for k in STUDENT_STEPS:  # the same 64 seeds at each step count
         save_grid(run.sample(64, seed=0, steps=k).clamp(-1, 1), _figures(settings) / grid(k, name))
@@ -281,22 +295,29 @@ def piece_teacher(settings: Settings) -> None:
     _rows(settings, "teacher-ag", TEACHER_AG_ROWS, guided)
 
 
-def piece_report(settings: Settings) -> None:
-    from report_fewstep import LEVELS, MODELS, section
+def report_values(settings: Settings) -> dict:
+    """What ``report`` writes from: the results of every piece, none of the run folders."""
+    from report_fewstep import LEVELS, MODELS
 
     pieces = (
         [piece for piece, _ in MODELS] + [f"levels{suffix}" for suffix, _ in LEVELS] + ["levers"]
     )
     values = {piece: json.loads(settings.result(piece).read_text())["rows"]
               for piece in pieces if settings.result(piece).exists()}  # fmt: skip
-    final = settings.run_dir(FINAL)
-    values["distill_minutes"] = quality._elapsed_minutes(final)
-    values["distill_images"] = json.loads((final / "config.json").read_text())["train"]["images"]
+    if not settings.result("distill").exists():
+        raise SystemExit(f"no {settings.result('distill')}: run `fewstep.py student` first")
+    values["distill"] = json.loads(settings.result("distill").read_text())
     values["student_lever"] = STUDENT
     values["teacher"] = values.get("teacher", [])
-    values["matmul_peak_gflops"] = matmul_peak(10)  # this machine, measured now (keep it quiet)
+    return values
+
+
+def piece_report(settings: Settings) -> None:
+    from report_fewstep import section
+
+    text = section(report_values(settings), settings, _figures(settings))
     target = settings.out / "benchmarks.md" if settings.quick else BENCHMARKS
-    print(f"wrote {write_section(HEADING, section(values, settings, _figures(settings)), target)}")
+    print(f"wrote {write_section(HEADING, text, target)}")
 
 
 def main() -> None:

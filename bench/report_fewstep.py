@@ -92,21 +92,23 @@ LEVELS = [
 
 def section(values: dict, settings, figures: Path) -> str:
     student, teacher = values.get(FINAL, []), values["teacher"]
+    distill = values["distill"]  # written with the final student's sampling rates
     lines = [
         "## One and two steps",
         "",
         f"_Written by `bench/fewstep.py report`; teacher `{settings.teacher.name}` (flow-cpu as it "
-        "was before issue 14: 64 channels, batch 32, a constant rate; 30 minutes on the cars), student distilled from it on {values['distill_images']:,} images "
-        f"({values['distill_minutes']:.1f} minutes on this machine; the rate cooled down over the "
-        f"last fifth, below) with `difflab distill` "
-        f"(consistency distillation, section 2.8 of docs/methods.md) and the settings of lever "
-        f"`{values['student_lever']}` below._",
+        "was before issue 14: 64 channels, batch 32, a constant rate; 30 minutes on the cars), "
+        f"student distilled from it on {distill['images']:,} images ({distill['minutes']:.1f} "
+        "minutes on the machine below; the rate cooled down over the last fifth, below) with "
+        "`difflab distill` (consistency distillation, section 2.8 of docs/methods.md) and the "
+        f"settings of lever `{values['student_lever']}` below._",
         "",
         "1,000 samples each, FID-1k and KID against the 5,000 training cars, as in the quality "
         "benchmark. Sampling images/s: 100 images in-process on this CPU after a warm-up "
-        f"(fp32 matmul peak {values.get('matmul_peak_gflops', 0):.0f} GFLOP/s, measured by the "
-        "report on the same machine). The autoguided teacher is guided by its own EMA weights "
-        "at step 980 of 3,044 (a third of its training), the student's teacher.",
+        f"(fp32 matmul peak {distill['matmul_peak_gflops']:.0f} GFLOP/s, measured on the same "
+        f"machine, {distill['machine']}, {distill['date']}). The autoguided teacher is guided "
+        "by its own EMA weights at step 980 of 3,044 (a third of its training), the student's "
+        "teacher.",
         "",
         "| model | sampler | network evaluations | FID-1k | KID | sampling img/s |",
         "|---|---|---:|---:|---:|---:|",
