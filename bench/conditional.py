@@ -1,7 +1,8 @@
 """All ten CIFAR-10 classes with classifier-free guidance, against cars alone (issue 15).
 
-Resumable pieces; every result lands in bench/results/conditional/*.json when measured, and
-``report`` writes the "## Classes" section of docs/benchmarks.md.
+Resumable pieces; every result lands in bench/results/conditional/*.json when measured (with
+the training minutes of the run it measured), and ``report`` writes the "## Classes" section of
+docs/benchmarks.md from those alone, on any machine.
 
     python bench/conditional.py ref       # statistics of 5,000 training images (500 per class)
                                           # and of the 5,000 training cars
@@ -130,7 +131,9 @@ def piece_sweep(settings: Settings) -> None:
         car = _score(settings, cars, settings.ref)
         rows.append({"guidance": w, **row, "car_kid": car["kid"], "car_kid_std": car["kid_std"],
                      "cars": car["num"]})  # fmt: skip
-        save(results, {"rows": sorted(rows, key=lambda r: r["guidance"]), "classes": classes})
+        # the run's training minutes, kept with what it measured: the report reads no run folder
+        save(results, {"rows": sorted(rows, key=lambda r: r["guidance"]), "classes": classes,
+                       "train_minutes": quality._elapsed_minutes(settings.run_dir("cond"))})  # fmt: skip
 
 
 def piece_cars(settings: Settings) -> None:
@@ -141,7 +144,8 @@ def piece_cars(settings: Settings) -> None:
     results = settings.result("cars")
     if results.exists():
         return
-    save(results, {"n100": _sample_and_score(settings, "cars", settings.num // 10)})
+    save(results, {"n100": _sample_and_score(settings, "cars", settings.num // 10),
+                   "train_minutes": quality._elapsed_minutes(settings.run_dir("cars"))})  # fmt: skip
 
 
 def piece_rates(settings: Settings, num: int = 30) -> None:
@@ -167,21 +171,30 @@ def piece_rates(settings: Settings, num: int = 30) -> None:
     save(results, {"images_per_s": rates, "num": num, "matmul_peak_gflops": peak})
 
 
+def report_values(settings: Settings) -> dict:
+    """What ``report`` writes from: the results of the pieces, none of the run folders."""
+    if not settings.result("sweep").exists():
+        raise SystemExit("nothing measured yet: run the sweep first")
+    values = {piece: json.loads(settings.result(piece).read_text())
+              for piece in ("sweep", "cars", "rates") if settings.result(piece).exists()}  # fmt: skip
+    for piece in ("sweep", "cars"):
+        if piece in values and "train_minutes" not in values[piece]:
+            raise SystemExit(
+                f"{settings.result(piece)} has no train_minutes: `{piece}` records them"
+            )
+    return values
+
+
+def _figures(settings: Settings) -> Path:
+    return settings.out if settings.quick else ROOT / "docs" / "figures"
+
+
 def piece_report(settings: Settings) -> None:
     from report_conditional import section
 
-    sweep, cars = settings.result("sweep"), settings.result("cars")
-    if not sweep.exists():
-        raise SystemExit("nothing measured yet: run the sweep first")
-    values = {"sweep": json.loads(sweep.read_text())}
-    if cars.exists():
-        values["cars"] = json.loads(cars.read_text())
-    if settings.result("rates").exists():
-        values["rates"] = json.loads(settings.result("rates").read_text())
-    for name in ("cond", "cars"):
-        values[f"train-{name}"] = quality._elapsed_minutes(settings.run_dir(name))
+    text = section(report_values(settings), _figures(settings))
     target = settings.out / "benchmarks.md" if settings.quick else BENCHMARKS
-    print(f"wrote {write_section(HEADING, section(values, settings), target)}")
+    print(f"wrote {write_section(HEADING, text, target)}")
 
 
 def main() -> None:

@@ -6,8 +6,6 @@ import math
 import shutil
 from pathlib import Path
 
-from common import ROOT
-
 FIGURE = "bench-flow-cond.png"
 
 
@@ -16,7 +14,9 @@ def _best(rows: list[dict]) -> dict:
     return min(rows, key=lambda row: (row["kid"], row["fid"]))
 
 
-def section(values: dict, settings) -> str:
+def section(values: dict, figures: Path) -> str:
+    """The section from ``values`` (bench/results/conditional: ``sweep``, ``cars``, ``rates``);
+    the class grid goes to (and, without the sweep's samples here, is found in) ``figures``."""
     sweep = values["sweep"]
     rows, best = sweep["rows"], _best(sweep["rows"])
     lines = [
@@ -27,7 +27,7 @@ def section(values: dict, settings) -> str:
         "",
         "Protocol (issue 15): `flow-cpu-cond` (flow-cpu with the ten CIFAR-10 classes as labels, "
         "label dropout 0.1) trains for "
-        f"{values['train-cond']:.1f} minutes on all 50,000 training images "
+        f"{sweep['train_minutes']:.1f} minutes on all 50,000 training images "
         "(`../shared/data/cifar10-jpg/train`), then samples 1,000 images, 100 per class "
         "(`--label all`), at each guidance weight w (D = D_uncond + w (D_cond - D_uncond); w = 1 "
         "is the plain conditional model). FID-1k and KID are measured against 5,000 training "
@@ -47,7 +47,6 @@ def section(values: dict, settings) -> str:
             f"{row['kid_std']:.4f} | {row['car_kid']:.4f} ± {row['car_kid_std']:.4f} | "
             f"{rate:.2f} |"
         )
-    figures = settings.out if settings.quick else ROOT / "docs" / "figures"
     lines += [
         "",
         f"*Images/s of {measured.get('num', 0)} samples in-process after a warm-up, on this "
@@ -76,7 +75,7 @@ def _cars_lines(values: dict, best: dict) -> list[str]:
     return [
         f"Cars alone, same budget: `flow-cpu` as it was before issue 14 (the conditional "
         "network's 64 channels, batch 32 and constant rate; `CARS_RECIPE` in conditional.py) "
-        f"trained {values['train-cars']:.1f} minutes on the 5,000 training cars scores KID {small['kid']:.4f} ± {small['kid_std']:.4f} with 100 "
+        f"trained {cars['train_minutes']:.1f} minutes on the 5,000 training cars scores KID {small['kid']:.4f} ± {small['kid_std']:.4f} with 100 "
         f"samples against the training cars. The conditional network's 100 cars at w = {best['guidance']:g} score "
         f"KID {best['car_kid']:.4f} ± {best['car_kid_std']:.4f}: {verdict} (difference "
         f"{diff:+.4f}, subset std of the difference {noise:.4f}). The conditional network "
@@ -86,11 +85,11 @@ def _cars_lines(values: dict, best: dict) -> list[str]:
 
 
 def _figure(best: dict, figures: Path) -> list[str]:
-    grid = Path(best["folder"]) / "grid.png"
-    if not grid.exists():
+    grid, target = Path(best["folder"]) / "grid.png", figures / FIGURE
+    if grid.exists():  # the sweep's samples are on this machine: the figure is their grid
+        shutil.copyfile(grid, target)
+    if not target.exists():  # elsewhere the figure that the measuring machine copied is shown
         return []
-    target = figures / FIGURE
-    shutil.copyfile(grid, target)
     return [
         f"![one row per class at w = {best['guidance']:g}](figures/{FIGURE})",
         "",

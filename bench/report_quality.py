@@ -9,6 +9,7 @@ from pathlib import Path
 from common import BENCHMARKS, ROOT, replace_section, write_section
 
 HEADER = "## Quality"
+FIGURES = ROOT / "docs" / "figures"
 
 INTRO = """\
 Protocol (issue 5): each entry trains on the 5,000 CIFAR-10 training cars
@@ -112,7 +113,7 @@ def _table(title: str, header: list[str], rows: list[list], align: str = "---") 
 
 
 def _sections(
-    settings, load: Callable[[object, str], dict[str, dict]], expected: list[str]
+    settings, load: Callable[[object, str], dict[str, dict]], expected: list[str], figures: Path
 ) -> list[str]:
     lines = [HEADER, "", INTRO]
     evals = load(settings, "eval")
@@ -123,8 +124,8 @@ def _sections(
         lines += [*_main_table(evals), ""]
         lines += _targets(evals)
         for name in ranked(evals):  # table order
-            if (ROOT / "docs" / "figures" / f"bench-{name}.png").exists():
-                strip = (ROOT / "docs" / "figures" / f"bench-{name}-strip.png").exists()
+            if (figures / f"bench-{name}.png").exists():
+                strip = (figures / f"bench-{name}-strip.png").exists()
                 lines += [
                     f"`{name}`, 64 samples"
                     + (" (seed 0) and the reverse process of one:" if strip else ":"),
@@ -151,7 +152,7 @@ def _sections(
         for row in sorted(r["rows"], key=lambda row: row["evaluations"]):
             by_sampler.setdefault(row["sampler"], []).append(row)
         lines += _plot(
-            f"samplers-{name}.png",
+            figures / f"samplers-{name}.png",
             {s: ([x["evaluations"] for x in rows], [x["fid"] for x in rows])
              for s, rows in by_sampler.items()},
             f"FID of {name} against network evaluations",
@@ -195,7 +196,7 @@ def _sections(
         )  # fmt: skip
     if any(len(r["points"]) > 1 for r in curves.values()):
         lines += _plot(
-            "fid-vs-time.png",
+            figures / "fid-vs-time.png",
             {name: ([p["minutes"] for p in r["points"]], [p["fid"] for p in r["points"]])
              for name, r in curves.items()},
             "FID against training time",
@@ -204,22 +205,30 @@ def _sections(
     return lines
 
 
-def _plot(file: str, series: dict, alt: str, *, xlabel: str, logx: bool = False) -> list[str]:
-    """FID (log scale) of named series, saved under docs/figures; the Markdown that shows it."""
+def _plot(figure: Path, series: dict, alt: str, *, xlabel: str, logx: bool = False) -> list[str]:
+    """FID (log scale) of named series, saved as ``figure``; the Markdown that shows it."""
     from difflab.viz import plot_lines
 
-    figure = ROOT / "docs" / "figures" / file
     plot_lines(series, figure, xlabel=xlabel, ylabel="FID", logy=True, logx=logx)
-    return [f"![{alt}](figures/{file})", ""]
+    return [f"![{alt}](figures/{figure.name})", ""]
+
+
+def section(
+    settings, load: Callable[[object, str], dict[str, dict]], expected: list[str], figures: Path
+) -> str:
+    """The section from the results ``load`` finds (bench/results/quality alone); the plots are
+    written to ``figures``, where the sample pictures shown are looked for."""
+    return "\n".join(_sections(settings, load, expected, figures)).rstrip() + "\n"
 
 
 def write(settings, load, expected: list[str]) -> None:
-    section = "\n".join(_sections(settings, load, expected)).rstrip() + "\n"
+    figures = settings.out if settings.quick else FIGURES  # a smoke test's plots stay in bench/out
+    section_text = section(settings, load, expected, figures)
     if settings.quick:  # the other sections of docs/benchmarks.md, this one from the smoke test
         target = settings.out / "benchmarks.md"
         text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-        target.write_text(replace_section(text, HEADER, section))
+        target.write_text(replace_section(text, HEADER, section_text))
         print(f"quick report written to {target}")
         return
-    write_section(HEADER, section)
+    write_section(HEADER, section_text)
     print(f"updated {BENCHMARKS.relative_to(ROOT)}")
