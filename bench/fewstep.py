@@ -37,7 +37,7 @@ from pathlib import Path
 import quality
 from common import BENCHMARKS, ROOT, matmul_peak, write_section
 from quality_setup import DEFAULT_DATA, Settings, difflab, save
-from report_fewstep import FINAL, STUDENT_STEPS, grid
+from report_fewstep import FINAL, START_KEY, START_SIGMA, STUDENT_STEPS, grid
 
 LEVEL_RHOS = [3.0, 5.0, 7.0, 10.0, 14.0]  # 2 steps' second level: 10.9, 4.4, 2.52, 1.53, 1.06
 CONFIRM_SEED = 1  # the levels' held-out check: 1,000 other images than seed 0's
@@ -69,7 +69,7 @@ LEVERS = {
         "method.consistency.teacher_guidance=2",
     ],
     # more draws at high noise, where the 1-step student starts: log sigma centred on 0, not
-    # -1.1, draws sigma above 10 11% of the time instead of 4%
+    # -1.1, draws the 6 of 17 pairs above sigma = 10 13% of the time instead of 5%
     "lr4-ag-pm0": [
         "train.lr=4e-4",
         "method.consistency.teacher_guide='{guide}'",
@@ -77,7 +77,7 @@ LEVERS = {
         "method.consistency.p_mean=0.0",
     ],
     # the trend of lr4-ag-pm0 followed one step further: centred on log sigma 0.6 (sigma 1.8),
-    # sigma above 10 is drawn about 20% of the time
+    # the pairs above sigma = 10 are drawn 20% of the time
     "lr4-ag-pm06": [
         "train.lr=4e-4",
         "method.consistency.teacher_guide='{guide}'",
@@ -86,7 +86,7 @@ LEVERS = {
     ],
     # the original paper's weighting (n uniform over the 18 pairs, lambda = 1), not improved CT's
     # log-normal one with lambda = 1 / (s_{n+1} - s_n), which gives the 6 pairs above sigma = 10
-    # 4% of the draws, the top one 0.2%
+    # 5% of the draws, the top one 0.2%
     "lr4-ag-uni": [
         "train.lr=4e-4",
         "method.consistency.teacher_guide='{guide}'",
@@ -166,25 +166,33 @@ def _branch(trunk: Path, branch: Path, images: int) -> None:
 
 
 def piece_lever(settings: Settings, name: str) -> None:
-    """One of LEVERS distilled for ``--images`` and scored at 1 and 2 steps; a row distilled
-    from another ``--teacher`` than the benchmark's names it, with this machine's matmul peak."""
+    """One of LEVERS distilled for ``--images`` and scored at 1 and 2 steps, and at 1 step from
+    sigma 10 (START_SIGMA: start-screen.json's best start); a row distilled from another
+    ``--teacher`` than the benchmark's names it, with this machine's matmul peak. A row
+    recorded before the start was scored gets that score added."""
     path = settings.result("levers")
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     other = settings.teacher.resolve() != DEFAULT_TEACHER.resolve()
     teacher = {"teacher": settings.teacher.name} if other else {}
-    if any(r["lever"] == name and r["images"] == settings.images
-           and r.get("teacher") == teacher.get("teacher") for r in rows):  # fmt: skip
-        return
     suffix = f"-{settings.teacher.name}" if other else ""
     run_dir = settings.run_dir(f"lever-{name}-{settings.images}{suffix}")
-    if not (run_dir / "config.json").exists():
-        _distill(settings, run_dir, name, settings.images)
-    scores = {str(k): _score(settings, run_dir, "--steps", k) for k in (1, 2)}
-    minutes = quality._elapsed_minutes(run_dir)
-    if other:
-        teacher["matmul_peak_gflops"] = matmul_peak(10)
-    rows.append({"lever": name, "images": settings.images, "sets": LEVERS[name],
-                 "minutes": minutes, "scores": scores, **teacher})  # fmt: skip
+    row = next((r for r in rows if r["lever"] == name and r["images"] == settings.images
+                and r.get("teacher") == teacher.get("teacher")), None)  # fmt: skip
+    if row is None:
+        if not (run_dir / "config.json").exists():
+            _distill(settings, run_dir, name, settings.images)
+        scores = {str(k): _score(settings, run_dir, "--steps", k) for k in (1, 2)}
+        minutes = quality._elapsed_minutes(run_dir)
+        if other:
+            teacher["matmul_peak_gflops"] = matmul_peak(10)
+        row = {"lever": name, "images": settings.images, "sets": LEVERS[name],
+               "minutes": minutes, "scores": scores, **teacher}  # fmt: skip
+        rows.append(row)
+    if START_KEY not in row["scores"]:
+        folder = settings.out / "starts" / f"{run_dir.name}-sigma-{START_SIGMA:g}"
+        difflab(settings, "sample", run_dir, "--steps", 1, "--sigma-max", START_SIGMA,
+                "--num", settings.num, "--seed", 0, "--out", folder)  # fmt: skip
+        row["scores"][START_KEY] = _score_folder(settings, folder)
     save(path, {"rows": rows})
 
 

@@ -355,3 +355,40 @@ def test_gpu_students_cool_down_over_the_steps_of_their_second_half(monkeypatch,
     assert "train.lr_schedule='cooldown'" in second
     assert f"train.cooldown={fewstep_gpu.COOLDOWN}" in second
     assert second[second.index("--time-limit") + 1] == "1.5"
+
+
+def test_a_few_step_lever_row_gets_its_missing_start_score_without_distilling_again(
+    monkeypatch, tmp_path
+):
+    """bench/fewstep.py lever: a new lever is distilled and scored at 1 and 2 steps and at 1 step
+    from START_SIGMA; a row recorded before that score existed gets only that score."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import fewstep
+
+    commands: list[tuple] = []
+    monkeypatch.setattr(fewstep, "difflab", lambda settings, *args: commands.append(args))
+    monkeypatch.setattr(fewstep, "_score", lambda settings, run, *extra: {"fid": extra[-1]})
+    monkeypatch.setattr(fewstep, "_score_folder", lambda settings, folder: {"fid": 9.0})
+    monkeypatch.setattr(fewstep.quality, "_elapsed_minutes", lambda run: 3.0)
+    args = fewstep.argparse.Namespace(
+        quick=False, teacher=fewstep.DEFAULT_TEACHER, ref="unused", data="unused",
+        images=120, num=10, curve_num=0, max_minutes=float("inf"), minutes=0, chunks=1,
+    )  # fmt: skip
+    settings = fewstep.FewStepSettings(args)
+    settings.results, settings.out = tmp_path / "results", tmp_path / "out"
+    old = {"lever": "lr4", "images": 120, "sets": [], "minutes": 1.0,
+           "scores": {"1": {"fid": 1.0}, "2": {"fid": 2.0}}}  # fmt: skip
+    fewstep.save(settings.result("levers"), {"rows": [old]})
+
+    fewstep.piece_lever(settings, "lr4")
+    assert [c[0] for c in commands] == ["sample"]  # not distilled, not scored at 1 or 2 again
+    assert commands[0][4:6] == ("--sigma-max", fewstep.START_SIGMA)
+    fewstep.piece_lever(settings, "base")
+    assert [c[0] for c in commands] == ["sample", "distill", "sample"]
+    rows = json.loads(settings.result("levers").read_text())["rows"]
+    assert [r["scores"] for r in rows] == [
+        {"1": {"fid": 1.0}, "2": {"fid": 2.0}, fewstep.START_KEY: {"fid": 9.0}},
+        {"1": {"fid": 1}, "2": {"fid": 2}, fewstep.START_KEY: {"fid": 9.0}},
+    ]
+    fewstep.piece_lever(settings, "base")  # all measured: nothing runs
+    assert len(commands) == 3
