@@ -84,6 +84,13 @@ LEVERS = {
         "method.consistency.teacher_guidance=2",
         "method.consistency.p_mean=0.6",
     ],
+    # the two 1-step levers together: the rate of lr10-ag, the draws of lr4-ag-pm0
+    "lr10-ag-pm0": [
+        "train.lr=1e-3",
+        "method.consistency.teacher_guide='{guide}'",
+        "method.consistency.teacher_guidance=2",
+        "method.consistency.p_mean=0.0",
+    ],
     # the original paper's weighting (n uniform over the 18 pairs, lambda = 1), not improved CT's
     # log-normal one with lambda = 1 / (s_{n+1} - s_n), which gives the 6 pairs above sigma = 10
     # 5% of the draws, the top one 0.2%
@@ -313,7 +320,9 @@ def report_values(settings: Settings) -> dict:
     values = {piece: json.loads(settings.result(piece).read_text())["rows"]
               for piece in pieces if settings.result(piece).exists()}  # fmt: skip
     if not settings.result("distill").exists():
-        raise SystemExit(f"no {settings.result('distill')}: run `fewstep.py student` first")
+        raise SystemExit(
+            f"no {settings.result('distill')}: run `fewstep.py cooldown` (the final student) first"
+        )
     values["distill"] = json.loads(settings.result("distill").read_text())
     values["student_lever"] = STUDENT
     values["teacher"] = values.get("teacher", [])
