@@ -55,7 +55,7 @@ from common import (
     trainer_for,
 )
 from gpu_profile import kernel_shares
-from report_gpu import merge, write_report
+from report_gpu import by_card, write_report
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from difflab.config import load_preset, preset_names
@@ -348,10 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     args = parse_args(argv[1:])
     if args.render:
-        values = merge([json.loads(path.read_text()) for path in args.render])
-        if args.scored:  # ``difflab eval samples --json``, run on the CPU afterwards
-            values["scored"] = json.loads(args.scored.read_text())
-        print(f"wrote {write_report(values)}")
+        cards = by_card([json.loads(path.read_text()) for path in args.render])
+        if args.scored:  # ``difflab eval samples --json`` of the first card's samples.tar
+            cards[0]["scored"] = json.loads(args.scored.read_text())
+        print(f"wrote {write_report(cards)}")
         return 0
     if args.data is None:
         raise SystemExit("--data FOLDER is needed (a folder of images, e.g. the 5,000 cars)")
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     results.save()
     doc = args.results / "benchmarks.md" if args.quick else BENCHMARKS
     with contextlib.suppress(OSError):  # the checkout may be read-only on the GPU machine
-        print(f"wrote {write_report(results.values, doc)}")
+        print(f"wrote {write_report([results.values], doc)}")
     print(f"results in {results.path}; {args.deadline.left():.0f} s of the deadline left")
     return 0
 

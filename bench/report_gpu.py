@@ -162,19 +162,29 @@ def _target_line(values: dict[str, Any]) -> list[str]:
     best = max(rows, key=lambda r: r["fraction_of_bf16_peak"])
     met = "met" if best["fraction_of_bf16_peak"] >= TARGET else "**not met**"
     return [
-        f"**Target** (issue 13: the paper-size U-Net at {TARGET:.0%} of the bf16 matmul peak): "
-        f"{met}; best `{PAPER}` row: {_variant(best)}, batch {best['batch']}, "
+        f"**Target** (issue 13: the paper-size U-Net at {TARGET:.0%} of the bf16 matmul peak "
+        f"of one H100): {met} on {values['machine']['card']}; best `{PAPER}` row: {_variant(best)}, batch {best['batch']}, "
         f"{best['images_per_s']:,.0f} img/s, {best['fraction_of_bf16_peak']:.1%} of the peak.",
         "",
     ]
 
 
-def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def by_card(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs of gpu.json as one ``merge`` per card, in the order each card first ran; rows keep
+    their run's number in the whole list."""
+    cards: dict[str, list[int]] = {}
+    for number, values in enumerate(runs, 1):
+        cards.setdefault(values["machine"]["card"], []).append(number)
+    return [merge([runs[n - 1] for n in numbers], numbers) for numbers in cards.values()]
+
+
+def merge(runs: list[dict[str, Any]], numbers: list[int] | None = None) -> dict[str, Any]:
     """Several gpu.json of one card (a later run measuring what an earlier one skipped) as one:
-    the rows of all, each speed row against the peak measured in its own run."""
+    the rows of all, each speed row against the peak measured in its own run (numbered 1, 2,
+    ... or by ``numbers``)."""
     runs = [
         {**v, **{part: [{**r, "run": i} for r in v.get(part, [])] for part in (*CHECKS, "speed")}}
-        for i, v in enumerate(runs, 1)
+        for i, v in zip(numbers or range(1, len(runs) + 1), runs, strict=True)
     ]
     first, *later = runs
     merged: dict[str, Any] = {**first, "machine": {**first["machine"], "later": []}}
@@ -218,7 +228,8 @@ def _scored(scored: dict[str, Any] | None) -> str:
     )
 
 
-def section(values: dict[str, Any]) -> str:
+def section(values: dict[str, Any], *others: dict[str, Any]) -> str:
+    """The section of one card's runs (``merge``), each other card's in a subsection after."""
     lines = [
         HEADING,
         "",
@@ -227,12 +238,21 @@ def section(values: dict[str, Any]) -> str:
         "queue drained at both ends (losses read back once at the end, as the loop does at its "
         "log rows). Compile time: the first step minus a timed one.",
         "",
+        *_card_lines(values, "###"),
     ]
+    for other in others:
+        m = other["machine"]
+        lines += [f"### On {m['card']}", "", *_runs_lines(m), "", *_card_lines(other, "####")]
+    return "\n".join(lines)
+
+
+def _card_lines(values: dict[str, Any], level: str) -> list[str]:
+    lines = []
     checks = [row for part in CHECKS for row in values.get(part, [])]
     if checks:
-        lines += ["### Every path on the GPU", "", *_check_rows(checks), ""]
+        lines += [f"{level} Every path on the GPU", "", *_check_rows(checks), ""]
     if values.get("speed"):
-        lines += ["### Training speed", "", *_speed_rows(values["speed"]), ""]
+        lines += [f"{level} Training speed", "", *_speed_rows(values["speed"]), ""]
         lines += _target_line(values)
         lines += _lever_lines(values)
         lines += _kernel_lines(values)
@@ -251,9 +271,9 @@ def section(values: dict[str, Any]) -> str:
             + _scored(values.get("scored")),
             "",
         ]
-    return "\n".join(lines)
+    return lines
 
 
-def write_report(values: dict[str, Any], path: Path = BENCHMARKS) -> Path:
-    """The section from one run's values (or several runs' ``merge``)."""
-    return write_section(HEADING, section(values), path)
+def write_report(cards: list[dict[str, Any]], path: Path = BENCHMARKS) -> Path:
+    """The section from one run's values, or several runs' ``by_card``."""
+    return write_section(HEADING, section(*cards), path)

@@ -164,6 +164,27 @@ def test_gpu_check_runs_every_part_on_the_cpu_and_writes_its_section(tmp_path, m
     assert "Where the time of one `flow-cpu, bf16` step goes" in text, text
 
 
+def test_a_gpu_profile_counts_kernels_not_the_annotations_over_them(monkeypatch):
+    """Inductor's "## Call CompiledFxGraph ##" ranges carry GPU time of their own in a profile
+    (on an H200 they doubled a compiled step's time): only kernels count."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_profile
+
+    def event(key, us, device=DeviceType.CUDA, annotation=False):
+        return SimpleNamespace(
+            key=key, device_type=device, self_device_time_total=us, is_user_annotation=annotation
+        )
+
+    conv, norm = event("sm90_xmma_fprop", 40.0), event("triton_poi_fused_norm", 30.0)
+    events = [conv, norm, event("## Call CompiledFxGraph f1 ##", 70.0, annotation=True)]
+    events += [event("aten::convolution", 5.0, DeviceType.CPU), event("idle", 0.0)]
+    assert gpu_profile.device_kernels(events) == [conv, norm]
+
+
 def test_gpu_runs_merge_into_one_section(monkeypatch):
     """A second GPU run that measures what the first skipped completes the first's section:
     its rows join, the skipped notes it answered go, and each run's peak is named."""
@@ -212,6 +233,18 @@ def test_gpu_runs_merge_into_one_section(monkeypatch):
     # the paper-size U-Net's levers are measured before every other row
     table = [name for name, _, _ in gpu.speed_table(["flow-cpu", "edm-paper"], quick=False)]
     assert table[0] == "edm-paper, bf16" and table.index(base) < table.index("flow-cpu, fp32")
+    # a run on another card gets its own subsection (its figures are not the first card's),
+    # its rows numbered in the whole list, its target judged on its own rows
+    other = {"machine": {**machine, "card": "G", "command": "four", "bf16_peak_tflops": 750.0},
+             "speed": [{**speed(base, 300.0), "fraction_of_bf16_peak": 0.36}]}  # fmt: skip
+    cards = report_gpu.by_card([first, second, other, third])
+    assert [c["machine"]["card"] for c in cards] == ["H", "G"]
+    assert [row["run"] for row in cards[0]["speed"]] == [1, 2, 4, 4, 4]
+    text = report_gpu.section(*cards)
+    head, tail = text.split("### On G")
+    assert "`four`" in tail and "`four`" not in head and "#### Training speed" in tail
+    assert "**not met** on H;" in head and "met on G; best `edm-paper` row" in tail
+    assert "| 3 | edm-paper |" in tail and "36.0%" in tail
 
 
 def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeypatch):
@@ -264,10 +297,12 @@ def test_gpu_samples_come_back_in_few_tar_files_under_the_size_limit(tmp_path, m
         for k in range(3):
             (tmp_path / "s" / row["folder"] / f"{k}.png").write_bytes(b"x" * 1000)
     (tmp_path / "out").mkdir()
-    fewstep_gpu.bundle(tmp_path / "s", rows, tmp_path / "out", limit=2 * 3 * 2024)
+    limit = 11264 + 2 * 512 * (1 + 3 * 3)  # two folders of three 2-block files, and the end
+    fewstep_gpu.bundle(tmp_path / "s", rows, tmp_path / "out", limit=limit)
     tars = sorted((tmp_path / "out").iterdir())
     assert [t.name for t in tars] == ["samples-1.tar", "samples-2.tar", "samples-3.tar"]
     for tar_path in tars:
+        assert tar_path.stat().st_size <= limit  # (pax headers made them a third larger)
         with tarfile.open(tar_path) as tar:
             folders = {name.split("/")[0] for name in tar.getnames()}
         assert folders == {row["folder"] for row in rows if row["tar"] == tar_path.name}
