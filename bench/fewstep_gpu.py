@@ -2,6 +2,7 @@
 side for minutes instead of hours, all sampled in one command; scored on the CPU afterwards.
 
     python bench/fewstep_gpu.py run DIR --data CARS [--minutes 9]   # on the GPU
+        [--teacher T.safetensors]   # the teacher trained on a CPU: its 2 GPU minutes go to students
     python bench/fewstep_gpu.py score DIR [--ref REF.npz]           # here, on the CPU
     python bench/fewstep_gpu.py report                              # docs/benchmarks.md
 
@@ -97,17 +98,7 @@ def piece_run(args: argparse.Namespace) -> None:
         values["samples"].append({"model": model, "row": label, "step": run.step,
                                   "images_seen": seen, "folder": folder, **row})  # fmt: skip
 
-    started, teacher = time.monotonic(), work / "teacher"
-    sets = [a for s in TEACHER_SETS for a in ("--set", s)]
-    quick = ["--steps", "24"] if args.quick else []
-    train = ("train", *TEACHER, *quick, "--data", args.data, "--out", teacher, *sets)
-    if failed := wait({"teacher": difflab_run(*train, device=args.device)}):
-        raise SystemExit(f"the teacher {failed['teacher']}")
-    values["teacher"] = {
-        "seconds": time.monotonic() - started,
-        "flags": TEACHER,
-        "sets": TEACHER_SETS,
-    }
+    teacher, values["teacher"] = train_teacher(args, work)
     run = difflab.load_run(teacher, device=args.device)
     for label, sampler, steps, w in TEACHER_ROWS:
         sample("teacher", label, run, run.plan(sampler, steps), guidance=w)
@@ -129,6 +120,22 @@ def piece_run(args: argparse.Namespace) -> None:
     bundle(work / "samples", values["samples"], out)
     (out / "fewstep-gpu.json").write_text(json.dumps(values, indent=2))
     print(f"{len(values['samples'])} sample sets in {out}; {end - time.monotonic():.0f} s left")
+
+
+def train_teacher(args: argparse.Namespace, work: Path) -> tuple[Path, dict]:
+    """The teacher (TEACHER's recipe) and what it was: trained here, or ``--teacher``, the same
+    recipe trained elsewhere (a run or its export, carried to the GPU: its minutes go to the
+    students instead)."""
+    if args.teacher:
+        return args.teacher, {"carried": str(args.teacher), "flags": TEACHER, "sets": TEACHER_SETS}
+    started, teacher = time.monotonic(), work / "teacher"
+    sets = [a for s in TEACHER_SETS for a in ("--set", s)]
+    quick = ["--steps", "24"] if args.quick else []
+    train = ("train", *TEACHER, *quick, "--data", args.data, "--out", teacher, *sets)
+    if failed := wait({"teacher": difflab_run(*train, device=args.device)}):
+        raise SystemExit(f"the teacher {failed['teacher']}")
+    seconds = time.monotonic() - started
+    return teacher, {"seconds": seconds, "flags": TEACHER, "sets": TEACHER_SETS}
 
 
 def distill(args: argparse.Namespace, teacher: Path, work: Path, minutes: float) -> dict:
@@ -220,7 +227,7 @@ def section(values: dict) -> str:
         f"({values['samples'][0]['images']:,} images each against the 5,000 training cars)._",
         "",
         f"The teacher: `difflab train {' '.join(values['teacher']['flags'])}` with "
-        f"{', '.join(values['teacher']['sets'])} ({values['teacher']['seconds']:.0f} s). "
+        f"{', '.join(values['teacher']['sets'])} ({_teacher_made(values['teacher'])}). "
         "The students: `difflab distill` from it, autoguided at w = 2, run side by side on the "
         "one GPU for the same minutes in two halves: a constant rate (the rows at the first "
         f"half's step), then as many steps again, the last {COOLDOWN:.0%} cooling the rate "
@@ -261,12 +268,21 @@ def section(values: dict) -> str:
     return "\n".join([*lines, ""])
 
 
+def _teacher_made(teacher: dict) -> str:
+    if "carried" in teacher:
+        return f"trained on a CPU, carried to the GPU as `{teacher['carried']}`"
+    return f"{teacher['seconds']:.0f} s on the GPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("piece", choices=["run", "score", "report"])
     parser.add_argument("out", type=Path, nargs="?", help="the folder of the tars and their JSON")
     parser.add_argument("--data", type=Path, help="a folder with automobile/ (the 5,000 cars)")
     parser.add_argument("--minutes", type=float, default=9.0, help="deadline of run")
+    parser.add_argument(
+        "--teacher", type=Path, help="TEACHER's recipe trained elsewhere (a run or an export)"
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--ref", type=Path, default=ROOT / "runs" / "cars-ref.npz")

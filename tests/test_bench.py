@@ -167,8 +167,6 @@ def test_gpu_check_runs_every_part_on_the_cpu_and_writes_its_section(tmp_path, m
 def test_a_gpu_profile_counts_kernels_not_the_annotations_over_them(monkeypatch):
     """Inductor's "## Call CompiledFxGraph ##" ranges carry GPU time of their own in a profile
     (on an H200 they doubled a compiled step's time): only kernels count."""
-    from types import SimpleNamespace
-
     from torch.autograd import DeviceType
 
     monkeypatch.syspath_prepend(str(BENCH))
@@ -280,6 +278,14 @@ def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeyp
     assert "+17.5%, target at most +15%: **not met**" in text
     assert "s: 25,600 images in 2.0 minutes (213 img/s" in text
     assert "t: **failed** (exited 1: out of memory)" in text
+    assert "(60 s on the GPU)" in text
+    # a teacher of the same recipe trained elsewhere is carried, not trained: its minutes go
+    # to the students
+    monkeypatch.setattr(fewstep_gpu, "difflab_run", lambda *a, **k: pytest.fail("trained"))
+    args = argparse.Namespace(teacher=Path("t.safetensors"), quick=False)
+    teacher, values["teacher"] = fewstep_gpu.train_teacher(args, Path("work"))
+    assert teacher == Path("t.safetensors") and values["teacher"]["flags"] == fewstep_gpu.TEACHER
+    assert "trained on a CPU, carried to the GPU as `t.safetensors`" in fewstep_gpu.section(values)
 
 
 def test_gpu_samples_come_back_in_few_tar_files_under_the_size_limit(tmp_path, monkeypatch):
