@@ -222,6 +222,8 @@ def piece_score(args: argparse.Namespace) -> None:
 def section(values: dict) -> str:
     m = values["machine"]
     lines = [
+        HEADING,
+        "",
         f"_Written by `bench/fewstep_gpu.py` from samples made on **{m['card']}** (torch "
         f"{m['torch']}, {m['date']}, `{m['command']}`) and scored here with `difflab eval` "
         f"({values['samples'][0]['images']:,} images each against the 5,000 training cars)._",
@@ -258,12 +260,23 @@ def section(values: dict) -> str:
                 f"{top['row']}, step {top['step']:,}) against the teacher's {best['fid']:.1f} "
                 f"({best['row']}): {ratio:+.1%}, target at most {margin:+.0%}: {met}."
             )
+    first = None  # the first student's final scores, which the others are compared with
     for name, student in values["students"].items():
         seen = max((s["images_seen"] for s in scored if s["model"] == name), default=0)
+        final = {
+            s["row"]: s["fid"] for s in scored if s["model"] == name and s["images_seen"] == seen
+        }
+        versus = [
+            f"{row} {fid:.1f} ({fid / first[1][row] - 1:+.0%})"
+            for row, fid in final.items()
+            if first and row in first[1]
+        ]
         lines.append(
             f"- {name}: {seen:,} images in {student['minutes']:.1f} minutes "
-            f"({seen / student['minutes'] / 60:,.0f} img/s with the others beside it)."
+            f"({seen / student['minutes'] / 60:,.0f} img/s with the others beside it)"
+            + (f"; against {first[0]}: {', '.join(versus)}." if versus else ".")
         )
+        first = first or (name, final)
     lines += [f"- {name}: **failed** ({why[:200]})" for name, why in values["failed"].items()]
     return "\n".join([*lines, ""])
 

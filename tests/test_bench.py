@@ -262,7 +262,10 @@ def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeyp
             "flags": fewstep_gpu.TEACHER,
             "sets": fewstep_gpu.TEACHER_SETS,
         },
-        "students": {"s": {"batch": 128, "sets": [], "minutes": 2.0}},
+        "students": {
+            "s": {"batch": 128, "sets": [], "minutes": 2.0},
+            "u": {"batch": 32, "sets": [], "minutes": 2.0},
+        },
         "failed": {"t": "exited 1: out of memory"},
         "samples": [
             sample("teacher", "heun 18", 3000, 35, 50.0, 96000),
@@ -270,13 +273,20 @@ def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeyp
             sample("s", "1 step", 100, 1, 60.0, 12800),
             sample("s", "1 step", 200, 1, 53.0, 25600),
             sample("s", "2 steps", 200, 2, 47.0, 25600),
+            sample("u", "1 step", 400, 1, 58.3, 12800),
         ],
     }
     text = fewstep_gpu.section(values)
+    assert text.startswith(f"{fewstep_gpu.HEADING}\n\n_Written by")
     assert "best 53.0 (s, 1 step, step 200) against the teacher's 40.0" in text
     assert "+32.5%, target at most +35%: met" in text
     assert "+17.5%, target at most +15%: **not met**" in text
-    assert "s: 25,600 images in 2.0 minutes (213 img/s" in text
+    assert "- s: 25,600 images in 2.0 minutes (213 img/s with the others beside it).\n" in text
+    # the other students against the first's final scores, row by row
+    assert (
+        "- u: 12,800 images in 2.0 minutes (107 img/s with the others beside it); against s: "
+        "1 step 58.3 (+10%).\n" in text
+    )
     assert "t: **failed** (exited 1: out of memory)" in text
     assert "(60 s on the GPU)" in text
     # a teacher of the same recipe trained elsewhere is carried, not trained: its minutes go

@@ -10,6 +10,7 @@ tmp_path, never over docs/figures.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 from pathlib import Path
@@ -140,3 +141,15 @@ def test_the_ablation_section_is_what_the_report_writes_from_the_committed_resul
     import report_ablation
 
     assert_committed(report_ablation.HEADER, report_ablation.body())
+
+
+def test_the_gpu_few_step_section_is_what_the_report_writes_from_the_committed_results(
+    monkeypatch,
+):
+    """`bench/fewstep_gpu.py report` writes "## One and two steps on a GPU" from
+    bench/results/fewstep/gpu.json (the H200's samples, scored here) as committed."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import fewstep_gpu
+
+    values = json.loads(fewstep_gpu.RESULTS.read_text())
+    assert_committed(fewstep_gpu.HEADING, fewstep_gpu.section(values))
