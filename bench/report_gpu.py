@@ -163,7 +163,8 @@ def _target_line(values: dict[str, Any]) -> list[str]:
     met = "met" if best["fraction_of_bf16_peak"] >= TARGET else "**not met**"
     return [
         f"**Target** (issue 13: the paper-size U-Net at {TARGET:.0%} of the bf16 matmul peak "
-        f"of one H100): {met} on {values['machine']['card']}; best `{PAPER}` row: {_variant(best)}, batch {best['batch']}, "
+        f"of one H100): {met} on {values['machine']['card']}; best `{PAPER}` row: "
+        f"{_variant(best)}, batch {best['batch']}, "
         f"{best['images_per_s']:,.0f} img/s, {best['fraction_of_bf16_peak']:.1%} of the peak.",
         "",
     ]
@@ -247,7 +248,8 @@ def section(values: dict[str, Any], *others: dict[str, Any]) -> str:
 
 
 def _card_lines(values: dict[str, Any], level: str) -> list[str]:
-    lines = []
+    """One card's checks, speed, levers and profiles, under headings of ``level``."""
+    lines: list[str] = []
     checks = [row for part in CHECKS for row in values.get(part, [])]
     if checks:
         lines += [f"{level} Every path on the GPU", "", *_check_rows(checks), ""]
