@@ -47,7 +47,8 @@ NEXT = (
     "as a student trains (5% for a 40,000-image student of another teacher, "
     'start-screen.json), and so does the draws\': on an H200 ("One and two steps on a GPU" '
     "below), at 160,000 images, p_mean 0 took 12% off the 1-step FID-1k (83.5 to 73.9), the "
-    "sigma-10 start 6% (78.1), and the two together no more than p_mean 0 (75.0). Adam 1e-3 with p_mean 0 (`lr10-ag-pm0`), "
+    "sigma-10 start 6% (78.1), and the two together no more than p_mean 0 (75.0). "
+    "Adam 1e-3 with p_mean 0 (`lr10-ag-pm0`), "
     "the two 1-step levers together, adds nothing at batch 32: 113.2 from 80, 109.4 from "
     "sigma 10 and 73.2 at 2 steps, worse than `lr4-ag-pm0` at both; at the GPU's batch 128 it "
     "gave 3% more (71.7). No GPU student was long enough for a target (half the CPU "

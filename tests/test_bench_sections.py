@@ -57,7 +57,7 @@ def test_the_gpu_section_is_what_the_report_writes_from_the_committed_results(mo
     import report_gpu
 
     written = []
-    monkeypatch.setattr(gpu, "write_report", lambda values: written.append(values) or "doc")
+    monkeypatch.setattr(gpu, "write_report", lambda cards: written.append(cards) or "doc")
     runs = [str(RESULTS / "gpu" / f"h100-{n}.json") for n in range(1, 7)]
     runs.append(str(RESULTS / "gpu" / "h200-1.json"))
     scored = str(RESULTS / "gpu" / "h100-samples-eval.json")
