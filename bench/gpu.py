@@ -17,8 +17,8 @@ weights. In order, each part skipped with a note once the deadline is near:
 3. Few-step (``fewstep``): a run keeping its own guide, exported and sampled with it;
    autoguidance by a named checkpoint; ``distill`` from the guided teacher; the student resumed
    into a cool-down and sampled at 1 and 2 steps.
-4. Speed: first the paper-size U-Net's levers (batch 512 or 1024, compiled or eager,
-   channels_last, foreach instead of fused Adam, CUDA graphs); then every preset eager in bf16
+4. Speed: first the paper-size U-Net's levers (``gpu_levers.py``: batch 512 or 1024, compiled
+   or eager, channels_last, foreach instead of fused Adam, CUDA graphs, the attention's heads); then every preset eager in bf16
    and fp32; then the slow compiles (max-autotune, batch 128, the small presets). Images/s,
    achieved TFLOP/s and the fraction of the bf16 matmul peak measured in the same run. With the
    ``profile`` part, the base of the levers (or every row named by ``--rows``) is profiled too:
@@ -32,7 +32,6 @@ Results land in ``DIR/gpu.json`` after every measurement (a run cut short keeps 
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
 import sys
@@ -54,9 +53,9 @@ from common import (
     time_steps,
     trainer_for,
 )
+from gpu_levers import LEVERS, applied
 from gpu_profile import kernel_shares
 from report_gpu import by_card, write_report
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from difflab.config import load_preset, preset_names
 from difflab.data import ImageSet, load_images
@@ -67,47 +66,6 @@ from difflab.registry import build_network
 PRECISIONS = ("bf16", "fp32")
 PAPER = "edm-paper"  # the paper-size U-Net whose speed target is 35% of the bf16 peak
 PROFILED = f"{PAPER}, batch 512, compiled"  # the base of the levers
-# Compiled rows name their layout: inductor's own (every compiled row of runs 1-5, and the
-# levers' base) or channels-last throughout (compile_layout's "auto" on CUDA since run 6).
-COMPILED = ["train.compile=true", "train.compile_layout='inductor'"]
-GRAPH_CL = ["train.compile=true", "train.compile_layout='channels_last'"]
-INDUCTOR = "inductor."  # a lever's option of torch._inductor.config, e.g. "inductor.x=True"
-SDPA = "sdpa="  # a lever's only attention kernel (torch.nn.attention.SDPBackend), e.g. "sdpa=math"
-LEVERS: list[tuple[str, list[str]]] = [
-    ("batch 512, compiled", [*COMPILED, "train.batch_size=512"]),
-    ("batch 512, compiled, channels-last graph", [*GRAPH_CL, "train.batch_size=512"]),
-    ("batch 512, eager", ["train.batch_size=512"]),
-    (
-        "batch 512, compiled, channels_last",
-        [*COMPILED, "train.batch_size=512", "train.channels_last=true"],
-    ),
-    (
-        "batch 512, compiled, foreach Adam",
-        [*COMPILED, "train.batch_size=512", "train.fused_optimizer=false"],
-    ),
-    ("batch 1024, compiled", [*COMPILED, "train.batch_size=1024"]),
-    ("batch 1024, compiled, channels-last graph", [*GRAPH_CL, "train.batch_size=1024"]),
-    (
-        "batch 512, reduce-overhead (CUDA graphs)",
-        [*COMPILED, "train.batch_size=512", "train.compile_mode='reduce-overhead'"],
-    ),
-    (
-        "batch 512, compiled, channels-last graph, aggressive fusion",
-        [*GRAPH_CL, "train.batch_size=512", "inductor.aggressive_fusion=True"],
-    ),
-    (
-        "batch 512, compiled, channels-last graph, coordinate-descent tuning",
-        [*GRAPH_CL, "train.batch_size=512", "inductor.coordinate_descent_tuning=True"],
-    ),
-    (  # the math path every U-Net attention took before its heads were made contiguous
-        "batch 512, compiled, channels-last graph, math attention",
-        [*GRAPH_CL, "train.batch_size=512", "sdpa=math"],
-    ),
-    (
-        "batch 512, max-autotune-no-cudagraphs",
-        [*COMPILED, "train.batch_size=512", "train.compile_mode='max-autotune-no-cudagraphs'"],
-    ),
-]
 
 
 class Deadline:
@@ -159,19 +117,10 @@ def speed(
     profile: bool = False,
 ) -> dict:
     """Images/s of ``Trainer.train_step`` (first step timed apart: it compiles); with
-    ``profile``, also where a step's GPU time goes (``kernel_shares``). Overrides named
-    ``inductor.OPTION=VALUE`` set an option of inductor's configuration for this row, and
-    ``sdpa=BACKEND`` the only attention kernel it may use."""
-    inductor = {
-        key.removeprefix(INDUCTOR): ast.literal_eval(value)
-        for key, value in (o.split("=", 1) for o in overrides if o.startswith(INDUCTOR))
-    }
-    sdpa = [o.removeprefix(SDPA) for o in overrides if o.startswith(SDPA)]
-    kernels = [getattr(SDPBackend, name.upper()) for name in sdpa]
-    overrides = [o for o in overrides if not o.startswith((INDUCTOR, SDPA))]
+    ``profile``, also where a step's GPU time goes (``kernel_shares``). ``overrides`` are
+    config values and the options of gpu_levers.applied."""
     with (
-        torch._inductor.config.patch(inductor),
-        sdpa_kernel(kernels) if kernels else contextlib.nullcontext(),
+        applied(overrides) as (overrides, lever),
         trainer_for(preset, data, overrides, device) as tr,
     ):
         first, _first_images = time_steps(tr, 1)
@@ -190,8 +139,7 @@ def speed(
             "compile": t.compile,
             "compile_mode": t.compile_mode,
             "compile_layout": compiled_layout(t.compile_layout, tr.device),
-            **({"inductor": inductor} if inductor else {}),
-            **({"sdpa": sdpa} if sdpa else {}),
+            **lever,
             "channels_last": t.channels_last,
             "fused_optimizer": t.fused_optimizer,
             "parameters": count_parameters(tr.net),

@@ -48,6 +48,7 @@ def _variant(row: dict) -> str:
         parts.append("channels-last graph")
     parts += [f"inductor {key}={value}" for key, value in row.get("inductor", {}).items()]
     parts += [f"{name} attention" for name in row.get("sdpa", [])]
+    parts += [row["attention"]] if "attention" in row else []
     if row["channels_last"]:
         parts.append("channels_last")
     if not row["fused_optimizer"]:

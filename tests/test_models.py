@@ -276,6 +276,58 @@ def test_unet_attention_takes_a_fused_kernel(heads: int) -> None:
     assert out.shape == x.shape and all(p.grad is not None for p in net.parameters())
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_matches_its_definition_in_either_layout(channels_last: bool) -> None:
+    """SelfAttention is softmax(q k^T / sqrt(d)) v per head, with q, k, v the thirds of one 1x1
+    convolution's channels (head-major within each third, as DDPM's and the diffusers export's
+    weights are laid out), in a channels-first and in a channels-last input alike."""
+    from difflab.models.unet import SelfAttention
+
+    n, c, h, w, heads = 2, 8, 3, 4, 2
+    attn = SelfAttention(c, heads)
+    nn.init.normal_(attn.proj.weight)  # zero at init: the residual alone would pass
+    x = torch.randn(n, c, h, w)
+    d = c // heads
+    qkv = attn.qkv(attn.norm(x)).reshape(n, 3, heads, d, h * w)
+    q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # [N, heads, HW, d]
+    weights = torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1)
+    expected = x + attn.proj((weights @ v).transpose(-1, -2).reshape(n, c, h, w))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_splits_a_channels_last_qkv_without_copies(monkeypatch) -> None:
+    """On a channels-last input (a compiled CUDA graph's layout, difflab.devices.compile_module)
+    the queries, keys and values are views of the qkv convolution's output, and the gradient
+    that reaches that convolution is channels-last again: no layout copy either way. Before,
+    the heads were copied apart, and the gradient arrived channels-first, which the
+    convolution's backward copied back (on an H200, aten::copy_ of [512, 768, 16, 16] took
+    4.7% of a compiled edm-paper step, docs/benchmarks.md "GPU", run 7)."""
+    from difflab.models import unet
+
+    attn = unet.SelfAttention(8, 2)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_qkv(_module, _inputs, out: torch.Tensor) -> None:
+        seen["qkv"] = out
+        out.register_hook(lambda grad: seen.setdefault("grad", grad))
+
+    fused = unet.F.scaled_dot_product_attention
+
+    def sdpa(q, k, v):
+        seen["q"] = q
+        return fused(q, k, v)
+
+    attn.qkv.register_forward_hook(keep_qkv)
+    monkeypatch.setattr(unet.F, "scaled_dot_product_attention", sdpa)
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    attn(x.requires_grad_()).square().sum().backward()
+    storage = seen["qkv"].untyped_storage().data_ptr()
+    assert seen["q"].untyped_storage().data_ptr() == storage
+    assert seen["grad"].is_contiguous(memory_format=torch.channels_last)
+
+
 # --- user errors ------------------------------------------------------------------------
 
 

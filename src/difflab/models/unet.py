@@ -137,13 +137,18 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         n, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, c // self.num_heads, h * w)
-        # each [N, heads, HW, d] with a head's channels contiguous: every fused attention kernel
-        # (flash, memory-efficient, cuDNN) needs stride 1 in the last dimension, and without it
-        # PyTorch builds the whole HW x HW attention matrix with batched matmuls instead
-        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(n, c, h, w))
+        heads = self.num_heads
+        # Pixels first, [N, H, W, 3C] contiguous: a view of a channels-last qkv (a compiled CUDA
+        # graph's layout), one copy of a channels-first one. Each of q, k, v is then [N, heads,
+        # HW, d] with a head's channels at stride 1, which every fused attention kernel (flash,
+        # memory-efficient, cuDNN) needs (without it PyTorch builds the whole HW x HW matrix with
+        # batched matmuls); the gradients stack back into the same channels-last layout, so the
+        # convolution's backward needs no copy either.
+        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).contiguous()
+        qkv = qkv.view(n, h * w, 3, heads, c // heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # [N, HW, heads, d]
+        return x + self.proj(out.reshape(n, h, w, c).permute(0, 3, 1, 2))
 
 
 class Stage(nn.Module):
