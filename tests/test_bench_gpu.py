@@ -122,7 +122,7 @@ def test_gpu_runs_merge_into_one_section(monkeypatch):
     assert "| 3 | edm-paper |" in tail and "36.0%" in tail
 
 
-def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeypatch):
+def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeypatch, tmp_path):
     """bench/fewstep_gpu.py's report: each target against the teacher's best FID-1k, met or
     not, and each student's distillation rate from its most-trained scored samples."""
     monkeypatch.syspath_prepend(str(BENCH))
@@ -165,6 +165,16 @@ def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeyp
         "1 step 58.3 (+10%).\n" in text
     )
     assert "t: **failed** (exited 1: out of memory)" in text
+    # a later run (gpu-2.json, gpu-10.json beside gpu.json) follows under its own heading
+    folder = tmp_path / "fewstep"
+    folder.mkdir()
+    for name, card in [("gpu", "H"), ("gpu-10", "J"), ("gpu-2", "G")]:
+        machine = {**values["machine"], "card": card}
+        (folder / f"{name}.json").write_text(json.dumps({**values, "machine": machine}))
+    monkeypatch.setattr(fewstep_gpu, "RESULTS", folder / "gpu.json")
+    text = fewstep_gpu.report(fewstep_gpu.runs())
+    assert text.count(fewstep_gpu.HEADING) == 1 and text.startswith(fewstep_gpu.HEADING)
+    assert text.index("\n### Run 2: G\n") < text.index("\n### Run 3: J\n")
     assert "(60 s on the GPU)" in text
     # a teacher of the same recipe trained elsewhere is carried, not trained: its minutes go
     # to the students

@@ -10,7 +10,6 @@ tmp_path, never over docs/figures.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 from pathlib import Path
@@ -151,5 +150,4 @@ def test_the_gpu_few_step_section_is_what_the_report_writes_from_the_committed_r
     monkeypatch.syspath_prepend(str(BENCH))
     import fewstep_gpu
 
-    values = json.loads(fewstep_gpu.RESULTS.read_text())
-    assert_committed(fewstep_gpu.HEADING, fewstep_gpu.section(values))
+    assert_committed(fewstep_gpu.HEADING, fewstep_gpu.report(fewstep_gpu.runs()))
