@@ -18,12 +18,12 @@ weights. In order, each part skipped with a note once the deadline is near:
    autoguidance by a named checkpoint; ``distill`` from the guided teacher; the student resumed
    into a cool-down and sampled at 1 and 2 steps.
 4. Speed: first the paper-size U-Net's levers (``gpu_levers.py``: batch 512 or 1024, compiled
-   or eager, channels_last, foreach instead of fused Adam, CUDA graphs, the attention's heads); then every preset eager in bf16
-   and fp32; then the slow compiles (max-autotune, batch 128, the small presets). Images/s,
-   achieved TFLOP/s and the fraction of the bf16 matmul peak measured in the same run. With the
-   ``profile`` part, the base of the levers (or every row named by ``--rows``) is profiled too:
-   its step's GPU time by kernel family (convolutions, cuDNN's layout copies, Triton's fused
-   kernels, ...) and its costliest kernels.
+   or eager, channels_last, foreach instead of fused Adam, CUDA graphs, the attention's heads);
+   then every preset eager in bf16 and fp32; then the slow compiles (max-autotune, batch 128,
+   the small presets). Images/s, achieved TFLOP/s and the fraction of the bf16 matmul peak
+   measured in the same run. With the ``profile`` part, the base of the levers (or every row
+   named by ``--rows``) is profiled too: its step's GPU time by kernel family (convolutions,
+   cuDNN's layout copies, Triton's fused kernels, ...) and its costliest kernels.
 
 Results land in ``DIR/gpu.json`` after every measurement (a run cut short keeps what it has);
 ``report_gpu.py`` turns them into the ``## GPU`` section of docs/benchmarks.md.
