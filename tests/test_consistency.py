@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -323,6 +324,16 @@ def test_the_target_network_is_these_weights_or_the_runs_ema():
     assert not torch.allclose(mu_zero, with_ema)
     method.objective.target = "online"
     assert torch.equal(mu_zero, method.objective.loss(*args[:3]))
+
+
+def test_a_distillation_against_its_ema_logs_the_ema_loss(teacher, tmp_path, capsys):
+    """With target = "ema" the logged EMA loss compares the EMA with its own target, as the
+    step compares the weights with theirs (it crashed at the first log line: no target)."""
+    ema = ["--set", "method.consistency.target='ema'", "--set", "train.log_every=1"]
+    _distill(capsys, teacher, tmp_path / "student", "--steps", 2, *ema)
+    lines = (tmp_path / "student" / "log.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["ema_loss"] for line in lines]
+    assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses), losses
 
 
 def test_an_ema_target_without_an_ema_is_refused():

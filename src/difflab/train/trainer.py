@@ -353,7 +353,8 @@ class Trainer:
 
     @torch.no_grad()
     def ema_loss(self) -> float:
-        """Loss of the EMA weights on a fixed batch: a less noisy view of progress."""
+        """Loss of the EMA weights on a fixed batch: a less noisy view of progress (against
+        the target network the step offers, for objectives that compare two)."""
         if self.ema is None:
             return math.nan
         count = min(len(self.images), self.config.train.batch_size)
@@ -363,9 +364,8 @@ class Trainer:
         x0 = self.images[:count].float().div(127.5).sub(1.0)
         labels = self.labels[:count] if self.conditional else None
         with self._autocast():
-            return float(
-                self.method.objective.loss(self.method.denoiser(self.ema), x0, draw, labels).mean()
-            )
+            ema = self.method.denoiser(self.ema)
+            return float(self.method.objective.loss(ema, x0, draw, labels, self._target).mean())
 
     def guide(self) -> Denoiser | None:
         """The run's own guide for its previews (``sampler.guide_at``), once it is past it."""
