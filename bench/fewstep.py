@@ -91,6 +91,16 @@ LEVERS = {
         "method.consistency.teacher_guidance=2",
         "method.consistency.p_mean=0.0",
     ],
+    # the original consistency distillation's target network theta^-, an EMA of the student
+    # (mu = 0.95 per step at their N = 18, Song et al. 2023, sec. 6), not improved CT's mu = 0:
+    # here the run's EMA, whose half-life is 5% of the images seen (mu 0.96 at 12,000 images)
+    "lr4-ag-pm0-ema": [
+        "train.lr=4e-4",
+        "method.consistency.teacher_guide='{guide}'",
+        "method.consistency.teacher_guidance=2",
+        "method.consistency.p_mean=0.0",
+        "method.consistency.target='ema'",
+    ],
     # the original paper's weighting (n uniform over the 18 pairs, lambda = 1), not improved CT's
     # log-normal one with lambda = 1 / (s_{n+1} - s_n), which gives the 6 pairs above sigma = 10
     # 5% of the draws, the top one 0.2%
