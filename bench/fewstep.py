@@ -101,6 +101,15 @@ LEVERS = {
         "method.consistency.p_mean=0.0",
         "method.consistency.target='ema'",
     ],
+    # twice the steps for the same images: batch 16 (on the H200, batch 32 in half the images
+    # matched batch 128, i.e. steps counted more than images at these lengths)
+    "lr4-ag-pm0-b16": [
+        "train.lr=4e-4",
+        "method.consistency.teacher_guide='{guide}'",
+        "method.consistency.teacher_guidance=2",
+        "method.consistency.p_mean=0.0",
+        "train.batch_size=16",
+    ],
     # the original paper's weighting (n uniform over the 18 pairs, lambda = 1), not improved CT's
     # log-normal one with lambda = 1 / (s_{n+1} - s_n), which gives the 6 pairs above sigma = 10
     # 5% of the draws, the top one 0.2%

@@ -298,12 +298,12 @@ def test_attention_matches_its_definition_in_either_layout(channels_last: bool) 
 
 
 def test_attention_splits_a_channels_last_qkv_without_copies(monkeypatch) -> None:
-    """On a channels-last input (a compiled CUDA graph's layout, difflab.devices.compile_module)
-    the queries, keys and values are views of the qkv convolution's output, and the gradient
-    that reaches that convolution is channels-last again: no layout copy either way. Before,
-    the heads were copied apart, and the gradient arrived channels-first, which the
-    convolution's backward copied back (on an H200, aten::copy_ of [512, 768, 16, 16] took
-    4.7% of a compiled edm-paper step, docs/benchmarks.md "GPU", run 7)."""
+    """On a channels-last input (train.channels_last; a compiled CUDA graph's convolutions are
+    channels-last too) the queries, keys and values are views of the qkv convolution's output,
+    and the gradient that reaches that convolution is channels-last again: no layout copy
+    either way. Before, the heads were copied apart, and the gradient arrived channels-first,
+    which the convolution's backward copied back (on an H200, aten::copy_ of [512, 768, 16, 16]
+    took 4.7% of a compiled edm-paper step, docs/benchmarks.md "GPU", run 7)."""
     from difflab.models import unet
 
     attn = unet.SelfAttention(8, 2)

@@ -138,12 +138,13 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         n, c, h, w = x.shape
         heads = self.num_heads
-        # Pixels first, [N, H, W, 3C] contiguous: a view of a channels-last qkv (a compiled CUDA
-        # graph's layout), one copy of a channels-first one. Each of q, k, v is then [N, heads,
-        # HW, d] with a head's channels at stride 1, which every fused attention kernel (flash,
+        # Pixels first, [N, H, W, 3C]: a view of a channels-last qkv (train.channels_last; in a
+        # compiled CUDA graph, whose convolutions are channels-last, a copy in memory order), one
+        # transposing copy of a channels-first one. Each of q, k, v is then [N, heads, HW, d]
+        # with a head's channels at stride 1, which every fused attention kernel (flash,
         # memory-efficient, cuDNN) needs (without it PyTorch builds the whole HW x HW matrix with
-        # batched matmuls); the gradients stack back into the same channels-last layout, so the
-        # convolution's backward needs no copy either.
+        # batched matmuls); the gradients stack back into the channels-last layout, so the
+        # convolution's backward needs no copy.
         qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).contiguous()
         qkv = qkv.view(n, h * w, 3, heads, c // heads)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
