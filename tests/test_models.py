@@ -302,8 +302,8 @@ def test_attention_splits_a_channels_last_qkv_without_copies(monkeypatch) -> Non
     channels-last too) the queries, keys and values are views of the qkv convolution's output,
     and the gradient that reaches that convolution is channels-last again: no layout copy
     either way. Before, the heads were copied apart, and the gradient arrived channels-first,
-    which the convolution's backward copied back (on an H200, aten::copy_ of [512, 768, 16, 16]
-    took 4.7% of a compiled edm-paper step, docs/benchmarks.md "GPU", run 7)."""
+    which the convolution's backward copied back (an aten::copy_ of qkv's shape, [512, 768, 16,
+    16], took 4.7% of a compiled edm-paper step on an H200, docs/benchmarks.md "GPU", run 7)."""
     from difflab.models import unet
 
     attn = unet.SelfAttention(8, 2)
