@@ -91,9 +91,10 @@ LEVERS = {
         "method.consistency.teacher_guidance=2",
         "method.consistency.p_mean=0.0",
     ],
-    # the original consistency distillation's target network theta^-, an EMA of the student
-    # (mu = 0.95 per step at their N = 18, Song et al. 2023, sec. 6), not improved CT's mu = 0:
-    # here the run's EMA, whose half-life is 5% of the images seen (mu 0.96 at 12,000 images)
+    # the target network theta^- of Song et al. 2023's ImageNet-64 and LSUN distillations, an
+    # EMA of the student (mu = 0.95 per step at N = 40; their CIFAR-10 code distils with mu = 0
+    # at N = 18), not improved CT's mu = 0: here the run's EMA, whose half-life is 5% of the
+    # images seen (mu 0.96 at 12,000 images)
     "lr4-ag-pm0-ema": [
         "train.lr=4e-4",
         "method.consistency.teacher_guide='{guide}'",
