@@ -15,19 +15,24 @@ import pytest
 from conftest import TINY_PRESET, make_images, run_cli
 
 from difflab.limits import limits_of
-from difflab.schema import METHOD_SECTIONS, SamplerConfig, TrainConfig, UNetOptions
+from difflab.schema import (
+    METHOD_SECTIONS,
+    MethodConfig,
+    SamplerConfig,
+    TrainConfig,
+    UNetOptions,
+)
 
+# each options section and the first method that reads it (ddpm, not ddpm-cosine)
 METHODS = {section: method for method, section in reversed(METHOD_SECTIONS.items())}
 SAMPLERS = {"variance": ("ddpm", "ancestral")}  # settings only one sampler reads, and its method
 COMPILING = {"compile_mode", "compile_layout"}  # read only by torch.compile (test_devices.py)
 
 
 def _choices() -> list[tuple[str, str, str]]:
-    from difflab import schema
-
     sections = [("network.unet", UNetOptions), ("sampler", SamplerConfig)]
     sections += [("train", TrainConfig)]
-    sections += [(f"method.{name}", getattr(schema, _class_of(name))) for name in METHODS]
+    sections += [(f"method.{name}", type(getattr(MethodConfig(), name))) for name in METHODS]
     return [
         (prefix, field.name, value)
         for prefix, cls in sections
@@ -35,10 +40,6 @@ def _choices() -> list[tuple[str, str, str]]:
         if field.name not in COMPILING
         for value in limits_of(cls, field.name).choices
     ]
-
-
-def _class_of(section: str) -> str:
-    return {"ddpm": "DDPMMethod", "edm": "EDMMethod"}.get(section, f"{section.title()}Method")
 
 
 @pytest.fixture(scope="module")
