@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -224,7 +225,8 @@ def piece_score(args: argparse.Namespace) -> None:
 
 def runs() -> list[dict]:
     """Every scored GPU run, oldest first: RESULTS, then gpu-2.json, gpu-3.json, ... beside it."""
-    later = sorted(RESULTS.parent.glob("gpu-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    numbered = {p: re.fullmatch(r"gpu-(\d+)", p.stem) for p in RESULTS.parent.glob("gpu-*.json")}
+    later = sorted((p for p, m in numbered.items() if m), key=lambda p: int(numbered[p][1]))
     return [json.loads(path.read_text()) for path in [RESULTS, *later]]
 
 

@@ -168,13 +168,14 @@ def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeyp
     # a later run (gpu-2.json, gpu-10.json beside gpu.json) follows under its own heading
     folder = tmp_path / "fewstep"
     folder.mkdir()
-    for name, card in [("gpu", "H"), ("gpu-10", "J"), ("gpu-2", "G")]:
+    for name, card in [("gpu", "H"), ("gpu-10", "J"), ("gpu-2", "G"), ("gpu-h200-old", "X")]:
         machine = {**values["machine"], "card": card}
         (folder / f"{name}.json").write_text(json.dumps({**values, "machine": machine}))
     monkeypatch.setattr(fewstep_gpu, "RESULTS", folder / "gpu.json")
     text = fewstep_gpu.report(fewstep_gpu.runs())
     assert text.count(fewstep_gpu.HEADING) == 1 and text.startswith(fewstep_gpu.HEADING)
     assert text.index("\n### Run 2: G\n") < text.index("\n### Run 3: J\n")
+    assert "X" not in [v["machine"]["card"] for v in fewstep_gpu.runs()]  # not a numbered run
     assert "(60 s on the GPU)" in text
     # a teacher of the same recipe trained elsewhere is carried, not trained: its minutes go
     # to the students
