@@ -206,8 +206,10 @@ def piece_lever(settings: Settings, name: str) -> None:
     row = next((r for r in rows if r["lever"] == name and r["images"] == settings.images
                 and r.get("teacher") == teacher.get("teacher")), None)  # fmt: skip
     if row is None:
-        if not (run_dir / "config.json").exists():
-            _distill(settings, run_dir, name, settings.images)
+        shorter = _shorter_run(settings, name, suffix)
+        if shorter and not (run_dir / "config.json").exists():  # goes on from it, bit-exactly
+            _branch(shorter[1], run_dir, shorter[0])
+        _distill(settings, run_dir, name, settings.images)
         scores = {str(k): _score(settings, run_dir, "--steps", k) for k in (1, 2)}
         minutes = quality._elapsed_minutes(run_dir)
         if other:
@@ -221,6 +223,18 @@ def piece_lever(settings: Settings, name: str) -> None:
                 "--num", settings.num, "--seed", 0, "--out", folder)  # fmt: skip
         row["scores"][START_KEY] = _score_folder(settings, folder)
     save(path, {"rows": rows})
+
+
+def _shorter_run(settings: Settings, name: str, suffix: str) -> tuple[int, Path] | None:
+    """The longest run of lever ``name`` (from the same teacher) distilled for fewer images than
+    ``--images``, and its images: a longer screen of a lever goes on from it (a constant rate,
+    so the same run as a fresh one)."""
+    runs = {}
+    for path in settings.run_dir(f"lever-{name}").parent.glob(f"lever-{name}-*{suffix}"):
+        images = path.name.removeprefix(f"lever-{name}-").removesuffix(suffix)
+        if images.isdigit() and int(images) < settings.images and (path / "config.json").exists():
+            runs[int(images)] = path
+    return max(runs.items()) if runs else None
 
 
 def _score(settings: Settings, run: Path, *extra: object) -> dict:

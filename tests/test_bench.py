@@ -255,3 +255,36 @@ def test_a_few_step_lever_row_gets_its_missing_start_score_without_distilling_ag
     ]
     fewstep.piece_lever(settings, "base")  # all measured: nothing runs
     assert len(commands) == 3
+
+
+def test_a_longer_few_step_lever_goes_on_from_its_shorter_run(monkeypatch, tmp_path):
+    """bench/fewstep.py lever NAME --images N: a run of the lever for fewer images (the longest,
+    from the same teacher) is branched at its checkpoint and resumed, not distilled again."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import fewstep
+
+    commands: list[tuple] = []
+    monkeypatch.setattr(fewstep, "difflab", lambda settings, *args: commands.append(args))
+    monkeypatch.setattr(fewstep, "_score", lambda settings, run, *extra: {"fid": 1.0})
+    monkeypatch.setattr(fewstep, "_score_folder", lambda settings, folder: {"fid": 9.0})
+    monkeypatch.setattr(fewstep.quality, "_elapsed_minutes", lambda run: 3.0)
+    batch = SimpleNamespace(train=SimpleNamespace(batch_size=32))
+    monkeypatch.setattr("difflab.config.load_json", lambda path: batch)
+    args = fewstep.argparse.Namespace(
+        quick=False, teacher=fewstep.DEFAULT_TEACHER, ref="unused", data="unused",
+        images=480, num=10, curve_num=0, max_minutes=float("inf"), minutes=0, chunks=1,
+    )  # fmt: skip
+    settings = fewstep.FewStepSettings(args)
+    settings.results, settings.out = tmp_path / "results", tmp_path / "out"
+    for name, images in [("lr4", 120), ("lr4", 240), ("lr4", 960), ("lr4-ag", 320)]:
+        run = settings.run_dir(f"lever-{name}-{images}")  # 960: longer; lr4-ag: another lever
+        (run / "checkpoints" / f"step-{images // 32:08d}").mkdir(parents=True)
+        for file in ("config.json", "log.jsonl", "invocations.jsonl"):
+            (run / file).write_text("{}")
+
+    fewstep.piece_lever(settings, "lr4")
+    run = settings.run_dir("lever-lr4-480")
+    assert commands[0][:3] == ("train", "--resume", run)
+    assert commands[0][4] == 480
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000007"]  # 240 images
+    assert [c[0] for c in commands[1:]] == ["sample"]  # then scored, not distilled afresh
