@@ -59,10 +59,17 @@ NEXT = (
     "spread); the student keeps mu = 0. Twice the steps for the same 12,000 images "
     "(`lr4-ag-pm0-b16`, batch 16) took 10% off the 1-step FID-1k: 103.8 against 116.0, 102.2 "
     "from sigma 10, 65.8 at 2 steps (unchanged), in 24.5 minutes against the 22.8 of a batch-32 "
-    "row on this machine: the 1-step student is short of steps more than of images, as on the "
-    "H200 (batch 32 matched batch 128 on half the images). No GPU student was long enough for a "
-    "target (half the CPU "
-    "student's images). What I would try next: p_mean 0 at the student's full length (the "
+    "row on this machine: at 12,000 images the 1-step student is short of steps more than of "
+    "images, as on the H200 (batch 32 matched batch 128 on half the images). At three times "
+    "that length (36,000 images, each of the two runs gone on) the difference is within a "
+    "seed's: 87.9 against 89.7 at 1 step, 60.6 against 60.8 at 2 steps; batch 16 reached the "
+    "same student sooner, not a better one, and the sigma-10 start no longer helps either "
+    "(89.0 and 90.6). What p_mean 0 gives at that length: at 36,000 images it scores at 1 step "
+    "what the student above, drawn at -1.1, scored at 80,000 (86.8, from the benchmark's "
+    "teacher, from which `lr4-ag` scored 157.7 at 12,000 against teacher-old's 159.7), i.e. "
+    "the draws halve the images to a 1-step FID-1k near 88. No GPU student was long enough for "
+    "a target (half the CPU student's images). What I would try next: p_mean 0 at the "
+    "student's full length (300,000 images, about 11 hours at this machine's 7-9 img/s, or the "
     "GPU run with the CPU teacher carried, `fewstep_gpu.py run --teacher`); Song et "
     "al.'s LPIPS distance in place of the pseudo-Huber one (it needs VGG weights, which this "
     "machine cannot download); ECT's and sCM's "
@@ -169,8 +176,9 @@ def _levers(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     lines = ["Distillation settings screened on a shorter budget (`python bench/fewstep.py lever "
-             "NAME --images N`, each a fresh distillation of the same teacher, scored at 1 and 2 "
-             "steps; `base` is the last session's student settings):", "",
+             "NAME --images N`, each a distillation of the same teacher, scored at 1 and 2 steps; a "
+             "longer row of a lever is its shorter run gone on, bit-exactly; `base` is the last "
+             "session's student settings):", "",
              "| lever | settings (`--set`) | images | minutes here | FID-1k, 1 step | FID-1k, "
              "1 step from sigma 10 | FID-1k, 2 steps | KID, 2 steps |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
