@@ -220,11 +220,9 @@ def test_gpu_students_cool_down_over_the_steps_of_their_second_half(monkeypatch,
     assert second[second.index("--time-limit") + 1] == "1.5"
 
 
-def test_a_few_step_lever_row_gets_its_missing_start_score_without_distilling_again(
-    monkeypatch, tmp_path
-):
-    """bench/fewstep.py lever: a new lever is distilled and scored at 1 and 2 steps and at 1 step
-    from START_SIGMA; a row recorded before that score existed gets only that score."""
+def _lever_bench(monkeypatch, tmp_path, images: int):
+    """bench/fewstep.py with its commands recorded (not run), scores stubbed (``_score`` gives the
+    steps it was asked for), settings for ``--images images`` under tmp_path."""
     monkeypatch.syspath_prepend(str(BENCH))
     import fewstep
 
@@ -235,10 +233,19 @@ def test_a_few_step_lever_row_gets_its_missing_start_score_without_distilling_ag
     monkeypatch.setattr(fewstep.quality, "_elapsed_minutes", lambda run: 3.0)
     args = fewstep.argparse.Namespace(
         quick=False, teacher=fewstep.DEFAULT_TEACHER, ref="unused", data="unused",
-        images=120, num=10, curve_num=0, max_minutes=float("inf"), minutes=0, chunks=1,
+        images=images, num=10, curve_num=0, max_minutes=float("inf"), minutes=0, chunks=1,
     )  # fmt: skip
     settings = fewstep.FewStepSettings(args)
     settings.results, settings.out = tmp_path / "results", tmp_path / "out"
+    return fewstep, settings, commands
+
+
+def test_a_few_step_lever_row_gets_its_missing_start_score_without_distilling_again(
+    monkeypatch, tmp_path
+):
+    """bench/fewstep.py lever: a new lever is distilled and scored at 1 and 2 steps and at 1 step
+    from START_SIGMA; a row recorded before that score existed gets only that score."""
+    fewstep, settings, commands = _lever_bench(monkeypatch, tmp_path, 120)
     old = {"lever": "lr4", "images": 120, "sets": [], "minutes": 1.0,
            "scores": {"1": {"fid": 1.0}, "2": {"fid": 2.0}}}  # fmt: skip
     fewstep.save(settings.result("levers"), {"rows": [old]})
@@ -260,22 +267,9 @@ def test_a_few_step_lever_row_gets_its_missing_start_score_without_distilling_ag
 def test_a_longer_few_step_lever_goes_on_from_its_shorter_run(monkeypatch, tmp_path):
     """bench/fewstep.py lever NAME --images N: a run of the lever for fewer images (the longest,
     from the same teacher) is branched at its checkpoint and resumed, not distilled again."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    import fewstep
-
-    commands: list[tuple] = []
-    monkeypatch.setattr(fewstep, "difflab", lambda settings, *args: commands.append(args))
-    monkeypatch.setattr(fewstep, "_score", lambda settings, run, *extra: {"fid": 1.0})
-    monkeypatch.setattr(fewstep, "_score_folder", lambda settings, folder: {"fid": 9.0})
-    monkeypatch.setattr(fewstep.quality, "_elapsed_minutes", lambda run: 3.0)
+    fewstep, settings, commands = _lever_bench(monkeypatch, tmp_path, 480)
     batch = SimpleNamespace(train=SimpleNamespace(batch_size=32))
     monkeypatch.setattr("difflab.config.load_json", lambda path: batch)
-    args = fewstep.argparse.Namespace(
-        quick=False, teacher=fewstep.DEFAULT_TEACHER, ref="unused", data="unused",
-        images=480, num=10, curve_num=0, max_minutes=float("inf"), minutes=0, chunks=1,
-    )  # fmt: skip
-    settings = fewstep.FewStepSettings(args)
-    settings.results, settings.out = tmp_path / "results", tmp_path / "out"
     for name, images in [("lr4", 120), ("lr4", 240), ("lr4", 960), ("lr4-ag", 320)]:
         run = settings.run_dir(f"lever-{name}-{images}")  # 960: longer; lr4-ag: another lever
         (run / "checkpoints" / f"step-{images // 32:08d}").mkdir(parents=True)
