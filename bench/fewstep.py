@@ -182,14 +182,19 @@ def piece_cooldown(settings: Settings) -> None:
 def _branch(trunk: Path, branch: Path, images: int) -> None:
     """A run directory that goes on from ``trunk``'s checkpoint at ``images`` images (each
     budget the student was distilled for ends in one): what --resume reads."""
-    from difflab.config import load_json
-
-    steps = images // load_json(trunk / "config.json").train.batch_size
+    checkpoint = _checkpoint_at(trunk, images)
     (branch / "checkpoints").mkdir(parents=True)
     for name in ("config.json", "log.jsonl", "invocations.jsonl"):
         shutil.copy2(trunk / name, branch / name)
-    name = f"step-{steps:08d}"
-    shutil.copytree(trunk / "checkpoints" / name, branch / "checkpoints" / name)
+    shutil.copytree(checkpoint, branch / "checkpoints" / checkpoint.name)
+
+
+def _checkpoint_at(run: Path, images: int) -> Path:
+    """The folder of ``run``'s checkpoint after ``images`` images (it may not exist)."""
+    from difflab.config import load_json
+
+    steps = images // load_json(run / "config.json").train.batch_size
+    return run / "checkpoints" / f"step-{steps:08d}"
 
 
 def piece_lever(settings: Settings, name: str) -> None:
@@ -226,15 +231,16 @@ def piece_lever(settings: Settings, name: str) -> None:
 
 
 def _shorter_run(settings: Settings, name: str, suffix: str) -> tuple[int, Path] | None:
-    """The longest run of lever ``name`` (from the same teacher) distilled for fewer images than
+    """The longest run of lever ``name`` (from the same teacher) distilled to fewer images than
     ``--images``, and its images: a longer screen of a lever goes on from it (a constant rate,
     so the same run as a fresh one)."""
-    runs = {}
-    for path in settings.run_dir(f"lever-{name}").parent.glob(f"lever-{name}-*{suffix}"):
+    runs = []
+    for path in (settings.out / "runs").glob(f"lever-{name}-*{suffix}"):
         images = path.name.removeprefix(f"lever-{name}-").removesuffix(suffix)
         if images.isdigit() and int(images) < settings.images and (path / "config.json").exists():
-            runs[int(images)] = path
-    return max(runs.items()) if runs else None
+            runs.append((int(images), path))
+    # one stopped short of its images has no checkpoint there: not a start
+    return max(((n, run) for n, run in runs if _checkpoint_at(run, n).is_dir()), default=None)
 
 
 def _score(settings: Settings, run: Path, *extra: object) -> dict:

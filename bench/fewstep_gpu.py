@@ -225,9 +225,9 @@ def piece_score(args: argparse.Namespace) -> None:
 
 def runs() -> list[dict]:
     """Every scored GPU run, oldest first: RESULTS, then gpu-2.json, gpu-3.json, ... beside it."""
-    numbered = {p: re.fullmatch(r"gpu-(\d+)", p.stem) for p in RESULTS.parent.glob("gpu-*.json")}
-    later = sorted((p for p, m in numbered.items() if m), key=lambda p: int(numbered[p][1]))
-    return [json.loads(path.read_text()) for path in [RESULTS, *later]]
+    later = sorted((int(m[1]), path) for path in RESULTS.parent.glob("gpu-*.json")
+                   if (m := re.fullmatch(r"gpu-(\d+)", path.stem)))  # fmt: skip
+    return [json.loads(path.read_text()) for path in [RESULTS, *(path for _, path in later)]]
 
 
 def report(values: list[dict]) -> str:

@@ -270,9 +270,11 @@ def test_a_longer_few_step_lever_goes_on_from_its_shorter_run(monkeypatch, tmp_p
     fewstep, settings, commands = _lever_bench(monkeypatch, tmp_path, 480)
     batch = SimpleNamespace(train=SimpleNamespace(batch_size=32))
     monkeypatch.setattr("difflab.config.load_json", lambda path: batch)
-    for name, images in [("lr4", 120), ("lr4", 240), ("lr4", 960), ("lr4-ag", 320)]:
-        run = settings.run_dir(f"lever-{name}-{images}")  # 960: longer; lr4-ag: another lever
-        (run / "checkpoints" / f"step-{images // 32:08d}").mkdir(parents=True)
+    for name, images, steps in [("lr4", 120, 3), ("lr4", 240, 7), ("lr4", 320, 5),
+                                ("lr4", 960, 30), ("lr4-ag", 400, 12)]:  # fmt: skip
+        # 320: stopped short of its images (step 5 of 10); 960: longer; lr4-ag: another lever
+        run = settings.run_dir(f"lever-{name}-{images}")
+        (run / "checkpoints" / f"step-{steps:08d}").mkdir(parents=True)
         for file in ("config.json", "log.jsonl", "invocations.jsonl"):
             (run / file).write_text("{}")
 
