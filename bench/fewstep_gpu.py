@@ -9,14 +9,15 @@ side for minutes instead of hours, all sampled in one command; scored on the CPU
 ``run`` trains the teacher with the recipe of bench/fewstep.py's (``flow-cpu`` as it was before
 issue 14, on the 5,000 cars of CARS/automobile, the 3,044 steps the CPU benchmark's 30 minutes
 reached, at a constant rate, its own autoguide the EMA at step 980; see TEACHER), samples it
-with Heun (18 steps, 35 evaluations; autoguided at w = 2 in 9 steps, 34), then distils every
-STUDENT at once (networks this small leave a GPU mostly idle, so the runs share it at little
-cost each) in two halves of the time left (a constant rate, then as many steps again whose last
-fifth cools the rate down to 0, as the CPU student's), and samples each student at 1 step after
-the first half, and after the second at 1 step (from sigma 80 and from 10) and at 2 steps. The
-sets of 1,000 PNGs are folders in a few tar files under 15 MiB each in DIR (what a device
-machine returns), named in DIR/fewstep-gpu.json; the Inception network never runs on the GPU
-machine. ``score`` runs ``difflab eval`` on each folder against the cars' reference and records
+with Heun (18 steps, 35 evaluations; autoguided at w = 2 in 9 steps, 34), then distils the
+STUDENTS chosen (``--students``, all by default) at once (networks this small leave a GPU mostly
+idle, so the runs share it at little cost each) in two halves of the time left (a constant
+rate, then as many steps again whose last fifth cools the rate down to 0, as the CPU
+student's), and samples each student at 1 step after the first half, and after the second at
+1 step (from sigma 80 and from 10) and at 2 steps. The sets of 1,000 PNGs are folders in a few
+tar files under 15 MiB each in DIR (what a device machine returns), named in
+DIR/fewstep-gpu.json; the Inception network never runs on the GPU machine. ``score`` runs
+``difflab eval`` on each folder against the cars' reference and records
 bench/results/fewstep/gpu.json; ``report`` writes its section.
 """
 
@@ -111,9 +112,10 @@ def piece_run(args: argparse.Namespace) -> None:
     minutes = max((end - reserve - time.monotonic()) / 120, 0.2)  # each half
     values["failed"] = distill(args, teacher, work, minutes)
     values["students"] = {}
-    for name, (batch, overrides) in STUDENTS.items():
+    for name in args.students:
         if name in values["failed"]:
             continue
+        batch, overrides = STUDENTS[name]
         folder = student_dir(work, name)
         values["students"][name] = {"batch": batch, "sets": overrides, "minutes": 2 * minutes}
         *halfway, last = list_checkpoints(folder)
@@ -143,16 +145,17 @@ def train_teacher(args: argparse.Namespace, work: Path) -> tuple[Path, dict]:
 
 
 def distill(args: argparse.Namespace, teacher: Path, work: Path, minutes: float) -> dict:
-    """Every student distilled at once at a constant rate for ``minutes``, then resumed for as
-    many steps again, cooled down over the last COOLDOWN of them, within as many minutes (a
-    checkpoint at each end); the failures by name (a failed student is left out, the others
-    go on)."""
+    """The students chosen (``args.students``) distilled at once at a constant rate for
+    ``minutes``, then resumed for as many steps again, cooled down over the last COOLDOWN of
+    them, within as many minutes (a checkpoint at each end); the failures by name (a failed
+    student is left out, the others go on)."""
     failed: dict[str, str] = {}
     for half in range(2):
         processes = {}
-        for name, (batch, overrides) in STUDENTS.items():
+        for name in args.students:
             if name in failed:
                 continue
+            batch, overrides = STUDENTS[name]
             folder = student_dir(work, name)
             if half == 0:
                 # no rolling checkpoints: a run's two are the ends of its halves (sampled)
@@ -249,8 +252,8 @@ def section(values: dict, heading: str = HEADING) -> str:
         "",
         f"The teacher: `difflab train {' '.join(values['teacher']['flags'])}` with "
         f"{', '.join(values['teacher']['sets'])} ({_teacher_made(values['teacher'])}). "
-        "The students: `difflab distill` from it, autoguided at w = 2, run side by side on the "
-        "one GPU for the same minutes in two halves: a constant rate (the rows at the first "
+        f"{_students_ran(len(values['students']))} for the same minutes in two halves: a "
+        "constant rate (the rows at the first "
         f"half's step), then as many steps again, the last {COOLDOWN:.0%} cooling the rate "
         "down to 0 (the CPU student's schedule).",
         "",
@@ -280,6 +283,7 @@ def section(values: dict, heading: str = HEADING) -> str:
                 f"({best['row']}): {ratio:+.1%}, target at most {margin:+.0%}: {met}."
             )
     first = None  # the first student's final scores, which the others are compared with
+    beside = " with the others beside it" if len(values["students"]) > 1 else ""
     for name, student in values["students"].items():
         seen = max((s["images_seen"] for s in scored if s["model"] == name), default=0)
         final = {
@@ -292,7 +296,7 @@ def section(values: dict, heading: str = HEADING) -> str:
         ]
         lines.append(
             f"- {name}: {seen:,} images in {student['minutes']:.1f} minutes "
-            f"({seen / student['minutes'] / 60:,.0f} img/s with the others beside it)"
+            f"({seen / student['minutes'] / 60:,.0f} img/s{beside})"
             + (f"; against {first[0]}: {', '.join(versus)}." if versus else ".")
         )
         first = first or (name, final)
@@ -300,10 +304,29 @@ def section(values: dict, heading: str = HEADING) -> str:
     return "\n".join([*lines, ""])
 
 
+def _students_ran(count: int) -> str:
+    who, where = (
+        ("student", "alone on the GPU")
+        if count == 1
+        else ("students", "side by side on the one GPU")
+    )
+    return f"The {who}: `difflab distill` from it, autoguided at w = 2, run {where}"
+
+
 def _teacher_made(teacher: dict) -> str:
     if "carried" in teacher:
         return f"trained on a CPU, carried to the GPU as `{teacher['carried']}`"
     return f"{teacher['seconds']:.0f} s on the GPU"
+
+
+def students(names: str) -> list[str]:
+    """``--students``: names of STUDENTS split by ';' (fewer side by side: more images each)."""
+    chosen = [name.strip() for name in names.split(";") if name.strip()]
+    unknown = [name for name in chosen if name not in STUDENTS]
+    if unknown or not chosen:
+        wrong = unknown[0] if unknown else names
+        raise argparse.ArgumentTypeError(f"no student {wrong!r}: choose from {'; '.join(STUDENTS)}")
+    return chosen
 
 
 def main() -> None:
@@ -321,6 +344,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a CPU smoke test: tiny budgets")
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help="score's file (a later run: gpu-2.json)"
+    )
+    parser.add_argument(
+        "--students", type=students, default=list(STUDENTS), help="run's STUDENTS, names split by ;"
     )
     args = parser.parse_args()
     if args.piece == "run":

@@ -207,7 +207,7 @@ def test_gpu_students_cool_down_over_the_steps_of_their_second_half(monkeypatch,
     monkeypatch.setattr(fewstep_gpu, "difflab_run", fake_run)
     monkeypatch.setattr(fewstep_gpu, "wait", lambda processes: {})
     monkeypatch.setattr(fewstep_gpu, "STUDENTS", {"b": (8, ["train.lr=4e-4"])})
-    args = argparse.Namespace(device="cpu")
+    args = argparse.Namespace(device="cpu", students=["b"])
     assert fewstep_gpu.distill(args, tmp_path / "teacher", tmp_path, 1.5) == {}
     first, second = commands
     assert first[0] == "distill" and "train.lr=4e-4" in first
@@ -218,6 +218,27 @@ def test_gpu_students_cool_down_over_the_steps_of_their_second_half(monkeypatch,
     assert "train.lr_schedule='cooldown'" in second
     assert f"train.cooldown={fewstep_gpu.COOLDOWN}" in second
     assert second[second.index("--time-limit") + 1] == "1.5"
+
+
+def test_gpu_students_can_be_chosen_by_name(monkeypatch, tmp_path):
+    """``fewstep_gpu.py run --students 'A;B'`` distils only those (fewer side by side, more images
+    each); a name not in STUDENTS is a one-line error naming the choices."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import fewstep_gpu
+
+    first, *_, last = fewstep_gpu.STUDENTS
+    assert fewstep_gpu.students(f" {last} ;{first}") == [last, first]
+    for wrong in ("batch 7", ";"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"^no student .*: choose from "):
+            fewstep_gpu.students(wrong)
+    started = []
+    monkeypatch.setattr(
+        fewstep_gpu, "difflab_run", lambda *a, device: started.append(a[a.index("--out") + 1])
+    )
+    monkeypatch.setattr(fewstep_gpu, "wait", lambda processes: {name: "x" for name in processes})
+    args = argparse.Namespace(device="cpu", students=[last])
+    assert fewstep_gpu.distill(args, tmp_path / "teacher", tmp_path, 1.0) == {last: "x"}
+    assert started == [fewstep_gpu.student_dir(tmp_path, last)]
 
 
 def _lever_bench(monkeypatch, tmp_path, images: int):

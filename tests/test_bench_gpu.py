@@ -184,6 +184,13 @@ def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeyp
     teacher, values["teacher"] = fewstep_gpu.train_teacher(args, Path("work"))
     assert teacher == Path("t.safetensors") and values["teacher"]["flags"] == fewstep_gpu.TEACHER
     assert "trained on a CPU, carried to the GPU as `t.safetensors`" in fewstep_gpu.section(values)
+    # one student chosen (--students) had the GPU to itself: no "others beside it"
+    values["students"] = {"s": values["students"]["s"]}
+    text = fewstep_gpu.section(values)
+    assert (
+        "The student: `difflab distill` from it, autoguided at w = 2, run alone on the GPU" in text
+    )
+    assert "- s: 25,600 images in 2.0 minutes (213 img/s).\n" in text and "beside" not in text
 
 
 def test_the_heads_copied_lever_puts_the_old_attention_in_place(monkeypatch):
