@@ -305,11 +305,8 @@ def section(values: dict, heading: str = HEADING) -> str:
 
 
 def _students_ran(count: int) -> str:
-    who, where = (
-        ("student", "alone on the GPU")
-        if count == 1
-        else ("students", "side by side on the one GPU")
-    )
+    who = "student" if count == 1 else "students"
+    where = "alone on the GPU" if count == 1 else "side by side on the one GPU"
     return f"The {who}: `difflab distill` from it, autoguided at w = 2, run {where}"
 
 
