@@ -237,10 +237,12 @@ def _shorter_run(settings: Settings, name: str, suffix: str) -> tuple[int, Path]
     runs = []
     for path in (settings.out / "runs").glob(f"lever-{name}-*{suffix}"):
         images = path.name.removeprefix(f"lever-{name}-").removesuffix(suffix)
-        if images.isdigit() and int(images) < settings.images and (path / "config.json").exists():
+        if not (images.isdigit() and int(images) < settings.images):
+            continue
+        # one stopped short of its images has no checkpoint there: not a start
+        if (path / "config.json").exists() and _checkpoint_at(path, int(images)).is_dir():
             runs.append((int(images), path))
-    # one stopped short of its images has no checkpoint there: not a start
-    return max(((n, run) for n, run in runs if _checkpoint_at(run, n).is_dir()), default=None)
+    return max(runs, default=None)
 
 
 def _score(settings: Settings, run: Path, *extra: object) -> dict:
