@@ -49,7 +49,7 @@ def test_the_speed_section_is_what_the_report_writes_from_the_committed_results(
 
 
 def test_the_gpu_section_is_what_the_report_writes_from_the_committed_results(monkeypatch):
-    """`bench/gpu.py --render` of the six H100 runs and the H200 run with the CPU's score of
+    """`bench/gpu.py --render` of the six H100 runs and the two H200 runs with the CPU's score of
     their samples (bench/README.md's command) writes "## GPU" as committed."""
     monkeypatch.syspath_prepend(str(BENCH))
     import gpu
@@ -58,7 +58,7 @@ def test_the_gpu_section_is_what_the_report_writes_from_the_committed_results(mo
     written = []
     monkeypatch.setattr(gpu, "write_report", lambda cards: written.append(cards) or "doc")
     runs = [str(RESULTS / "gpu" / f"h100-{n}.json") for n in range(1, 7)]
-    runs.append(str(RESULTS / "gpu" / "h200-1.json"))
+    runs += [str(RESULTS / "gpu" / f"h200-{n}.json") for n in (1, 2)]
     scored = str(RESULTS / "gpu" / "h100-samples-eval.json")
     assert gpu.main(["gpu.py", "--render", *runs, "--scored", scored]) == 0
     assert_committed(report_gpu.HEADING, report_gpu.section(*written[0]))
