@@ -10,14 +10,14 @@ side for minutes instead of hours, all sampled in one command; scored on the CPU
 issue 14, on the 5,000 cars of CARS/automobile, the 3,044 steps the CPU benchmark's 30 minutes
 reached, at a constant rate, its own autoguide the EMA at step 980; see TEACHER), samples it
 with Heun (18 steps, 35 evaluations; autoguided at w = 2 in 9 steps, 34), then distils the
-STUDENTS chosen (``--students``, all by default) at once (networks this small leave a GPU mostly
-idle, so the runs share it at little cost each) in two halves of the time left (a constant
-rate, then as many steps again whose last fifth cools the rate down to 0, as the CPU
-student's), and samples each student at 1 step after the first half, and after the second at
-1 step (from sigma 80 and from 10) and at 2 steps. The sets of 1,000 PNGs are folders in a few
-tar files under 15 MiB each in DIR (what a device machine returns), named in
-DIR/fewstep-gpu.json; the Inception network never runs on the GPU machine. ``score`` runs
-``difflab eval`` on each folder against the cars' reference and records
+STUDENTS chosen (``--students``, all by default) at once (the runs share the GPU: on an H200
+each of two side by side took about 11 steps a second, each of four 5.5 at batch 128) in two
+halves of the time left (a constant rate, then as many steps again whose last fifth cools the
+rate down to 0, as the CPU student's), and samples each student at 1 step after the first half,
+and after the second at 1 step (from sigma 80 and from 10) and at 2 steps. The sets of 1,000
+PNGs are folders in a few tar files under 15 MiB each in DIR (what a device machine returns),
+named in DIR/fewstep-gpu.json; the Inception network never runs on the GPU machine. ``score``
+runs ``difflab eval`` on each folder against the cars' reference and records
 bench/results/fewstep/gpu.json; ``report`` writes its section.
 """
 
@@ -63,6 +63,10 @@ STUDENTS = {
     "batch 32, lr 4e-4, p_mean 0": (32, ["train.lr=4e-4", "method.consistency.p_mean=0.0"]),
     # the larger batch's larger rate, with those draws (at the CPU's batch 32 it added nothing)
     "batch 128, lr 1e-3, p_mean 0": (128, ["train.lr=1e-3", "method.consistency.p_mean=0.0"]),
+    # the H200's best at four times the batch: side by side with one other student, batch 32
+    # and 128 ran the same steps per second (1,715 and 1,680 in 154 s), so a step's time is not
+    # its images' and a larger batch sees more of them in the same minutes
+    "batch 512, lr 1e-3, p_mean 0": (512, ["train.lr=1e-3", "method.consistency.p_mean=0.0"]),
 }
 STUDENT_ROWS = [("1 step", 1, 0.0), ("1 step from sigma 10", 1, 10.0), ("2 steps", 2, 0.0)]
 RESULTS = ROOT / "bench" / "results" / "fewstep" / "gpu.json"
