@@ -100,29 +100,32 @@ def _auto_lines(values: dict[str, Any]) -> list[str]:
 def _lever_lines(values: dict[str, Any]) -> list[str]:
     """Each measured ``edm-paper`` variant against the row it adds one lever to in its own run
     (its name less the last ", lever"), else against batch 512 compiled (the base of the levers)
-    of its own run, or of the latest run before it where its own run measured no base."""
+    of its own run, or of the latest run before it where its own run measured no base; a
+    variant with neither is left out."""
     rows = [r for r in values.get("speed", []) if r["ok"] and r["preset"] == PAPER]
     bases = {r.get("run", 1): r for r in rows if r["name"] == BASE}
-    if not bases or len(rows) < 2:
-        return []
     named = {(r.get("run", 1), r["name"]): r for r in rows}
-    lines = [
-        f"Each lever against the row it adds to in the same run, else `{BASE}` (bf16) of the "
-        "same run or of the run before:",
-        "",
-    ]
+    lines = []
     for row in rows:
         run = row.get("run", 1)
-        base = named.get((run, row["name"].rsplit(", ", 1)[0])) or bases.get(
-            max((k for k in bases if k <= run), default=min(bases))
-        )
-        if row is not base:
+        base = named.get((run, row["name"].rsplit(", ", 1)[0]))
+        if base is None and bases:
+            base = bases[max((k for k in bases if k <= run), default=min(bases))]
+        if base is not None and row is not base:
             gain = row["images_per_s"] / base["images_per_s"] - 1
             lines.append(
                 f"- batch {row['batch']}, {_variant(row)}{_run(row)}: {gain:+.1%} against "
                 f"{base['images_per_s']:,.0f} img/s (batch {base['batch']}, {_variant(base)}{_run(base)})"
             )
-    return [*lines, ""]
+    if not lines:
+        return []
+    return [
+        f"Each lever against the row it adds to in the same run, else `{BASE}` (bf16) of the "
+        "same run or of the run before:",
+        "",
+        *lines,
+        "",
+    ]
 
 
 def _run(row: dict) -> str:

@@ -105,6 +105,11 @@ def test_gpu_runs_merge_into_one_section(monkeypatch):
         "batch 1024, bfloat16, compiled, foreach Adam (run 3): +10.0% against 190 img/s (batch 512, bfloat16, compiled, foreach Adam (run 3))"
         in text
     )
+    # a run without the base still compares a lever with the row it adds to (the H200's run 8)
+    graph = "edm-paper, batch 512, compiled, channels-last graph"
+    alone = report_gpu._lever_lines({"speed": [speed(graph, 300.0), speed(f"{graph}, x", 291.0)]})
+    assert any(": -3.0% against 300 img/s" in line for line in alone)
+    assert report_gpu._lever_lines({"speed": [speed(graph, 300.0)]}) == []
     # the paper-size U-Net's levers are measured before every other row
     table = [name for name, _, _ in gpu.speed_table(["flow-cpu", "edm-paper"], quick=False)]
     assert table[0] == "edm-paper, bf16" and table.index(base) < table.index("flow-cpu, fp32")
