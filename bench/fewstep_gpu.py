@@ -287,7 +287,8 @@ def section(values: dict, heading: str = HEADING) -> str:
                 f"({best['row']}): {ratio:+.1%}, target at most {margin:+.0%}: {met}."
             )
     first = None  # the first student's final scores, which the others are compared with
-    beside = " with the others beside it" if len(values["students"]) > 1 else ""
+    others = len(values["students"]) - 1
+    beside = f" with the {'other' if others == 1 else 'others'} beside it" if others else ""
     for name, student in values["students"].items():
         seen = max((s["images_seen"] for s in scored if s["model"] == name), default=0)
         final = {

@@ -163,13 +163,15 @@ def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeyp
     assert "best 53.0 (s, 1 step, step 200) against the teacher's 40.0" in text
     assert "+32.5%, target at most +35%: met" in text
     assert "+17.5%, target at most +15%: **not met**" in text
-    assert "- s: 25,600 images in 2.0 minutes (213 img/s with the others beside it).\n" in text
+    assert "- s: 25,600 images in 2.0 minutes (213 img/s with the other beside it).\n" in text
     # the other students against the first's final scores, row by row
     assert (
-        "- u: 12,800 images in 2.0 minutes (107 img/s with the others beside it); against s: "
+        "- u: 12,800 images in 2.0 minutes (107 img/s with the other beside it); against s: "
         "1 step 58.3 (+10%).\n" in text
     )
     assert "t: **failed** (exited 1: out of memory)" in text
+    three = {**values, "students": {**values["students"], "v": values["students"]["u"]}}
+    assert "(213 img/s with the others beside it)" in fewstep_gpu.section(three)
     # a later run (gpu-2.json, gpu-10.json beside gpu.json) follows under its own heading
     folder = tmp_path / "fewstep"
     folder.mkdir()
