@@ -326,6 +326,32 @@ def test_the_target_network_is_these_weights_or_the_runs_ema():
     assert torch.equal(mu_zero, method.objective.loss(*args[:3]))
 
 
+def test_the_target_pass_draws_the_online_passs_dropout_masks():
+    """With dropout, f(x_{n+1}) and its target f(x_n) are one sub-network: the target pass
+    draws the online pass's masks (Song et al.'s code and ECT reset the random state between
+    the two), so two equal points are consistent exactly; the draws after the loss go on as
+    after one pass."""
+    from difflab.models import UNet, UNetConfig
+
+    method = METHODS["consistency"](MethodConfig(name="consistency"))
+    options = {"channel_mult": (1, 2), "attention_resolutions": (), "num_blocks": 1}
+    torch.manual_seed(0)
+    net = method.denoiser(UNet(3, 8, UNetConfig(channels=8, dropout=0.5, **options)))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    objective = dataclasses.replace(method.objective, weighting="uniform")  # no 1 / (s - s)
+    s = torch.full((4,), 3.0)
+    same = ConsistencyDraw(s, torch.randn(4, 3, 8, 8), s, s, s)  # x_n = x_{n+1}
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    torch.manual_seed(1)
+    assert torch.equal(objective.loss(net, x0, same), torch.zeros(4))
+    after_loss = torch.rand(1)
+    torch.manual_seed(1)
+    online = net(x0 + 3.0 * same.eps, same.t)  # one pass, its masks
+    assert torch.equal(after_loss, torch.rand(1))
+    assert not torch.equal(online.x0, net(x0 + 3.0 * same.eps, same.t).x0)  # masks do differ
+
+
 def test_a_distillation_against_its_ema_logs_the_ema_loss(teacher, tmp_path, capsys):
     """With target = "ema" the logged EMA loss compares the EMA with its own target, as the
     step compares the weights with theirs (it crashed at the first log line: no target)."""

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import difflab
 from difflab import io as difflab_io
+from difflab.config import load_json
 from difflab.errors import DifflabError
 from difflab.io import atomic_write_text
 from difflab.train.checkpoint import list_checkpoints
@@ -138,6 +139,12 @@ def test_a_distilled_network_or_size_other_than_the_teachers_is_refused(teacher,
     assert not (tmp_path / "student").exists()
     code, _, err = run_cli(capsys, *distill, "--set", "network.unet.channels=16", "--from-scratch")
     assert code == 0, err  # a student network of its own, distilled from the teacher
+    # dropout makes no weight: a student of the teacher's weights may add it (improved CT, ECT)
+    dropout = tmp_path / "dropout"
+    code, _, err = run_cli(capsys, "distill", teacher, "--out", dropout, "--steps", 1,
+                           "--set", "network.unet.dropout=0.2", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert load_json(dropout / "config.json").network.unet.dropout == 0.2
 
 
 def test_report_reads_logs_cut_off_or_garbled_by_a_crash(teacher, tmp_path, capsys):

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from difflab.config import ConsistencyMethod, TrainConfig, parse_value
+from difflab.config import ConsistencyMethod, NetworkConfig, TrainConfig, parse_value
 from difflab.errors import DifflabError
 from difflab.limits import Bounded
 
@@ -213,10 +213,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     overrides = _flags(args, *RUN_FLAGS, "data.source")
     config = _absolute_paths(validate(apply_overrides(config, overrides + args.set)))
     init = None if args.from_scratch else teacher
-    if init is not None and config.network != base.network:
+    if init is not None and _weight_shapes(config.network) != _weight_shapes(base.network):
         raise DifflabError(
-            "the student starts from the teacher's weights, so its network cannot change; "
-            "add --from-scratch for a student network of its own"
+            "the student starts from the teacher's weights, so its network cannot change "
+            "(but for network.unet.dropout); add --from-scratch for a student network of its own"
         )
     if config.data.image_size != base.data.image_size:
         raise DifflabError(
@@ -232,6 +232,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
             base.method.name,
         )
     return _run_training(config, Path(args.out), args, init=init, class_is_default=True)
+
+
+def _weight_shapes(network: NetworkConfig) -> NetworkConfig:
+    """The settings that make a network's weights: all but its dropout, which a student may
+    change (improved CT and ECT tune consistency models with more of it than their teachers)."""
+    return dataclasses.replace(network, unet=dataclasses.replace(network.unet, dropout=0.0))
 
 
 def _run_training(

@@ -7,6 +7,7 @@ They differ only in the time distribution, the parameterization, the norm and th
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -141,6 +142,18 @@ def _x0_at(denoiser: Denoiser, y: Tensor, s: Tensor, labels: Tensor | None) -> T
     return denoiser(alpha * y, t, labels).x0.float()
 
 
+def _same_dropout(device: torch.device) -> contextlib.AbstractContextManager:
+    """The random state of ``device`` (and the CPU's) restored on leaving: the passes after it
+    draw the dropout masks of the pass inside, as Song et al.'s consistency code and ECT do for
+    the online and target passes of one network (``torch.random.fork_rng``)."""
+    if device.type == "cpu":
+        return torch.random.fork_rng([])
+    index = device.index
+    if index is None and device.type != "meta":
+        index = torch.get_device_module(device.type).current_device()
+    return torch.random.fork_rng([index], device_type=device.type)
+
+
 @dataclass
 class ConsistencyDraw(Draw):
     """A pair of neighbouring levels of the discretisation per sample: t > t_low as times of
@@ -215,7 +228,8 @@ class ConsistencyObjective(Objective):
         x_low = self._step_back(x_high, draw, labels) if self.teacher else None
         if x_low is None:
             x_low = x0 + _per_sample(draw.s_low, x0.ndim) * draw.eps
-        online = _x0_at(denoiser, x_high, draw.s, labels)
+        with _same_dropout(x0.device):  # the RNG goes back: the target draws these masks
+            online = _x0_at(denoiser, x_high, draw.s, labels)
         with torch.no_grad():  # theta^-: the run's EMA ("ema") or these weights ("online")
             theirs = target if self.target == "ema" else denoiser  # validate: an EMA exists
             goal = _x0_at(theirs, x_low, draw.s_low, labels)
