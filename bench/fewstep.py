@@ -231,6 +231,7 @@ def piece_lever(settings: Settings, name: str) -> None:
         minutes = quality._elapsed_minutes(run_dir)
         if other:
             teacher["matmul_peak_gflops"] = matmul_peak(10)
+            teacher["guide"] = int(settings.guide.name.removeprefix("step-"))
         row = {"lever": name, "images": settings.images, "sets": LEVERS[name],
                "minutes": minutes, "scores": scores, **teacher}  # fmt: skip
         rows.append(row)

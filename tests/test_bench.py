@@ -253,7 +253,7 @@ def _lever_bench(monkeypatch, tmp_path, images: int):
     monkeypatch.setattr(fewstep, "_score_folder", lambda settings, folder: {"fid": 9.0})
     monkeypatch.setattr(fewstep.quality, "_elapsed_minutes", lambda run: 3.0)
     args = fewstep.argparse.Namespace(
-        quick=False, teacher=fewstep.DEFAULT_TEACHER, ref="unused", data="unused",
+        quick=False, teacher=fewstep.DEFAULT_TEACHER, guide=None, ref="unused", data="unused",
         images=images, num=10, curve_num=0, max_minutes=float("inf"), minutes=0, chunks=1,
     )  # fmt: skip
     settings = fewstep.FewStepSettings(args)
@@ -283,6 +283,25 @@ def test_a_few_step_lever_row_gets_its_missing_start_score_without_distilling_ag
     ]
     fewstep.piece_lever(settings, "base")  # all measured: nothing runs
     assert len(commands) == 3
+
+
+def test_lever_rows_of_another_teacher_name_it_its_guide_and_its_machines():
+    """A lever row distilled from a ``--teacher`` other than the benchmark's is marked, its
+    guide's step shown, and a footnote per teacher says what it is and its rows' matmul peaks;
+    a teacher the report has no words for is still named."""
+    from report_fewstep import OTHER, _levers
+
+    scores = {"1": {"fid": 100.0}, "2": {"fid": 60.0, "kid": 0.04}}
+    rows = [{"lever": "lr4-ag", "images": 12_000, "sets": ["method.consistency.teacher_guide='{guide}'"],
+             "minutes": 30.0, "scores": scores, "teacher": name, "matmul_peak_gflops": peak,
+             **({"guide": 322} if name == "teacher-1k" else {})}
+            for name, peak in [("teacher-1k", 283.0), ("mine", 150.0), ("teacher-1k", 290.0)]]  # fmt: skip
+    text = "\n".join(_levers(rows))
+    assert text.count("`lr4-ag`, `teacher-1k`*") == 2 and "`lr4-ag`, `mine`*" in text
+    assert text.count("its step 322") == 2 and "its step 980" in text  # the benchmark's, by default
+    assert "Distilled from `teacher-1k`, the teacher's recipe stopped at 1,000" in text
+    assert "(fp32 matmul peak 283, 290 GFLOP/s, row by row)" in text
+    assert f"Distilled from `mine`, {OTHER} (fp32 matmul peak 150 GFLOP/s" in text
 
 
 def test_a_longer_few_step_lever_goes_on_from_its_shorter_run(monkeypatch, tmp_path):

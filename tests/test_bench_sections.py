@@ -122,7 +122,7 @@ def test_the_few_step_section_is_what_the_report_writes_from_the_committed_resul
     from report_fewstep import FINAL, STUDENT_STEPS, grid, section
 
     args = fewstep.argparse.Namespace(
-        quick=False, teacher=fewstep.DEFAULT_TEACHER, ref="unused", data="unused",
+        quick=False, teacher=fewstep.DEFAULT_TEACHER, guide=None, ref="unused", data="unused",
         images=300_000, num=1000, curve_num=0, max_minutes=float("inf"), minutes=0, chunks=1,
     )  # fmt: skip
     settings = fewstep.FewStepSettings(args)
