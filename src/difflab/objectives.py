@@ -148,10 +148,7 @@ def _same_dropout(device: torch.device) -> contextlib.AbstractContextManager:
     the online and target passes of one network (``torch.random.fork_rng``)."""
     if device.type == "cpu":
         return torch.random.fork_rng([])
-    index = device.index
-    if index is None and device.type != "meta":
-        index = torch.get_device_module(device.type).current_device()
-    return torch.random.fork_rng([index], device_type=device.type)
+    return torch.random.fork_rng([device], device_type=device.type)  # cuda: its current device
 
 
 @dataclass
