@@ -148,7 +148,7 @@ def _same_dropout(device: torch.device) -> contextlib.AbstractContextManager:
     the online and target passes of one network (``torch.random.fork_rng``)."""
     if device.type == "cpu":
         return torch.random.fork_rng([])
-    return torch.random.fork_rng([device], device_type=device.type)  # cuda: its current device
+    return torch.random.fork_rng([device], device_type=device.type)  # "cuda": the current one
 
 
 @dataclass
