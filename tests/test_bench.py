@@ -292,10 +292,11 @@ def test_lever_rows_of_another_teacher_name_it_its_guide_and_its_machines():
     from report_fewstep import OTHER, _levers
 
     scores = {"1": {"fid": 100.0}, "2": {"fid": 60.0, "kid": 0.04}}
-    rows = [{"lever": "lr4-ag", "images": 12_000, "sets": ["method.consistency.teacher_guide='{guide}'"],
-             "minutes": 30.0, "scores": scores, "teacher": name, "matmul_peak_gflops": peak,
-             **({"guide": 322} if name == "teacher-1k" else {})}
-            for name, peak in [("teacher-1k", 283.0), ("mine", 150.0), ("teacher-1k", 290.0)]]  # fmt: skip
+    sets = ["method.consistency.teacher_guide='{guide}'"]
+    teachers = [("teacher-1k", 283.0), ("mine", 150.0), ("teacher-1k", 290.0)]
+    rows = [{"lever": "lr4-ag", "images": 12_000, "sets": sets, "minutes": 30.0, "scores": scores,
+             "teacher": name, "matmul_peak_gflops": peak,
+             **({"guide": 322} if name == "teacher-1k" else {})} for name, peak in teachers]  # fmt: skip
     text = "\n".join(_levers(rows))
     assert text.count("`lr4-ag`, `teacher-1k`*") == 2 and "`lr4-ag`, `mine`*" in text
     assert text.count("its step 322") == 2 and "its step 980" in text  # the benchmark's, by default
