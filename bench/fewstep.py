@@ -214,6 +214,8 @@ def piece_lever(settings: Settings, name: str) -> None:
     sigma 10 (START_SIGMA: start-screen.json's best start); a row distilled from another
     ``--teacher`` than the benchmark's names it, with this machine's matmul peak. A row
     recorded before the start was scored gets that score added."""
+    from difflab.train.checkpoint import checkpoint_step
+
     path = settings.result("levers")
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     other = settings.teacher.resolve() != DEFAULT_TEACHER.resolve()
@@ -231,7 +233,7 @@ def piece_lever(settings: Settings, name: str) -> None:
         minutes = quality._elapsed_minutes(run_dir)
         if other:
             teacher["matmul_peak_gflops"] = matmul_peak(10)
-            teacher["guide"] = int(settings.guide.name.removeprefix("step-"))
+            teacher["guide"] = checkpoint_step(settings.guide)
         row = {"lever": name, "images": settings.images, "sets": LEVERS[name],
                "minutes": minutes, "scores": scores, **teacher}  # fmt: skip
         rows.append(row)
@@ -409,6 +411,10 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test")
     args = parser.parse_args()
+    from difflab.train.checkpoint import list_checkpoints
+
+    if args.guide is not None and args.guide not in list_checkpoints(args.guide.parent.parent):
+        parser.error(f"--guide {args.guide}: name a checkpoint folder, RUN/checkpoints/step-N")
     args.curve_num, args.max_minutes, args.minutes, args.chunks = 0, float("inf"), 0, 1
     settings = FewStepSettings(args)
     pieces = {"distill": piece_distill, "student": piece_student, "cooldown": piece_cooldown,

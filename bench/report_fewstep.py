@@ -194,7 +194,10 @@ def section(values: dict, settings, figures: Path) -> str:
 
 #: The teachers other than the benchmark's that lever rows were distilled from (``--teacher``).
 #: Name: (what it is, what its rows' minutes compare with).
-OTHER = "a teacher other than the benchmark's"
+OTHER, ALONE = (
+    "a teacher other than the benchmark's",
+    "their minutes compare with each other's only",
+)
 OTHER_TEACHERS = {
     "teacher-old": (
         "the teacher's recipe trained again on a later session's CPU (autoguided FID-1k 44.2 "
@@ -207,7 +210,7 @@ OTHER_TEACHERS = {
         "(the same third), trained for the dropout screen on one machine, where its rows ran "
         "alone (autoguided FID-1k 66.5 at Heun 9, w = 2, against the benchmark teacher's 43.2, "
         "bench/results/fewstep/teacher-1k-ag.json)",
-        "their minutes compare with each other's only",
+        ALONE,
     ),
 }
 
@@ -238,9 +241,7 @@ def _levers(rows: list[dict]) -> list[str]:
             peaks.setdefault(r["teacher"], []).append(r["matmul_peak_gflops"])
     for name, measured in peaks.items():
         shown = ", ".join(f"{peak:.0f}" for peak in measured)
-        note, minutes = OTHER_TEACHERS.get(
-            name, (OTHER, "their minutes compare with each other's only")
-        )
+        note, minutes = OTHER_TEACHERS.get(name, (OTHER, ALONE))
         lines += ["", f"\\* Distilled from `{name}`, {note} (fp32 matmul peak {shown} GFLOP/s, "
                   f"row by row): {minutes}."]  # fmt: skip
     return [*lines, ""]

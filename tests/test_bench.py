@@ -305,6 +305,29 @@ def test_lever_rows_of_another_teacher_name_it_its_guide_and_its_machines():
     assert f"Distilled from `mine`, {OTHER} (fp32 matmul peak 150 GFLOP/s" in text
 
 
+def test_a_guide_that_is_no_checkpoint_folder_is_refused_before_any_run(
+    monkeypatch, tmp_path, capsys
+):
+    """bench/fewstep.py --guide names a run's checkpoint folder (its step is recorded in the
+    row): anything else is refused at once, not after a distillation."""
+    import fewstep
+
+    (tmp_path / "run" / "checkpoints" / "step-00000322").mkdir(parents=True)
+    (tmp_path / "export.safetensors").write_text("")
+    monkeypatch.setattr(fewstep, "piece_lever", lambda *a: pytest.fail("ran"))
+    for guide in ["export.safetensors", "run/checkpoints/step-00000980", "run"]:
+        monkeypatch.setattr("sys.argv", ["fewstep.py", "lever", "--guide", str(tmp_path / guide)])
+        with pytest.raises(SystemExit):
+            fewstep.main()
+        assert "name a checkpoint folder, RUN/checkpoints/step-N" in capsys.readouterr().err
+    ran = []
+    monkeypatch.setattr(fewstep, "piece_lever", lambda *a: ran.append(a))
+    good = tmp_path / "run" / "checkpoints" / "step-00000322"
+    monkeypatch.setattr("sys.argv", ["fewstep.py", "lever", "--guide", str(good)])
+    fewstep.main()
+    assert ran[0][0].guide == good
+
+
 def test_a_longer_few_step_lever_goes_on_from_its_shorter_run(monkeypatch, tmp_path):
     """bench/fewstep.py lever NAME --images N: a run of the lever for fewer images (the longest,
     from the same teacher) is branched at its checkpoint and resumed, not distilled again."""

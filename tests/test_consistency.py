@@ -222,9 +222,11 @@ def test_sigma_max_moves_where_the_student_starts(teacher, tmp_path, capsys):
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_resuming_a_distillation_is_bit_exact(teacher, tmp_path, capsys):
-    _distill(capsys, teacher, tmp_path / "straight", "--steps", 6)
-    _distill(capsys, teacher, tmp_path / "halves", "--steps", 3)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])  # masks drawn afresh each step, and shared
+def test_resuming_a_distillation_is_bit_exact(teacher, tmp_path, capsys, dropout):
+    drop = ("--set", f"network.unet.dropout={dropout}")
+    _distill(capsys, teacher, tmp_path / "straight", "--steps", 6, *drop)
+    _distill(capsys, teacher, tmp_path / "halves", "--steps", 3, *drop)
     code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "halves", "--steps", 6)
     assert code == 0, err
     ours, theirs = (
