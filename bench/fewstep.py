@@ -47,90 +47,43 @@ TEACHER_ROWS = [("ipndm", 1), ("ipndm", 2), ("ipndm", 4), ("dpm++2m", 4), ("ipnd
 TEACHER_AG_ROWS = [("heun", 9)]  # autoguided: 34 evaluations, the nearest to 35
 HEADING = "## One and two steps"
 #: Distillation settings screened against the student's own (``lever NAME``): --set overrides.
+AG = ["method.consistency.teacher_guide='{guide}'", "method.consistency.teacher_guidance=2"]
+LR4, LR10, PM0 = "train.lr=4e-4", "train.lr=1e-3", "method.consistency.p_mean=0.0"
 LEVERS = {
     "base": [],
-    "lr4": ["train.lr=4e-4"],
+    "lr4": [LR4],
     "n10": ["method.consistency.start_levels=10", "method.consistency.max_levels=10"],
     # the teacher's ODE autoguided by its own EMA at a third of its steps (its checkpoint 980 of
-    # 3,044; the quality benchmark's flow-cpu guides at a quarter), w = 2
-    "lr4-ag": [
-        "train.lr=4e-4",
-        "method.consistency.teacher_guide='{guide}'",
-        "method.consistency.teacher_guidance=2",
-    ],
-    "lr4-ag3": [  # a stronger teacher guidance than its best sampler's (w = 2)
-        "train.lr=4e-4",
-        "method.consistency.teacher_guide='{guide}'",
-        "method.consistency.teacher_guidance=3",
-    ],
-    "lr10-ag": [
-        "train.lr=1e-3",
-        "method.consistency.teacher_guide='{guide}'",
-        "method.consistency.teacher_guidance=2",
-    ],
+    # 3,044; the quality benchmark's flow-cpu guides at a quarter), w = 2 (AG)
+    "lr4-ag": [LR4, *AG],
+    # a stronger teacher guidance than its best sampler's (w = 2)
+    "lr4-ag3": [LR4, AG[0], "method.consistency.teacher_guidance=3"],
+    "lr10-ag": [LR10, *AG],
     # more draws at high noise, where the 1-step student starts: log sigma centred on 0, not
     # -1.1, draws the 6 of 17 pairs above sigma = 10 13% of the time instead of 5%
-    "lr4-ag-pm0": [
-        "train.lr=4e-4",
-        "method.consistency.teacher_guide='{guide}'",
-        "method.consistency.teacher_guidance=2",
-        "method.consistency.p_mean=0.0",
-    ],
+    "lr4-ag-pm0": [LR4, *AG, PM0],
     # the trend of lr4-ag-pm0 followed one step further: centred on log sigma 0.6 (sigma 1.8),
     # the pairs above sigma = 10 are drawn 20% of the time
-    "lr4-ag-pm06": [
-        "train.lr=4e-4",
-        "method.consistency.teacher_guide='{guide}'",
-        "method.consistency.teacher_guidance=2",
-        "method.consistency.p_mean=0.6",
-    ],
+    "lr4-ag-pm06": [LR4, *AG, "method.consistency.p_mean=0.6"],
     # the two 1-step levers together: the rate of lr10-ag, the draws of lr4-ag-pm0
-    "lr10-ag-pm0": [
-        "train.lr=1e-3",
-        "method.consistency.teacher_guide='{guide}'",
-        "method.consistency.teacher_guidance=2",
-        "method.consistency.p_mean=0.0",
-    ],
+    "lr10-ag-pm0": [LR10, *AG, PM0],
     # the target network theta^- of Song et al. 2023's ImageNet-64 and LSUN distillations, an
     # EMA of the student (mu = 0.95 per step at N = 40; their CIFAR-10 code distils with mu = 0
     # at N = 18), not improved CT's mu = 0: here the run's EMA, whose half-life is 5% of the
     # images seen (mu 0.96 at 12,000 images)
-    "lr4-ag-pm0-ema": [
-        "train.lr=4e-4",
-        "method.consistency.teacher_guide='{guide}'",
-        "method.consistency.teacher_guidance=2",
-        "method.consistency.p_mean=0.0",
-        "method.consistency.target='ema'",
-    ],
+    "lr4-ag-pm0-ema": [LR4, *AG, PM0, "method.consistency.target='ema'"],
     # twice the steps for the same images: batch 16 (on the H200, batch 32 in half the images
     # matched batch 128, i.e. steps counted more than images at these lengths)
-    "lr4-ag-pm0-b16": [
-        "train.lr=4e-4",
-        "method.consistency.teacher_guide='{guide}'",
-        "method.consistency.teacher_guidance=2",
-        "method.consistency.p_mean=0.0",
-        "train.batch_size=16",
-    ],
+    "lr4-ag-pm0-b16": [LR4, *AG, PM0, "train.batch_size=16"],
     # dropout in the student's residual blocks (the teacher trained without): improved CT finds
     # consistency models gain from more dropout than diffusion models (0.3 on CIFAR-10, Song &
     # Dhariwal 2023, sec. 3.1); ECT's one-hour CIFAR-10 tuning of EDM's model (trained at 0.13)
     # uses 0.2 (Geng et al. 2024, run_ecm_1hour.sh)
-    "lr4-ag-pm0-drop2": [
-        "train.lr=4e-4",
-        "method.consistency.teacher_guide='{guide}'",
-        "method.consistency.teacher_guidance=2",
-        "method.consistency.p_mean=0.0",
-        "network.unet.dropout=0.2",
-    ],
+    "lr4-ag-pm0-drop2": [LR4, *AG, PM0, "network.unet.dropout=0.2"],
     # the original paper's weighting (n uniform over the 18 pairs, lambda = 1), not improved CT's
     # log-normal one with lambda = 1 / (s_{n+1} - s_n), which gives the 6 pairs above sigma = 10
     # 5% of the draws, the top one 0.2%
-    "lr4-ag-uni": [
-        "train.lr=4e-4",
-        "method.consistency.teacher_guide='{guide}'",
-        "method.consistency.teacher_guidance=2",
-        "method.consistency.weighting='uniform'",
-    ],
+    "lr4-ag-uni": [LR4, *AG, "method.consistency.weighting='uniform'"],
 }
 GUIDE = "checkpoints/step-00000980"  # of the teacher run
 DEFAULT_TEACHER = ROOT / "bench" / "out" / "conditional" / "runs" / "cars"  # conditional.py's
