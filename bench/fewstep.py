@@ -84,6 +84,10 @@ LEVERS = {
     # log-normal one with lambda = 1 / (s_{n+1} - s_n), which gives the 6 pairs above sigma = 10
     # 5% of the draws, the top one 0.2%
     "lr4-ag-uni": [LR4, *AG, "method.consistency.weighting='uniform'"],
+    # no teacher: consistency training started from the teacher's weights (ECT's idea, Geng et
+    # al. 2024; improved CT's curriculum, 10 levels doubling every 8,000 images), against
+    # lr4-ag-pm0's distillation at the same rate and draws
+    "ct-pm0": [LR4, PM0, "--no-teacher"],
 }
 GUIDE = "checkpoints/step-00000980"  # of the teacher run
 DEFAULT_TEACHER = ROOT / "bench" / "out" / "conditional" / "runs" / "cars"  # conditional.py's
@@ -102,9 +106,10 @@ class FewStepSettings(Settings):
         name = "fewstep-quick" if args.quick else "fewstep"
         self.out = ROOT / "bench" / "out" / name
         self.results = self.out / "results" if args.quick else ROOT / "bench" / "results" / name
-        self.teacher = Path(args.teacher)
-        self.guide = Path(args.guide) if args.guide else self.teacher / GUIDE
-        self.reference = Path(args.ref)
+        # absolute: difflab runs in the checkout's root, not where this was started
+        self.teacher = Path(args.teacher).resolve()
+        self.guide = Path(args.guide).resolve() if args.guide else self.teacher / GUIDE
+        self.reference = Path(args.ref).resolve()
         self.images = 64 if args.quick else args.images
 
     @property
@@ -124,8 +129,12 @@ def _distill(settings: Settings, run_dir: Path, lever: str, images: int) -> None
         # the budget may have grown since (--images): the run goes on to it, bit-exactly
         difflab(settings, "train", "--resume", run_dir, "--images", images, "--no-progress")
         return
-    guide = settings.guide
-    sets = [a for item in LEVERS[lever] for a in ("--set", item.format(guide=guide))]
+    guide = settings.guide  # a lever's items are --set overrides, or flags of distill ("--...")
+    sets = [
+        a
+        for item in LEVERS[lever]
+        for a in ((item,) if item.startswith("--") else ("--set", item.format(guide=guide)))
+    ]
     difflab(settings, "distill", settings.teacher, "--out", run_dir, "--images", images,
             "--set", "train.sample_every_kimg=0", *sets, "--no-progress")  # fmt: skip
 

@@ -64,7 +64,8 @@ SAMPLER_SWEEP = {
 class Settings:
     def __init__(self, args: argparse.Namespace) -> None:
         self.quick = args.quick
-        self.data = str(args.data)
+        data = Path(args.data)  # absolute: difflab runs in the checkout's root (ROOT)
+        self.data = str(data.resolve() if data.exists() else data)
         self.minutes = 0.3 if args.quick else args.minutes
         self.chunks = 2 if args.quick else args.chunks
         self.num = 20 if args.quick else args.num

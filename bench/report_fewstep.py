@@ -226,13 +226,11 @@ def _levers(rows: list[dict]) -> list[str]:
              "NAME --images N`, each a distillation of the same teacher, scored at 1 and 2 steps; a "
              "longer row of a lever is its shorter run gone on, bit-exactly; `base` is the last "
              "session's student settings):", "",
-             "| lever | settings (`--set`) | images | minutes here | FID-1k, 1 step | FID-1k, "
+             "| lever | settings (`--set`, flags) | images | minutes here | FID-1k, 1 step | FID-1k, "
              "1 step from sigma 10 | FID-1k, 2 steps | KID, 2 steps |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
-        sets = ", ".join(f"`{item.split('=')[0].split('.')[-1]}={item.split('=')[1]}`"
-                         if "{" not in item else f"`teacher_guide=` its step {r.get('guide', 980)}"
-                         for item in r["sets"]) or "-"  # fmt: skip
+        sets = ", ".join(_setting(item, r.get("guide", 980)) for item in r["sets"]) or "-"
         one, two = r["scores"]["1"], r["scores"]["2"]
         lever = f"`{r['lever']}`" + (f", `{r['teacher']}`*" if r.get("teacher") else "")
         start = f"{r['scores'][START_KEY]['fid']:.1f}" if START_KEY in r["scores"] else "-"
@@ -248,6 +246,16 @@ def _levers(rows: list[dict]) -> list[str]:
         lines += ["", f"\\* Distilled from `{name}`, {note} (fp32 matmul peak {shown} GFLOP/s, "
                   f"row by row): {minutes}."]  # fmt: skip
     return [*lines, ""]
+
+
+def _setting(item: str, guide: int) -> str:
+    """A lever's item as the table shows it: the last part of a --set key, or a flag."""
+    if item.startswith("--"):
+        return f"`{item}`"
+    if "{" in item:
+        return f"`teacher_guide=` its step {guide}"
+    key, value = item.split("=", 1)
+    return f"`{key.split('.')[-1]}={value}`"
 
 
 def _levels(rows: list[dict] | None, who: str) -> list[str]:

@@ -285,6 +285,34 @@ def test_a_few_step_lever_row_gets_its_missing_start_score_without_distilling_ag
     assert len(commands) == 3
 
 
+def test_a_lever_gives_distill_its_flags_and_paths_that_hold_in_the_checkout_root(
+    monkeypatch, tmp_path
+):
+    """A lever's ``--`` item is a flag of ``difflab distill`` (not a --set) and the table shows
+    it as one; the teacher, guide, reference and data given relative to where the benchmark was
+    started are made absolute, since difflab runs in the checkout's root."""
+    from report_fewstep import _setting
+
+    fewstep, settings, commands = _lever_bench(monkeypatch, tmp_path, 120)
+    fewstep.piece_lever(settings, "ct-pm0")
+    distill = [str(a) for a in commands[0]]
+    flag = distill.index("--no-teacher")
+    assert distill[0] == "distill" and distill[flag - 1] != "--set"
+    assert _setting("--no-teacher", 980) == "`--no-teacher`"
+    assert _setting("method.consistency.p_mean=0.0", 980) == "`p_mean=0.0`"
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cars").mkdir()
+    args = fewstep.argparse.Namespace(
+        quick=False, teacher="t", guide="t/checkpoints/step-00000322", ref="ref.npz",
+        data="cars", images=120, num=10, curve_num=0, max_minutes=1.0, minutes=0, chunks=1,
+    )  # fmt: skip
+    settings = fewstep.FewStepSettings(args)
+    assert settings.teacher == tmp_path / "t" and settings.ref == tmp_path / "ref.npz"
+    assert settings.guide == tmp_path / "t" / "checkpoints" / "step-00000322"
+    assert settings.data == str(tmp_path / "cars")
+
+
 def test_lever_rows_of_another_teacher_name_it_its_guide_and_its_machines():
     """A lever row distilled from a ``--teacher`` other than the benchmark's is marked, its
     guide's step shown, and a footnote per teacher says what it is and its rows' matmul peaks;
