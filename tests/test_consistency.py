@@ -236,6 +236,34 @@ def test_resuming_a_distillation_is_bit_exact(teacher, tmp_path, capsys, dropout
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_a_distillation_cut_off_before_its_first_checkpoint_resumes_from_the_teacher(
+    teacher, tmp_path, capsys, monkeypatch
+):
+    """A run started from other weights (distill, --init) checkpoints them as step 0: a resume
+    after a crash before its first checkpoint goes on from them, bit-exactly, not from a random
+    network (config.json does not say where the weights came from)."""
+    from difflab.train.trainer import Trainer
+
+    _distill(capsys, teacher, tmp_path / "straight", "--steps", 4)
+    step = Trainer.train_step
+
+    def power_cut(self):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(Trainer, "train_step", power_cut)
+    code, _, err = run_cli(capsys, "distill", teacher, "--out", tmp_path / "cut", "--steps", 4)
+    assert code == 1 and "power cut" in err, err
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step-00000000"]
+    monkeypatch.setattr(Trainer, "train_step", step)
+    code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "cut", "--no-progress")
+    assert code == 0, err
+    ours, theirs = (
+        load_file(str(list_checkpoints(tmp_path / name)[-1] / "net.safetensors"))
+        for name in ("straight", "cut")
+    )
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_bad_distillation_input_is_one_line(teacher, tmp_path, capsys):
     _distill(capsys, teacher, tmp_path / "student", "--steps", 2)
     code, _, err = run_cli(capsys, "distill", tmp_path / "student", "--out", tmp_path / "x",

@@ -125,11 +125,17 @@ def generated_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor],
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from difflab.io import atomic_write_text, check_output_file
+    from difflab.io import atomic_write_text, check_output_file, check_output_folder
     from difflab.metrics import extract_features, fid_kid
 
     if args.json:
         check_output_file(Path(args.json), "--json")
+    else:  # the result goes beside the images: refused before the work, not after it
+        images = Path(args.images)
+        try:
+            check_output_folder(images if images.is_dir() else images.parent, "eval")
+        except DifflabError as error:
+            raise DifflabError(f"{error}; give --json FILE to write the result elsewhere") from None
     extractor = _extractor(args)
     ref = _load_reference(args, extractor)
     batches, num, info = generated_batches(args)

@@ -159,8 +159,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     """A consistency model from a diffusion run: its data, network and training settings, the
     run as the teacher (or, with --no-teacher, consistency training started from its weights)."""
     from difflab.config import SamplerConfig, apply_overrides, validate
-    from difflab.registry import CONSISTENCY_BASES, build_network
-    from difflab.train.checkpoint import stored_config
+    from difflab.registry import CONSISTENCY_BASES, build_network, teacher_models
+    from difflab.train.checkpoint import stored_config, weights_digest
     from difflab.train.guides import carries_guide, load_guide, own_guide_folder
 
     teacher = Path(args.run_dir)
@@ -192,6 +192,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
         if args.guidance is not None and guide is None:
             raise DifflabError("--guidance weighs the teacher's autoguidance: name a --guide")
         guidance = sampler.guidance if args.guidance is None else args.guidance
+        if args.guide and guidance == 1:
+            raise DifflabError(
+                "--guidance 1 turns the guide off: drop --guide, or weigh it by w > 1"
+            )
         if guide is not None and guidance != 1:
             options = dataclasses.replace(
                 options, teacher_guide=str(guide.resolve()), teacher_guidance=guidance
@@ -223,7 +227,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
             f"{teacher} makes {base.data.image_size}x{base.data.image_size} images; drop "
             "data.image_size (a student learns at its teacher's size)"
         )
-    if init is not None and config.method.consistency.base != base.method.name:
+    if config.method.name != "consistency":
+        raise DifflabError("distill makes a consistency model: drop --set method.name")
+    carries = base.method.name in CONSISTENCY_BASES  # the teacher's weights carry over
+    if init is not None and carries and config.method.consistency.base != options.base:
+        raise DifflabError(
+            f"the student of a {base.method.name} run is built on {base.method.name} (its "
+            "weights mean nothing on another base): drop --set method.consistency.base, or add "
+            "--from-scratch"
+        )
+    if init is not None and not carries:
         log.warning(
             "%s is a %s run: its network was trained on other input scalings than the "
             "consistency function's, so its weights are a weak start (docs/methods.md 2.8); "
@@ -231,6 +244,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
             teacher,
             base.method.name,
         )
+    c = config.method.consistency
+    if c.teacher:  # what a resume checks a moved teacher (and its guide) against
+        net, weak, _ = teacher_models(c)
+        if weak is not None and weights_digest(weak) == weights_digest(net):
+            raise DifflabError(
+                f"the guide {c.teacher_guide} holds the teacher's own weights (an unguided ODE "
+                "at twice the cost): name a weaker model, e.g. an earlier checkpoint folder"
+            )
+        c = dataclasses.replace(c, teacher_digest=weights_digest(net, *filter(None, [weak])))
+        method = dataclasses.replace(config.method, consistency=c)
+        config = dataclasses.replace(config, method=method)
     return _run_training(config, Path(args.out), args, init=init, class_is_default=True)
 
 

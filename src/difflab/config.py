@@ -314,6 +314,11 @@ def validate(config: Config) -> Config:
         "or use target='online'",
     )
     _check(
+        m.section != "consistency" or c.start_levels <= c.max_levels,
+        f"method.consistency.start_levels ({c.start_levels}) must not exceed max_levels "
+        f"({c.max_levels}), where the curriculum ends",
+    )
+    _check(
         m.section != "consistency" or not c.teacher_guide or bool(c.teacher),
         "method.consistency.teacher_guide guides a teacher's ODE: set method.consistency.teacher "
         "or leave teacher_guide empty",

@@ -215,11 +215,7 @@ def _consistency(m: MethodConfig) -> Method:
         max_levels=c.max_levels,
         double_every_kimg=c.double_every_kimg,
         huber_c=c.huber_c,
-        teacher=(
-            functools.partial(_load_teacher, c.teacher, c.teacher_guide, c.teacher_guidance)
-            if c.teacher
-            else None
-        ),
+        teacher=functools.partial(_load_teacher, c) if c.teacher else None,
         teacher_solver=c.teacher_solver,
         target=c.target,
     )
@@ -227,9 +223,28 @@ def _consistency(m: MethodConfig) -> Method:
     return Method("consistency", process, parameterization, objective, "consistency", 1)
 
 
-def _load_teacher(path: str, guide: str, guidance: float, device: torch.device) -> Denoiser:
+def _load_teacher(c: ConsistencyMethod, device: torch.device) -> Denoiser:
     """A diffusion run (or export) as a frozen denoiser on ``device``: what distillation asks;
-    autoguided by ``guide`` (a weaker model of its kind) at weight ``guidance`` if one is named.
+    autoguided by ``c.teacher_guide`` (a weaker model of its kind) at ``c.teacher_guidance`` if
+    one is named, and holding the weights ``c.teacher_digest`` names if it names any."""
+    from difflab.train.checkpoint import weights_digest
+
+    net, weak, config = teacher_models(c, device)
+    if c.teacher_digest and weights_digest(net, *filter(None, [weak])) != c.teacher_digest:
+        which = " and ".join(where for where in (c.teacher, c.teacher_guide) if where)
+        raise DifflabError(
+            f"{which} hold other weights than this student's teacher had (a run trained on since, "
+            "or another one): name the weights it was distilled from, or distil again"
+        )
+    teacher = build_method(config)
+    weaker = None if weak is None else teacher.denoiser(weak)
+    return teacher.denoiser(net).bind(None, c.teacher_guidance, weaker)
+
+
+def teacher_models(
+    c: ConsistencyMethod, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, nn.Module | None, Config]:
+    """The teacher's network and its guide's (or None), frozen on ``device``, and its config.
     A guide that is the teacher's export itself means the guide that export carries."""
     from difflab.train.checkpoint import load_model
     from difflab.train.guides import model_guide
@@ -237,6 +252,7 @@ def _load_teacher(path: str, guide: str, guidance: float, device: torch.device) 
     def build(config):
         return build_network(config).to(device).eval().requires_grad_(False)
 
+    path, guide = c.teacher, c.teacher_guide
     gone = {key: where for key, where in (("teacher", path), ("teacher_guide", guide))
             if where and not Path(where).exists()}  # fmt: skip
     if gone:
@@ -244,12 +260,10 @@ def _load_teacher(path: str, guide: str, guidance: float, device: torch.device) 
         raise DifflabError(f"{' and '.join(gone.values())} (the {' and '.join(gone)}) not found; "
                            f"if moved, resume with {sets}")  # fmt: skip
     loaded = load_model(path, build)
-    teacher = build_method(loaded.config)
-    if teacher.parameterization.name == "consistency":
+    if build_method(loaded.config).parameterization.name == "consistency":
         raise DifflabError(f"the teacher {path} is a consistency model; distil a diffusion run")
     weak = model_guide(Path(path), loaded.config, build, loaded.step, guide) if guide else None
-    weaker = None if weak is None else teacher.denoiser(weak)
-    return teacher.denoiser(loaded.net).bind(None, guidance, weaker)
+    return loaded.net, weak, loaded.config
 
 
 METHODS: dict[str, Callable[[MethodConfig], Method]] = {

@@ -93,6 +93,9 @@ class ConsistencyMethod:
     # autoguidance of the teacher's ODE (Karras et al. 2024): a weaker model of its kind, and w
     teacher_guide: str = ""
     teacher_guidance: float = setting(AUTOGUIDANCE, low=0, high=100)
+    # the fingerprint of the teacher's and its guide's weights when distilled (distill writes
+    # it): a teacher moved on resume must hold the same weights
+    teacher_digest: str = ""
     # the diffusion model f is built on (process, parameterization): distill takes the teacher's
     base: str = setting("edm", choices=("edm", "flow"))
     sigma_data: float = setting(0.5, low=0, low_open=True)

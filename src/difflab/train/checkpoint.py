@@ -13,6 +13,7 @@ with autoguidance (``sampler.guide_at``) keeps the checkpoint of its guide step 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -338,3 +339,14 @@ def split_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
 def checkpoint_step(path: Path) -> int:
     """The step of a checkpoint folder (``step-00001000``)."""
     return int(_STEP_DIR.match(path.name).group(1))
+
+
+def weights_digest(*modules: nn.Module) -> str:
+    """A short fingerprint of the modules' weights (names, shapes, dtypes and values): the same
+    weights on any device give the same text (a distilled student's teacher, checked on resume)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

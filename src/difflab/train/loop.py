@@ -145,10 +145,8 @@ class Loop:
 
     def _limit_reached(self, started: float) -> str | None:
         trainer, t = self.trainer, self.trainer.config.train
-        if t.steps and trainer.step >= t.steps:
-            return "steps"
-        if t.images and trainer.images_seen >= t.images:
-            return "images"
+        if reached := trainer.length_reached():
+            return reached
         if t.time_limit and time.monotonic() - started >= t.time_limit * 60:
             return "time-limit"
         return None

@@ -61,3 +61,4 @@ def check_existing_run_dir(run_dir: Path) -> None:
         raise DifflabError(f"run directory {run_dir} does not exist")
     if not (run_dir / "config.json").is_file():
         raise DifflabError(f"{run_dir} has no config.json: it is not a difflab run directory")
+    check_output_folder(run_dir, "--resume")  # a run goes on in its own folder

@@ -134,15 +134,19 @@ class Trainer:
         self._target = self.method.denoiser(self.ema) if self.ema is not None else None
         self.optimizer = self._make_optimizer()
         self.step, self.images_seen, self.elapsed = 0, 0, 0.0
-        if resume:
-            self._load_state()
-        if self.world.is_main:  # after resuming: a refused resume leaves config.json as it was
-            save_json(config, self.run_dir / "config.json")
-        self.conditional = self.net.num_classes > 0  # the network says whether it takes classes
-        self.autocast = self._autocast_dtype()
         self._pending: list[tuple[int, Tensor, Tensor]] = []  # (step, loss, grad norm) on device
         self.window: list[tuple[float, float]] = []  # read back; the loop takes them for a log row
         self.last_loss = math.nan
+        if resume:
+            self._load_state()
+        # after resuming: a refused resume, or one with nothing left to train, leaves
+        # config.json as it was
+        if self.world.is_main and not (resume and self.length_reached()):
+            save_json(config, self.run_dir / "config.json")
+        if init is not None and not resume:  # what a resume before the first checkpoint loads:
+            self.checkpoint()  # config.json does not say where the weights came from
+        self.conditional = self.net.num_classes > 0  # the network says whether it takes classes
+        self.autocast = self._autocast_dtype()
 
         # What the loop calls: DDP and compile wrap the same parameters.
         eager: nn.Module = self.net
@@ -208,7 +212,17 @@ class Trainer:
                 f"none of the {len(paths)} checkpoints in {checkpoint_dir(self.run_dir)} can be "
                 "resumed (see the warnings above); move them away to start over"
             )
-        # a run that stopped before its first checkpoint starts over
+        # a run that stopped before its first checkpoint starts over (one started from other
+        # weights has its step-0 checkpoint: _build writes it)
+
+    def length_reached(self) -> str | None:
+        """ "steps" or "images" when the run has reached the length its config sets, else None."""
+        t = self.config.train
+        if t.steps and self.step >= t.steps:
+            return "steps"
+        if t.images and self.images_seen >= t.images:
+            return "images"
+        return None
 
     def _check_past_rates(self, ckpt: Checkpoint) -> None:
         """A resumed run is the run its config describes: a new length or schedule may not change
@@ -390,6 +404,6 @@ class Trainer:
             "world_size": self.world.size,
             "config": self.config.to_dict(),
         }
-        guide = self.step == guide_step(self.config)  # kept: the run's autoguidance guide
+        guide = 0 < self.step == guide_step(self.config)  # kept: the run's autoguidance guide
         save_checkpoint(self.run_dir, self.step, self.net, self.ema, state, guide)
         prune_checkpoints(self.run_dir, t.keep_last, t.snapshot_every)
