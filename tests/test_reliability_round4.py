@@ -9,6 +9,7 @@ test_consistency.py (it resumes from its teacher's weights).
 from __future__ import annotations
 
 import errno
+import re
 import subprocess
 import sys
 import tempfile
@@ -113,3 +114,21 @@ def test_the_command_line_imports_torch_inside_its_error_handling():
     code = "import difflab; print(difflab.load_run.__module__, difflab.DifflabError.__name__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.split() == ["difflab.api", "DifflabError"], done.stderr
+
+
+def test_the_api_names_a_wrong_sampler_option_in_one_line(teacher):
+    """Options of the wrong type, sampler options given to sample(), and a plan with its own
+    sampler and steps given beside it were Python TypeErrors or silently ignored."""
+    import difflab
+
+    run = difflab.load_run(teacher, device="cpu")
+    calls = [
+        (lambda: run.plan("heun", 2, rho="10"), "sampler option rho must be a float, got '10'"),
+        (lambda: run.plan(steps=2, clip_x0=1), "sampler option clip_x0 must be a bool"),
+        (lambda: run.sample(2, rho=10), "unknown option(s) rho; sampler options go in plan="),
+        (lambda: run.generate(2, plan=run.plan(), steps=4), "give plan= or sampler="),
+    ]
+    for call, message in calls:
+        with pytest.raises(difflab.DifflabError, match=re.escape(message)):
+            call()
+    assert run.sample(2, plan=run.plan("heun", 2, rho=10)).shape[0] == 2  # an int for a float

@@ -9,6 +9,7 @@ horses = difflab.load_run("runs/cifar").sample(16, label="horse", guidance=2.0)
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,8 @@ class Run:
         unknown = sorted(set(options) - {f.name for f in dataclasses.fields(SamplerConfig)})
         if unknown:
             raise DifflabError(f"unknown sampler option(s) {', '.join(unknown)}; see SamplerConfig")
+        for name, value in options.items():  # the type a --set of it would need
+            _check_type(value, f"sampler option {name}", type(getattr(SamplerConfig(), name)))
         config = dataclasses.replace(config, **options)
         check_limits(config, "sampler.")
         return build_sampler(self.method, config)
@@ -95,6 +98,8 @@ class Run:
         for value, name, limits in ((num, "num", NUM), (batch_size, "batch_size", BATCH),
                                     (start, "start", START), (seed, "seed", SEED)):  # fmt: skip
             _check_count(value, name, limits)
+        if plan is not None and (sampler is not None or steps is not None):
+            raise DifflabError("give plan= or sampler= and steps=, not both (a plan has its own)")
         plan = plan or self.plan(sampler, steps)
         guide = None if self.guide is None else self.method.denoiser(self.guide)
         labels, guidance = bind_request(
@@ -116,8 +121,15 @@ class Run:
         )
 
     def sample(self, num: int = 16, seed: int = 0, **kwargs) -> Tensor:
-        """``num`` images as a float tensor in [-1, 1] (clip before saving; see ``viz``);
-        ``run.sample(16, label="horse", guidance=2.0)`` takes ``generate``'s options."""
+        """``num`` images as a float tensor, about [-1, 1] (the model's own output: clip
+        before saving; see ``viz``); ``run.sample(16, label="horse", guidance=2.0)`` takes
+        ``generate``'s options, sampler options through ``plan=run.plan(rho=10, ...)``."""
+        unknown = sorted(set(kwargs) - set(inspect.signature(self.generate).parameters))
+        if unknown:
+            raise DifflabError(
+                f"unknown option(s) {', '.join(unknown)}; sampler options go in "
+                "plan=run.plan(...), the rest are generate()'s"
+            )
         return self.generate(num, seed, **kwargs).images
 
 
@@ -126,6 +138,15 @@ NUM = Limits(low=1, high=MAX_IMAGES, integer=True)
 BATCH = Limits(low=1, high=MAX_SAMPLE_BATCH, integer=True)
 START = Limits(low=0, high=MAX_STEPS, integer=True)
 SEED = limits_of(TrainConfig, "seed")  # the command line's --seed
+
+
+def _check_type(value: object, name: str, kind: type) -> None:
+    """A one-line error unless ``value`` is a ``kind`` (an int will do for a float; a bool is
+    no number)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    fits = number if kind in (int, float) else isinstance(value, kind)
+    if not fits or (kind is int and not isinstance(value, int)):
+        raise DifflabError(f"{name} must be a {kind.__name__}, got {value!r}")
 
 
 def _check_count(value: object, name: str, limits: Limits) -> None:
