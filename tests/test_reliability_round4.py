@@ -132,3 +132,20 @@ def test_the_api_names_a_wrong_sampler_option_in_one_line(teacher):
         with pytest.raises(difflab.DifflabError, match=re.escape(message)):
             call()
     assert run.sample(2, plan=run.plan("heun", 2, rho=10)).shape[0] == 2  # an int for a float
+
+
+def test_export_takes_sample_s_spelling_of_the_raw_weights(teacher, tmp_path, capsys):
+    """`sample --no-ema` and `export --raw` are one choice: export takes both spellings."""
+    from safetensors.torch import load_file
+
+    from difflab.train.checkpoint import list_checkpoints
+
+    code, _, err = run_cli(
+        capsys, "export", teacher, "--no-ema", "--out", tmp_path / "raw.safetensors"
+    )
+    assert code == 0, err
+    exported = load_file(str(tmp_path / "raw.safetensors"))
+    newest = list_checkpoints(teacher)[-1]
+    raw, ema = (load_file(str(newest / name)) for name in ("net.safetensors", "ema.safetensors"))
+    assert all(exported[k].equal(v) for k, v in raw.items())
+    assert not all(ema[k].equal(v) for k, v in raw.items())  # the EMA would have failed this

@@ -285,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="diffusers: a DDPMPipeline folder (UNet2DModel + DDPMScheduler + model card); "
         "DDPM presets with the positional embedding (ddpm-paper, ddpm-cosine-paper)",
     )
-    export.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
+    export.add_argument(
+        "--raw", "--no-ema", action="store_true", help="raw weights instead of the EMA"
+    )
     export.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     export.set_defaults(func=cmd_export)
 
