@@ -134,6 +134,14 @@ def test_the_api_names_a_wrong_sampler_option_in_one_line(teacher):
     assert run.sample(2, plan=run.plan("heun", 2, rho=10)).shape[0] == 2  # an int for a float
 
 
+def test_eta_is_refused_by_a_sampler_that_has_none(teacher, tmp_path, capsys):
+    """`sample --eta 1` with heun (or a consistency model's sampler) was accepted and unused."""
+    code, _, err = run_cli(capsys, "sample", teacher, "--sampler", "heun", "--eta", "1",
+                           "--num", 2, "--out", tmp_path / "s")  # fmt: skip
+    assert_one_line_error(code, err, "eta is DDIM's; sampler 'heun' has none: drop --eta")
+    assert not (tmp_path / "s").exists()
+
+
 def test_export_takes_sample_s_spelling_of_the_raw_weights(teacher, tmp_path, capsys):
     """`sample --no-ema` and `export --raw` are one choice: export takes both spellings."""
     from safetensors.torch import load_file

@@ -397,6 +397,8 @@ def build_sampler(method: Method, sampler: SamplerConfig) -> SamplingPlan:
             f"sampler {name!r} needs {spec.requirement}, but this run uses the {method.name} "
             f"method; its default sampler is {method.default_sampler!r}"
         )
+    if sampler.eta and "eta" not in spec.options(sampler):
+        raise DifflabError(f"eta is DDIM's; sampler {name!r} has none: drop --eta (sampler.eta)")
     steps = sampler.steps or method.default_steps
     if _is_tutorial(method) and steps != method.process.num_levels:
         raise DifflabError(
