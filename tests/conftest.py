@@ -78,6 +78,16 @@ def tiny_preset(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def teacher(tmp_path, tiny_preset, image_folder, capsys) -> Path:
+    """A 4-step run of the tiny preset (EDM; checkpoints at steps 3 and 4): a teacher to distil."""
+    run_dir = tmp_path / "teacher"
+    args = ["train", "--preset", tiny_preset, "--data", image_folder, "--out", run_dir]
+    code, _, err = run_cli(capsys, *args, "--steps", 4, "--no-progress")
+    assert code == 0, err
+    return run_dir
+
+
+@pytest.fixture
 def checkpointed(tmp_path, tiny_preset, image_folder, capsys) -> Path:
     """A run of the tiny preset with checkpoints at steps 3 and 6 (pictures off)."""
     from difflab.train.checkpoint import list_checkpoints

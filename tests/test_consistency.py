@@ -124,14 +124,6 @@ def test_multistep_consistency_sampling_is_the_same_on_every_base(steps):
 # --------------------------------------------------------------------------- runs
 
 
-@pytest.fixture
-def teacher(tmp_path, tiny_preset, image_folder, capsys):
-    run_dir = tmp_path / "teacher"
-    args = ["train", "--preset", tiny_preset, "--data", image_folder, "--out", run_dir]
-    assert run_cli(capsys, *args, "--steps", 4, "--no-progress")[0] == 0
-    return run_dir
-
-
 def _distill(capsys, teacher, out, *extra):
     code, _, err = run_cli(capsys, "distill", teacher, "--out", out, "--no-progress", *extra)
     assert code == 0, err

@@ -27,15 +27,6 @@ from difflab.io import atomic_write_text
 from difflab.train.checkpoint import list_checkpoints
 
 
-@pytest.fixture
-def teacher(tmp_path, tiny_preset, image_folder, capsys):
-    run_dir = tmp_path / "teacher"
-    args = ["train", "--preset", tiny_preset, "--data", image_folder, "--out", run_dir]
-    code, _, err = run_cli(capsys, *args, "--steps", 4, "--no-progress")
-    assert code == 0, err
-    return run_dir
-
-
 @pytest.mark.parametrize(
     ("call", "message"),
     [

@@ -19,15 +19,6 @@ from conftest import run_cli
 from reliability import assert_one_line_error
 
 
-@pytest.fixture
-def teacher(tmp_path, tiny_preset, image_folder, capsys):
-    run_dir = tmp_path / "teacher"
-    args = ["train", "--preset", tiny_preset, "--data", image_folder, "--out", run_dir]
-    code, _, err = run_cli(capsys, *args, "--steps", 4, "--no-progress")
-    assert code == 0, err
-    return run_dir
-
-
 def _distill(capsys, teacher, out, *extra):
     code, _, err = run_cli(capsys, "distill", teacher, "--out", out, "--no-progress", *extra)
     assert code == 0, err

@@ -232,7 +232,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     carries = base.method.name in CONSISTENCY_BASES  # the teacher's weights carry over
     if init is not None and carries and config.method.consistency.base != options.base:
         raise DifflabError(
-            f"the student of a {base.method.name} run is built on {base.method.name} (its "
+            f"{teacher} is {base.method.name}: its student is built on {base.method.name} (its "
             "weights mean nothing on another base): drop --set method.consistency.base, or add "
             "--from-scratch"
         )

@@ -216,7 +216,7 @@ class Trainer:
         # weights has its step-0 checkpoint: _build writes it)
 
     def length_reached(self) -> str | None:
-        """ "steps" or "images" when the run has reached the length its config sets, else None."""
+        """Which length of its config ("steps" or "images") the run has reached, or None."""
         t = self.config.train
         if t.steps and self.step >= t.steps:
             return "steps"
