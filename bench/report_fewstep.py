@@ -45,6 +45,15 @@ What moved the student, in the order found:
 
 What did not, or helped one step count and hurt the other:
 
+- **No teacher** (`ct-pm0`: consistency training from the teacher's weights, `difflab distill
+  --no-teacher`, ECT's idea, with improved CT's curriculum of 10 levels doubling every 8,000
+  images, at `lr4-ag-pm0`'s rate and draws): 215.6 at 1 step, 222.1 from sigma 10 and 143.3 at
+  2 steps against `lr4-ag-pm0`'s 159.8, 144.1 and 100.7 from the same weights (`teacher-1k`),
+  i.e. 35-54% worse at 12,000 images. The lower point of each of its pairs is the same noise
+  at the lower level, a one-sample estimate of where the teacher's ODE step lands, so a step
+  teaches less; it costs half a distillation step (4 network passes per image against 8: no
+  teacher and no guide), which these 375 steps do not repay. ECT's runs are far longer.
+
 - **A lower start** (1 step from sigma 10 instead of 80, the levers table's column; `difflab sample
   --sigma-max 10`) gives most of the draws' early gain for free: 111.4 (`lr4-ag`), 105.7
   (`lr4-ag-pm0`) and 104.6 (`lr4-ag-pm06`), i.e. the draws add 5-6% to the start's 30%. The
@@ -210,10 +219,12 @@ OTHER_TEACHERS = {
     ),
     "teacher-1k": (
         "the teacher's recipe stopped at 1,000 of its 3,044 steps, its guide the EMA at step 322 "
-        "(the same third), trained for the dropout screen on one machine, where its rows ran "
-        "alone (autoguided FID-1k 66.5 at Heun 9, w = 2, against the benchmark teacher's 43.2, "
-        "bench/results/fewstep/teacher-1k-ag.json)",
-        ALONE,
+        "(the same third), trained for the dropout screen on one machine, where its first two "
+        "rows ran alone (autoguided FID-1k 66.5 at Heun 9, w = 2, against the benchmark "
+        "teacher's 43.2, bench/results/fewstep/teacher-1k-ag.json); `ct-pm0` ran in a later "
+        "session beside a probe of the command line and the test suite, so its minutes and "
+        "matmul peak do not compare",
+        "the first two rows' minutes compare with each other's only",
     ),
 }
 
