@@ -412,6 +412,7 @@ def test_samplers_at_extreme_settings_give_finite_images(method, sampler, steps,
 def test_samplers_are_finite_and_deterministic_per_image(pair, steps, eta, seed, zero, grid):
     method, sampler = pair
     grid = grid if method != "tutorial" else "default"
+    eta = eta if sampler == "ddim" else 0.0  # DDIM's alone: the others refuse one
     out, _, _ = sample(method, sampler, steps, eta=eta, grid=grid, seed=seed, num=3, zero=zero)
     assert out.shape == (3, 3, 4, 4) and torch.isfinite(out).all()
     again, _, _ = sample(method, sampler, steps, eta=eta, grid=grid, seed=seed, num=3, zero=zero)
