@@ -46,9 +46,10 @@ TEACHER_ROWS = [("ipndm", 1), ("ipndm", 2), ("ipndm", 4), ("dpm++2m", 4), ("ipnd
                 ("heun", 18)]  # fmt: skip
 TEACHER_AG_ROWS = [("heun", 9)]  # autoguided: 34 evaluations, the nearest to 35
 HEADING = "## One and two steps"
-#: Distillation settings screened against the student's own (``lever NAME``): --set overrides.
 AG = ["method.consistency.teacher_guide='{guide}'", "method.consistency.teacher_guidance=2"]
 LR4, LR10, PM0 = "train.lr=4e-4", "train.lr=1e-3", "method.consistency.p_mean=0.0"
+#: Distillation settings screened against the student's own (``lever NAME``): --set overrides,
+#: or flags of ``difflab distill`` ("--...").
 LEVERS = {
     "base": [],
     "lr4": [LR4],
