@@ -131,9 +131,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         check_output_file(Path(args.json), "--json")
     else:  # the result goes beside the images: refused before the work, not after it
-        images = Path(args.images)
         try:
-            check_output_folder(images if images.is_dir() else images.parent, "eval")
+            check_output_folder(_result_folder(Path(args.images)), "eval")
         except DifflabError as error:
             raise DifflabError(f"{error}; give --json FILE to write the result elsewhere") from None
     extractor = _extractor(args)
@@ -162,7 +161,12 @@ def _default_json(source: Path, info: dict, num: int) -> Path:
             f"eval-step{info['step']}-{info['sampler']}{info['steps']}{label}{weight}-n{num}.json"
         )
         return source / name
-    return (source if source.is_dir() else source.parent) / "eval.json"
+    return _result_folder(source) / "eval.json"
+
+
+def _result_folder(source: Path) -> Path:
+    """Where eval's result goes by default: in a folder of images or a run, beside an export."""
+    return source if source.is_dir() else source.parent
 
 
 def _plain(values: dict) -> dict:
