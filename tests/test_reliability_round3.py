@@ -39,7 +39,10 @@ from difflab.train.checkpoint import list_checkpoints
         (lambda run: run.sample(2, seed=-1), "seed must be"),
         (lambda run: run.plan("euler", 2, grid="bogus"), "sampler.grid must be one of"),
         (lambda run: run.plan("euler", 2, rho=0.001), "sampler.rho must be a number in [1,"),
-        (lambda run: run.plan("euler", 2, bogus=1), "unknown sampler option(s) bogus"),
+        (
+            lambda run: run.plan("euler", 2, bogus=1),
+            "unknown setting sampler.bogus; known settings in sampler:",
+        ),
     ],
 )
 def test_the_python_api_is_bounded_as_the_command_line_is(teacher, call, message):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab.classes import LabelRequest, bind_request
-from difflab.config import Config, SamplerConfig, TrainConfig, check_limits
+from difflab.config import Config, SamplerConfig, TrainConfig, check_limits, replace_checked
 from difflab.devices import resolve_device
 from difflab.errors import DifflabError
 from difflab.limits import (
@@ -59,12 +59,7 @@ class Run:
         if steps is not None:  # 0 in a config is the method's default; asked for, at least 1
             _check_count(steps, "steps", STEPS)
             options["steps"] = steps
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(SamplerConfig)})
-        if unknown:
-            raise DifflabError(f"unknown sampler option(s) {', '.join(unknown)}; see SamplerConfig")
-        for name, value in options.items():  # the type a --set of it would need
-            _check_type(value, f"sampler option {name}", type(getattr(SamplerConfig(), name)))
-        config = dataclasses.replace(config, **options)
+        config = replace_checked(config, "sampler.", **options)
         check_limits(config, "sampler.")
         return build_sampler(self.method, config)
 
@@ -138,15 +133,6 @@ NUM = Limits(low=1, high=MAX_IMAGES, integer=True)
 BATCH = Limits(low=1, high=MAX_SAMPLE_BATCH, integer=True)
 START = Limits(low=0, high=MAX_STEPS, integer=True)
 SEED = limits_of(TrainConfig, "seed")  # the command line's --seed
-
-
-def _check_type(value: object, name: str, kind: type) -> None:
-    """A one-line error unless ``value`` is a ``kind`` (an int will do for a float; a bool is
-    no number)."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    fits = number if kind in (int, float) else isinstance(value, kind)
-    if not fits or (kind is int and not isinstance(value, int)):
-        raise DifflabError(f"{name} must be a {kind.__name__}, got {value!r}")
 
 
 def _check_count(value: object, name: str, limits: Limits) -> None:

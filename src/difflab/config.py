@@ -65,6 +65,7 @@ __all__ = [
     "load_preset",
     "parse_value",
     "preset_names",
+    "replace_checked",
     "save_json",
     "upgrade",
     "validate",
@@ -153,6 +154,12 @@ def _moved_to(cls: type, name: str, prefix: str) -> str | None:
 
 def from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, values, "")
+
+
+def replace_checked(section: Any, prefix: str, **changes: Any) -> Any:
+    """``section`` (a config dataclass) with ``changes``, each checked as ``--set
+    PREFIX.NAME=VALUE`` would be: an unknown name or a wrong type is a one-line error."""
+    return _build(type(section), {**dataclasses.asdict(section), **changes}, prefix)
 
 
 def preset_names() -> list[str]:
