@@ -3,7 +3,7 @@
     python bench/figures.py [--data ../shared/data/cifar10-jpg/train] [--out docs/figures]
 
 No training and no network: every curve comes from a forward process's ``alpha_sigma`` and the
-grids that ``registry.build_sampler`` chooses, and ``detail-kept.png`` runs difflab's samplers
+grids that ``plans.build_sampler`` chooses, and ``detail-kept.png`` runs difflab's samplers
 with the exact denoiser of a Gaussian. Images are real CIFAR-10 cars read from ``--data`` (an
 image folder with an ``automobile`` class; set $DIFFLAB_CIFAR_DIR to change the default), shown
 clipped to [-1, 1] by ``viz.to_uint8``, never stretched. Deterministic (fixed seeds, one thread);
@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from difflab.config import MethodConfig, SamplerConfig
 from difflab.denoisers import Denoiser, times_like
-from difflab.registry import METHODS, Method, SamplingPlan, build_sampler
+from difflab.plans import SamplingPlan, build_sampler
+from difflab.registry import METHODS, Method
 from difflab.schedules import TutorialPath
 from difflab.viz import to_uint8
 

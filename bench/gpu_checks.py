@@ -19,7 +19,7 @@ from common import ROOT
 import difflab
 from difflab.config import apply_overrides, load_preset
 from difflab.data import ImageSet
-from difflab.registry import SAMPLERS
+from difflab.plans import SAMPLERS
 from difflab.train.checkpoint import list_checkpoints
 from difflab.train.loop import train
 from difflab.viz import save_images

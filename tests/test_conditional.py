@@ -24,7 +24,8 @@ from PIL import Image
 from difflab.api import load_run
 from difflab.config import MethodConfig, SamplerConfig, load_json
 from difflab.denoisers import Denoiser, times_like
-from difflab.registry import METHODS, build_sampler
+from difflab.plans import build_sampler
+from difflab.registry import METHODS
 from difflab.samplers import SampleNoise
 from difflab.sampling import image_seeds
 

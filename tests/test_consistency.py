@@ -16,7 +16,8 @@ from difflab.api import load_run
 from difflab.config import ConsistencyMethod, MethodConfig, SamplerConfig
 from difflab.denoisers import Coefficients, Denoiser, Prediction, times_like
 from difflab.objectives import ConsistencyDraw, ConsistencyObjective
-from difflab.registry import METHODS, build_sampler
+from difflab.plans import build_sampler
+from difflab.registry import METHODS
 from difflab.samplers import SampleNoise
 from difflab.sampling import image_seeds
 from difflab.schedules import LinearPath, consistency_levels, consistency_sigmas

@@ -17,7 +17,8 @@ from conftest import TINY_PRESET
 from difflab.config import SamplerConfig, apply_overrides, from_dict, validate
 from difflab.data import ImageSet
 from difflab.devices import compile_module, compiled_layout
-from difflab.registry import METHODS, SAMPLERS, build_method, build_network, build_sampler
+from difflab.plans import SAMPLERS, build_sampler
+from difflab.registry import METHODS, build_method, build_network
 from difflab.samplers import SampleNoise
 from difflab.sampling import image_seeds
 

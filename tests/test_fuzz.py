@@ -37,7 +37,8 @@ from difflab.config import (
     validate,
 )
 from difflab.errors import DifflabError
-from difflab.registry import METHODS, SAMPLERS, build_sampler
+from difflab.plans import SAMPLERS, build_sampler
+from difflab.registry import METHODS
 from difflab.samplers import SampleNoise
 from difflab.sampling import image_seeds
 

@@ -24,7 +24,8 @@ from difflab import samplers as S
 from difflab.config import MethodConfig, SamplerConfig
 from difflab.denoisers import Denoiser, times_like
 from difflab.errors import DifflabError
-from difflab.registry import METHODS, build_sampler
+from difflab.plans import build_sampler
+from difflab.registry import METHODS
 from difflab.samplers import SampleNoise
 from difflab.sampling import image_seeds
 

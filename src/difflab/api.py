@@ -28,7 +28,8 @@ from difflab.limits import (
     Limits,
     limits_of,
 )
-from difflab.registry import Method, SamplingPlan, build_method, build_network, build_sampler
+from difflab.plans import SamplingPlan, build_sampler
+from difflab.registry import Method, build_method, build_network
 from difflab.sampling import Generated, generate, image_seeds
 from difflab.train.checkpoint import load_model
 from difflab.train.guides import model_guide

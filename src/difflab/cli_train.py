@@ -270,7 +270,8 @@ def _run_training(
     """Check everything that can be wrong before touching data or disk, load the data, train."""
     from difflab.data import load_images
     from difflab.devices import resolve_device
-    from difflab.registry import build_method, build_network, build_sampler
+    from difflab.plans import build_sampler
+    from difflab.registry import build_method, build_network
     from difflab.train.loop import Interrupted, train
     from difflab.train.rundir import check_new_run_dir
 

@@ -35,3 +35,8 @@ class DifflabError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(one_line(str(message)))
+
+
+def unknown_choice(kind: str, name: str, known) -> DifflabError:
+    """The error for a name that is none of ``known``: it lists them."""
+    return DifflabError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(known))}")

@@ -1,4 +1,4 @@
-"""The one place where the names users type become objects: networks, methods, samplers.
+"""Where the names users type become objects: networks and methods (samplers: ``plans``).
 
 Adding a method means adding one ``Method`` builder here (and its maths in schedules /
 denoisers / objectives); nothing else branches on method names.
@@ -12,16 +12,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from difflab import samplers as S
 from difflab.config import (
     Config,
     ConsistencyMethod,
     FlowMethod,
     MethodConfig,
     NetworkConfig,
-    SamplerConfig,
 )
 from difflab.denoisers import (
     ConsistencyParameterization,
@@ -34,7 +32,7 @@ from difflab.denoisers import (
     VelocityPrediction,
     VPrediction,
 )
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, unknown_choice
 from difflab.objectives import (
     ConsistencyObjective,
     Objective,
@@ -49,16 +47,7 @@ from difflab.schedules import (
     ForwardProcess,
     LinearPath,
     TutorialPath,
-    few_step_grid,
-    logsnr_grid,
-    ratio_grid,
-    ratio_range,
 )
-
-
-def _unknown(kind: str, name: str, known) -> DifflabError:
-    return DifflabError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(known))}")
-
 
 # --------------------------------------------------------------------------- networks
 
@@ -91,7 +80,7 @@ NETWORKS: dict[str, Callable[[NetworkConfig, int, int], nn.Module]] = {
 def build_network(config: Config, image_channels: int = 3) -> nn.Module:
     build = NETWORKS.get(config.network.name)
     if build is None:
-        raise _unknown("network", config.network.name, NETWORKS)
+        raise unknown_choice("network", config.network.name, NETWORKS)
     return build(config.network, image_channels, config.data.image_size)
 
 
@@ -137,7 +126,7 @@ PREDICTIONS: dict[str, Callable[[], Parameterization]] = {
 def _ddpm(m: MethodConfig, schedule: str = "linear") -> Method:
     d = m.ddpm
     if d.prediction not in PREDICTIONS:
-        raise _unknown("DDPM prediction (method.ddpm.prediction)", d.prediction, PREDICTIONS)
+        raise unknown_choice("DDPM prediction (method.ddpm.prediction)", d.prediction, PREDICTIONS)
     process = DDPMSchedule(
         num_timesteps=d.num_timesteps,
         schedule=schedule,
@@ -165,7 +154,7 @@ def _flow_times(f: FlowMethod, process: ForwardProcess):
         return logit_normal_times(f.logit_mean, f.logit_std)
     if f.time_distribution == "log-normal":
         return log_normal_sigma_times(process, f.p_mean, f.p_std)
-    raise _unknown(
+    raise unknown_choice(
         "time distribution (method.flow.time_distribution)",
         f.time_distribution,
         ["uniform", "logit-normal", "log-normal"],
@@ -279,149 +268,5 @@ METHODS: dict[str, Callable[[MethodConfig], Method]] = {
 def build_method(config: Config) -> Method:
     build = METHODS.get(config.method.name)
     if build is None:
-        raise _unknown("method", config.method.name, METHODS)
+        raise unknown_choice("method", config.method.name, METHODS)
     return build(config.method)
-
-
-# --------------------------------------------------------------------------- samplers
-
-
-@dataclass
-class SamplerSpec:
-    """A sampler function, the methods it is valid for, and how it reads its options."""
-
-    function: Callable[..., Tensor]
-    requires: Callable[[Method], bool]
-    requirement: str
-    options: Callable[[SamplerConfig], dict] = lambda s: {}
-    grid: str = "process"  # the grid of sampler.grid = "default" (see GRIDS)
-
-
-def _is_tutorial(m: Method) -> bool:
-    return isinstance(m.process, TutorialPath)
-
-
-def _is_consistency(m: Method) -> bool:
-    return m.parameterization.name == "consistency"
-
-
-def _ode(m: Method) -> bool:
-    """A diffusion model whose denoiser defines an ODE with differentiable alpha, sigma."""
-    return m.process.differentiable and not _is_consistency(m)
-
-
-def _variance_preserving(m: Method) -> bool:
-    return m.process.variance_preserving
-
-
-def _diffusion(m: Method) -> bool:
-    return not _is_tutorial(m) and not _is_consistency(m)
-
-
-SAMPLERS: dict[str, SamplerSpec] = {
-    "tutorial": SamplerSpec(S.tutorial_sampler, _is_tutorial, "a model of the tutorial method"),
-    "ancestral": SamplerSpec(
-        S.ancestral_sampler,
-        _variance_preserving,
-        "a DDPM-family (VP) model",
-        lambda s: {"clip_x0": s.clip_x0, "variance": s.variance},
-    ),
-    "ddim": SamplerSpec(
-        S.ddim_sampler,
-        _variance_preserving,
-        "a DDPM-family (VP) model",
-        lambda s: {"eta": s.eta, "clip_x0": s.clip_x0},
-    ),
-    "euler": SamplerSpec(S.euler_sampler, _ode, "a flow or EDM model"),
-    "heun": SamplerSpec(S.heun_sampler, _ode, "a flow or EDM model"),
-    "edm": SamplerSpec(S.heun_sampler, _ode, "a flow or EDM model", grid="edm"),
-    "edm-stochastic": SamplerSpec(
-        S.edm_stochastic_sampler,
-        lambda m: m.process.variance_exploding and not _is_consistency(m),
-        "an EDM model",
-        lambda s: {
-            "s_churn": s.s_churn,
-            "s_tmin": s.s_tmin,
-            "s_tmax": s.s_tmax,
-            "s_noise": s.s_noise,
-        },
-        grid="edm",
-    ),
-    "dpm++2m": SamplerSpec(S.dpmpp_2m_sampler, _diffusion, "a DDPM, flow or EDM model"),
-    "ipndm": SamplerSpec(S.ipndm_sampler, _diffusion, "a DDPM, flow or EDM model", grid="few-step"),
-    "consistency": SamplerSpec(
-        S.consistency_sampler, _is_consistency, "a consistency model", grid="few-step"
-    ),
-}
-
-#: Time grids by name: each maps (process, steps, rho, sigma_max) to a descending grid ending
-#: clean (sigma_max: the top level as sigma / alpha, 0 for the process's own).
-GRIDS: dict[str, Callable[[ForwardProcess, int, float, float], Tensor]] = {
-    "process": lambda process, steps, rho, sigma_max: process.grid(steps),
-    "edm": ratio_grid,
-    "logsnr": logsnr_grid,
-    "few-step": few_step_grid,
-}
-
-
-@dataclass
-class SamplingPlan:
-    """A resolved sampler: function, options and time grid, ready to call."""
-
-    name: str
-    function: Callable[..., Tensor]
-    options: dict
-    grid: Tensor
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.grid) - 1
-
-    def __call__(
-        self,
-        denoiser: Denoiser,
-        noise: Tensor,
-        rng: S.SampleNoise | None = None,
-        on_step: S.StepCallback | None = None,
-    ) -> Tensor:
-        return self.function(denoiser, noise, self.grid, rng, on_step, **self.options)
-
-
-def build_sampler(method: Method, sampler: SamplerConfig) -> SamplingPlan:
-    name = sampler.name or method.default_sampler
-    spec = SAMPLERS.get(name)
-    if spec is None:
-        raise _unknown("sampler", name, SAMPLERS)
-    if not spec.requires(method):
-        raise DifflabError(
-            f"sampler {name!r} needs {spec.requirement}, but this run uses the {method.name} "
-            f"method; its default sampler is {method.default_sampler!r}"
-        )
-    if sampler.eta and "eta" not in spec.options(sampler):
-        raise DifflabError(f"eta is DDIM's; sampler {name!r} has none: drop --eta (sampler.eta)")
-    steps = sampler.steps or method.default_steps
-    if _is_tutorial(method) and steps != method.process.num_levels:
-        raise DifflabError(
-            f"the tutorial sampler only runs the {method.process.num_levels} levels it was "
-            f"trained on; drop --steps or use {method.process.num_levels}"
-        )
-    grid_name = spec.grid if sampler.grid == "default" else sampler.grid
-    if grid_name != "process" and _is_tutorial(method):
-        raise DifflabError(f"the {grid_name} grid is not defined for the tutorial method")
-    if sampler.sigma_max and grid_name == "process":
-        raise DifflabError(
-            "sampler.sigma_max moves the top of the edm, logsnr and few-step grids; the process "
-            "grid has its own: use --grid edm, or leave sigma_max at 0"
-        )
-    floor, _ = ratio_range(method.process)
-    if 0 < sampler.sigma_max <= floor:
-        raise DifflabError(
-            f"sampler.sigma_max ({sampler.sigma_max:g}) must be above the grid's lowest level "
-            f"({floor:g}); 0 keeps the method's own"
-        )
-    grid = GRIDS[grid_name](method.process, steps, sampler.rho, sampler.sigma_max)
-    if name == "ipndm" and float(method.process.alpha_sigma(grid[:1])[0]) == 0:
-        raise DifflabError(
-            "ipndm needs a grid that starts below pure noise; use --grid edm or logsnr"
-        )
-    return SamplingPlan(name, spec.function, spec.options(sampler), grid)

@@ -10,7 +10,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from difflab.denoisers import Denoiser
-from difflab.registry import SamplingPlan
+from difflab.plans import SamplingPlan
 from difflab.samplers import SampleNoise
 from difflab.viz import to_uint8
 

@@ -13,7 +13,8 @@ from difflab.config import Config
 from difflab.data import ImageSet, to_model_range
 from difflab.denoisers import Denoiser
 from difflab.objectives import Objective
-from difflab.registry import Method, SamplingPlan
+from difflab.plans import SamplingPlan
+from difflab.registry import Method
 from difflab.sampling import derive_seed, generate, strip_indices
 from difflab.schedules import ForwardProcess
 from difflab.viz import plot_lines, save_gif, save_grid, save_strip

@@ -7,7 +7,7 @@ import torch
 from difflab.classes import labels_for
 from difflab.config import Config
 from difflab.denoisers import Denoiser
-from difflab.registry import SamplingPlan
+from difflab.plans import SamplingPlan
 from difflab.sampling import derive_seed, generate
 
 
