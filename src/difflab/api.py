@@ -96,6 +96,11 @@ class Run:
             _check_count(value, name, limits)
         if plan is not None and (sampler is not None or steps is not None):
             raise DifflabError("give plan= or sampler= and steps=, not both (a plan has its own)")
+        if plan is not None and not plan.fits(self.method):
+            raise DifflabError(
+                f"this plan was built for another run ({plan.method} method): "
+                "build it with this run's plan()"
+            )
         plan = plan or self.plan(sampler, steps)
         guide = None if self.guide is None else self.method.denoiser(self.guide)
         labels, guidance = bind_request(

@@ -106,12 +106,19 @@ GRIDS: dict[str, Callable[[ForwardProcess, int, float, float], Tensor]] = {
 
 @dataclass
 class SamplingPlan:
-    """A resolved sampler: function, options and time grid, ready to call."""
+    """A resolved sampler: function, options and time grid, ready to call on a denoiser of
+    the method it was built for (``fits``)."""
 
     name: str
     function: Callable[..., Tensor]
     options: dict
     grid: Tensor
+    method: str = ""
+    process: ForwardProcess | None = None
+
+    def fits(self, method: Method) -> bool:
+        """Whether this plan was built for ``method`` (its name and forward process)."""
+        return (self.method, self.process) == (method.name, method.process)
 
     @property
     def num_steps(self) -> int:
@@ -164,4 +171,6 @@ def build_sampler(method: Method, sampler: SamplerConfig) -> SamplingPlan:
         raise DifflabError(
             "ipndm needs a grid that starts below pure noise; use --grid edm or logsnr"
         )
-    return SamplingPlan(name, spec.function, spec.options(sampler), grid)
+    return SamplingPlan(
+        name, spec.function, spec.options(sampler), grid, method.name, method.process
+    )
