@@ -49,6 +49,14 @@ def test_eval_a_run_samples_first(tmp_path, tiny_preset, image_folder, capsys):
         2,
         3,
     )  # Heun: 2n-1
+    # the grid's options, as `sample` takes them, and in the default file's name
+    other = ["--steps", "2", "--grid", "edm", "--rho", "3", "--sigma-max", "10"]
+    assert main(["eval", str(run_dir), "--ref", str(image_folder), "--num", "3", *other]) == 0
+    (saved,) = run_dir.glob("eval-step1-edm2-gridedm-rho3-sigmamax10-n3.json")
+    result = json.loads(saved.read_text())
+    assert (result["grid"], result["rho"], result["sigma_max"]) == ("edm", 3, 10)
+    assert main(["eval", str(run_dir), "--ref", str(image_folder), "--num", "3", "--eta", "1"])
+    assert "eta is DDIM's" in capsys.readouterr().err
 
 
 def test_eval_errors(tmp_path, capsys, monkeypatch):

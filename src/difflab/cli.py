@@ -12,14 +12,13 @@ from pathlib import Path
 
 from difflab.config import SamplerConfig, TrainConfig
 from difflab.errors import DifflabError, one_line, shorten
-from difflab.limits import MAX_IMAGES, MAX_SAMPLE_BATCH, Bounded, Limits, limits_of
+from difflab.limits import MAX_IMAGES, MAX_SAMPLE_BATCH, Bounded, Limits
 
 log = logging.getLogger("difflab")
 EXIT_ERROR = 2
 GIF_IMAGES = 16  # images in sample's reverse-process.gif
 # Numeric options: parsed and range-checked by the limits their config fields declare.
 SEED = Bounded.like(TrainConfig, "seed")
-SAMPLER_STEPS = Bounded.like(SamplerConfig, "steps", low=1)
 GUIDANCE = Bounded.like(SamplerConfig, "guidance")
 
 CHECKPOINT_HELP = "one of the run's checkpoints: its folder, or its name step-N (default: newest)"
@@ -41,6 +40,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from difflab.api import load_run
     from difflab.classes import bind_request, class_rows, labels_for, per_class
+    from difflab.cli_eval import sampler_options
     from difflab.data import SAMPLES_MANIFEST
     from difflab.io import atomic_write_text, check_output_folder
     from difflab.sampling import strip_indices
@@ -50,9 +50,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     run = load_run(
         args.run_dir, args.checkpoint, ema=not args.no_ema, device=args.device, guide=args.guide
     )
-    chosen = ("eta", "grid", "rho", "sigma_max")
-    options = {k: getattr(args, k) for k in chosen if getattr(args, k) is not None}
-    plan = run.plan(args.sampler, args.steps, **options)
+    plan = run.plan(args.sampler, args.steps, **sampler_options(args))
     guided = run.guide is not None  # autoguidance: a guidance weight needs no label
     # checked before any work:
     bind_request(args.label, args.guidance, run.class_names, args.num, guided=guided)
@@ -213,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    from difflab.cli_eval import GUIDE_HELP, add_eval_commands
+    from difflab.cli_eval import GUIDE_HELP, add_eval_commands, add_sampler_options
     from difflab.cli_train import add_distill_command, add_train_command
 
     add_train_command(sub)
@@ -233,30 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--batch-size", type=Bounded(int, Limits(low=1, high=MAX_SAMPLE_BATCH)), default=64
     )
-    sample.add_argument(
-        "--sampler",
-        help="tutorial, ancestral, ddim, euler, heun, edm, edm-stochastic, dpm++2m, ipndm, "
-        "consistency",
-    )
-    sample.add_argument("--steps", type=SAMPLER_STEPS, help="sampler steps")
-    sample.add_argument(
-        "--eta", type=Bounded.like(SamplerConfig, "eta"), help="DDIM eta (0 deterministic)"
-    )
-    sample.add_argument(
-        "--grid",
-        choices=limits_of(SamplerConfig, "grid").choices,
-        help="time grid: the sampler's, the process's, EDM's rho = 7 spacing, even in log SNR",
-    )
-    sample.add_argument(
-        "--rho",
-        type=Bounded.like(SamplerConfig, "rho"),
-        help="rho of EDM's spacing in the edm and few-step grids (7; larger: levels nearer clean)",
-    )
-    sample.add_argument(
-        "--sigma-max",
-        type=Bounded.like(SamplerConfig, "sigma_max"),
-        help="top of the edm, logsnr and few-step grids as sigma (default: the method's, e.g. 80)",
-    )
+    add_sampler_options(sample)
     sample.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     sample.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     sample.add_argument("--guide", help=GUIDE_HELP)

@@ -12,7 +12,7 @@ import torch
 
 from difflab.config import DataConfig, SamplerConfig, TrainConfig
 from difflab.errors import DifflabError
-from difflab.limits import MAX_IMAGES, Bounded, Limits
+from difflab.limits import MAX_IMAGES, Bounded, Limits, limits_of
 
 MAX_EVAL_BATCH = 500  # images through Inception at 299 x 299 at once: about 8 GB of activations
 
@@ -22,6 +22,45 @@ GUIDE_HELP = (
     "checkpoint folders, or an export), with --guidance W (default: the run's own guide; "
     "a guide named here guides at the run's weight, or at 2 where that is 1)"
 )
+
+
+#: Sampler settings that `sample` and `eval` take on the command line, beside --sampler/--steps.
+SAMPLER_OPTIONS = ("eta", "grid", "rho", "sigma_max")
+
+
+def add_sampler_options(parser: argparse.ArgumentParser) -> None:
+    """--sampler, --steps and the grid's options, for a command that samples a run."""
+    parser.add_argument(
+        "--sampler",
+        help="tutorial, ancestral, ddim, euler, heun, edm, edm-stochastic, dpm++2m, ipndm, "
+        "consistency (default: the run's)",
+    )
+    parser.add_argument(
+        "--steps", type=Bounded.like(SamplerConfig, "steps", low=1), help="sampler steps"
+    )
+    parser.add_argument(
+        "--eta", type=Bounded.like(SamplerConfig, "eta"), help="DDIM eta (0 deterministic)"
+    )
+    parser.add_argument(
+        "--grid",
+        choices=limits_of(SamplerConfig, "grid").choices,
+        help="time grid: the sampler's, the process's, EDM's rho = 7 spacing, even in log SNR",
+    )
+    parser.add_argument(
+        "--rho",
+        type=Bounded.like(SamplerConfig, "rho"),
+        help="rho of EDM's spacing in the edm and few-step grids (7; larger: levels nearer clean)",
+    )
+    parser.add_argument(
+        "--sigma-max",
+        type=Bounded.like(SamplerConfig, "sigma_max"),
+        help="top of the edm, logsnr and few-step grids as sigma (default: the method's, e.g. 80)",
+    )
+
+
+def sampler_options(args: argparse.Namespace) -> dict:
+    """The grid's options given on the command line, for ``Run.plan``."""
+    return {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k) is not None}
 
 
 def _extractor(args: argparse.Namespace):
@@ -91,13 +130,15 @@ def generated_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor],
 
         run = load_run(source, args.checkpoint, device=args.device, guide=args.guide)
         num = args.num or 1000
-        plan = run.plan(args.sampler, args.steps)
+        options = sampler_options(args)
+        plan = run.plan(args.sampler, args.steps, **options)
         # A conditional run: every class equally (image i asks for class i mod C) by default.
         label = args.label or ("all" if run.class_names else None)
         guidance = args.guidance if args.guidance is not None else run.config.sampler.guidance
         per_class(label, run.class_names, num)  # a wrong label fails before any work
         bind_request(label, args.guidance, run.class_names, num, guided=run.guide is not None)
         info = {"run": str(source), "step": run.step, "sampler": plan.name, "steps": plan.num_steps}
+        info.update(options)
         if label is not None:
             info.update(label=label, guidance=guidance)
         if run.guide is not None:
@@ -157,8 +198,13 @@ def _default_json(source: Path, info: dict, num: int) -> Path:
     if "run" in info and source.is_dir():
         label = f"-{info['label']}" if "label" in info else ""
         weight = f"-w{info['guidance']:g}" if "guidance" in info else ""
+        chosen = "".join(  # e.g. -gridedm-rho3
+            f"-{k.replace('_', '')}{v if isinstance(v, str) else format(v, 'g')}"
+            for k, v in info.items() if k in SAMPLER_OPTIONS
+        )  # fmt: skip
         name = (
-            f"eval-step{info['step']}-{info['sampler']}{info['steps']}{label}{weight}-n{num}.json"
+            f"eval-step{info['step']}-{info['sampler']}{info['steps']}{chosen}{label}{weight}"
+            f"-n{num}.json"
         )
         return source / name
     return _result_folder(source) / "eval.json"
@@ -188,10 +234,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--num", type=Bounded(int, Limits(low=2, high=MAX_IMAGES)), help="images (run: 1000)"
     )
-    evaluate.add_argument("--sampler", help="sampler for a run (default: the run's)")
-    evaluate.add_argument(
-        "--steps", type=Bounded.like(SamplerConfig, "steps", low=1), help="sampler steps (run)"
-    )
+    add_sampler_options(evaluate)
     evaluate.add_argument("--checkpoint", help="one of the run's checkpoints: its folder or name")
     evaluate.add_argument("--seed", type=Bounded.like(TrainConfig, "seed"), default=0)
     evaluate.add_argument(
