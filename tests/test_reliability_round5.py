@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import run_cli
+from reliability import assert_one_line_error
 
 import difflab
 from difflab.config import MethodConfig, SamplerConfig
@@ -27,3 +29,76 @@ def test_a_plan_runs_only_on_the_run_it_was_built_for(teacher):
             run.sample(2, plan=plan)
     again = difflab.load_run(teacher, device="cpu").plan(steps=2)  # the same run, loaded again
     assert run.sample(2, plan=again).shape == (2, *run.image_shape)
+
+
+def test_no_output_overwrites_a_runs_own_files_or_takes_another_suffix(
+    teacher, tmp_path, image_folder, capsys
+):
+    """`eval --json` replaced reference statistics, a run's config.json or a checkpoint with its
+    result, and `export --out` a checkpoint's weights: the run no longer loaded."""
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(b"statistics")
+    kept = {
+        p: p.read_bytes() for p in [teacher / "config.json", ref, *teacher.rglob("*.safetensors")]
+    }
+    ema = teacher / "checkpoints" / "step-00000004" / "ema.safetensors"
+    calls = [
+        (["eval", image_folder, "--ref", ref, "--json", ref], "--json"),
+        (["eval", image_folder, "--ref", ref, "--json", teacher / "config.json"], "--json"),
+        (["export", teacher, "--out", ema], "--out"),
+        (["export", teacher, "--format", "diffusers", "--out", ema.parent / "d"], "--out"),
+        (["ref", image_folder, "--out", teacher / "log.jsonl"], "--out"),
+    ]
+    for args, flag in calls:
+        code, _, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, f"difflab: error: {flag}")
+    assert "the result must end in .json" in run_cli(capsys, *calls[0][0])[2]
+    assert "would overwrite" in run_cli(capsys, *calls[2][0])[2]
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert not (ema.parent / "d").exists()
+    code, _, err = run_cli(capsys, "export", teacher, "--out", teacher / "model.safetensors")
+    assert code == 0, err  # a file of its own in the run folder is fine
+
+
+def test_an_export_holds_one_set_of_weights_and_says_which(teacher, tmp_path, capsys):
+    """An export's --checkpoint, --raw and ema=False were ignored, and an export of a raw export
+    was labelled EMA (and of an EMA one with --raw, raw)."""
+    from safetensors import safe_open
+
+    def weights(path):
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata()["weights"]
+
+    raw, again, ema = (
+        tmp_path / "raw.safetensors",
+        tmp_path / "again.safetensors",
+        tmp_path / "ema.safetensors",
+    )
+    for args in ([teacher, "--raw", "--out", raw], [raw, "--out", again], [teacher, "--out", ema]):
+        code, _, err = run_cli(capsys, "export", *args)
+        assert code == 0, err
+    assert (weights(raw), weights(again), weights(ema)) == ("raw", "raw", "ema")
+    refused = [
+        ["export", ema, "--raw", "--out", tmp_path / "x.safetensors"],
+        ["sample", ema, "--checkpoint", "step-00000003", "--out", tmp_path / "s"],
+        ["sample", ema, "--no-ema", "--out", tmp_path / "s"],
+    ]
+    for args in refused:
+        code, _, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, "holds one set of weights (ema, step 4)")
+    with pytest.raises(difflab.DifflabError, match="not raw weights"):
+        difflab.load_run(ema, ema=False)
+    assert difflab.load_run(raw, ema=False).weights == "raw"  # the raw export is raw weights
+
+
+def test_a_model_guided_by_its_own_weights_is_refused(teacher, tmp_path, capsys):
+    """`sample --guide RUN` on RUN itself (or its newest checkpoint) sampled the unguided model
+    at twice the cost and called it guidance 2; distill refused the same already."""
+    newest = teacher / "checkpoints" / "step-00000004"
+    for guide in (teacher, newest):
+        with pytest.raises(difflab.DifflabError, match="holds the model's own weights"):
+            difflab.load_run(teacher, guide=guide)
+    code, _, err = run_cli(capsys, "sample", teacher, "--guide", newest, "--out", tmp_path / "s")
+    assert_one_line_error(code, err, "name a weaker model")
+    earlier = difflab.load_run(teacher, guide=teacher / "checkpoints" / "step-00000003")
+    assert earlier.guide is not None

@@ -32,7 +32,7 @@ from difflab.plans import SamplingPlan, build_sampler
 from difflab.registry import Method, build_method, build_network
 from difflab.sampling import Generated, generate, image_seeds
 from difflab.train.checkpoint import load_model
-from difflab.train.guides import model_guide
+from difflab.train.guides import check_weaker, model_guide
 
 
 @dataclass
@@ -46,6 +46,7 @@ class Run:
     source: Path
     step: int
     guide: nn.Module | None = None  # autoguidance: a weaker model of the same method
+    weights: str = "ema"  # which of the checkpoint's weights net holds: "ema" or "raw"
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -169,7 +170,11 @@ def load_run(
     loaded = load_model(path, build, checkpoint, ema)
     config = loaded.config
     guide_net = model_guide(Path(path), config, build, loaded.step, guide)
+    check_weaker(loaded.net, guide_net, str(guide or "of this run"))
     if guide is not None:  # named here: it guides at the run's weight, or at w = 2 if that is 1
         config = dataclasses.replace(config, sampler=config.sampler.with_guide())
     method = build_method(config)
-    return Run(config, method, loaded.net, torch_device, loaded.source, loaded.step, guide_net)
+    return Run(
+        config, method, loaded.net, torch_device, loaded.source, loaded.step, guide_net,
+        loaded.weights,
+    )  # fmt: skip

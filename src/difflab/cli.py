@@ -147,9 +147,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from difflab.io import check_output_file
     from difflab.report import write_report
 
-    out = check_output_file(Path(args.out), "--out")
-    if out.suffix not in (".html", ".htm"):
-        raise DifflabError(f"--out {out}: the report is an .html file")
+    out = check_output_file(Path(args.out), "--out", (".html", ".htm", ".HTML"), "the report")
     write_report([Path(run) for run in args.run_dirs], out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(args.run_dirs)} run(s))")
     return 0
@@ -173,7 +171,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "a diffusers pipeline samples without difflab's autoguidance: the export holds "
                 "the model only, not its guide (sampler.guide_at)"
             )
-        write_diffusers(run, out, Path(args.run_dir), args.raw)
+        write_diffusers(run, out, Path(args.run_dir))
         how = (
             "UNet2DModel and DDPMScheduler load it in diffusers (class-conditional: its "
             "README.md has the sampling loop with class_labels)"
@@ -182,9 +180,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
         print(f"exported step {run.step} to {out}: {how}")
         return 0
-    if out.suffix != ".safetensors":
-        raise DifflabError(f"--out {out}: the export file must end in .safetensors")
-    check_output_file(out, "--out")
+    check_output_file(out, "--out", (".safetensors",), "the export file")
     run = load_run(args.run_dir, args.checkpoint, ema=not args.raw, device="cpu")
     weights = {k: v.contiguous() for k, v in run.net.state_dict().items()}
     if run.guide is not None:  # the run's own guide travels with it (autoguidance)
@@ -193,7 +189,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     metadata = {
         "config": run.config.to_json(),
         "step": str(run.step),
-        "weights": "raw" if args.raw else "ema",
+        "weights": run.weights,
     }
     atomic_write(out, lambda tmp: save_file(weights, str(tmp), metadata=metadata))
     print(f"exported step {run.step} ({metadata['weights']} weights) to {out}")

@@ -95,9 +95,7 @@ def cmd_ref(args: argparse.Namespace) -> int:
     from difflab.metrics import save_stats
 
     out = Path(args.out)
-    if out.suffix != ".npz":
-        raise DifflabError(f"--out {out}: reference statistics are written as a .npz file")
-    check_output_file(out, "--out")
+    check_output_file(out, "--out", (".npz",), "reference statistics")
     stats = reference_stats(
         args.data, args.class_name, args.image_size, _extractor(args), args.batch_size
     )
@@ -170,7 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from difflab.metrics import extract_features, fid_kid
 
     if args.json:
-        check_output_file(Path(args.json), "--json")
+        check_output_file(Path(args.json), "--json", (".json",), "the result")
     else:  # the result goes beside the images: refused before the work, not after it
         try:
             check_output_folder(_result_folder(Path(args.images)), "eval")

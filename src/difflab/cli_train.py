@@ -161,7 +161,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from difflab.config import SamplerConfig, apply_overrides, validate
     from difflab.registry import CONSISTENCY_BASES, build_network, teacher_models
     from difflab.train.checkpoint import stored_config, weights_digest
-    from difflab.train.guides import carries_guide, load_guide, own_guide_folder
+    from difflab.train.guides import carries_guide, check_weaker, load_guide, own_guide_folder
 
     teacher = Path(args.run_dir)
     base = stored_config(teacher)
@@ -247,11 +247,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     c = config.method.consistency
     if c.teacher:  # what a resume checks a moved teacher (and its guide) against
         net, weak, _ = teacher_models(c)
-        if weak is not None and weights_digest(weak) == weights_digest(net):
-            raise DifflabError(
-                f"the guide {c.teacher_guide} holds the teacher's own weights (an unguided ODE "
-                "at twice the cost): name a weaker model, e.g. an earlier checkpoint folder"
-            )
+        check_weaker(net, weak, c.teacher_guide, "teacher")
         c = dataclasses.replace(c, teacher_digest=weights_digest(net, *filter(None, [weak])))
         method = dataclasses.replace(config.method, consistency=c)
         config = dataclasses.replace(config, method=method)

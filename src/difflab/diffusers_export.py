@@ -215,12 +215,12 @@ def scheduler_config(config: Config, betas: Tensor, prediction: str) -> dict:
     }
 
 
-def write_diffusers(run, out: Path, run_dir: Path, raw: bool) -> None:
+def write_diffusers(run, out: Path, run_dir: Path) -> None:
     """Write ``run`` (an ``api.Run`` of ``run_dir``) as a DDPMPipeline folder at ``out``
     (atomically), with a model card."""
     process, prediction = run.method.process, run.method.parameterization.name
     check_exportable(run.config, run.net, process)  # before anything reads DDPM's settings
-    card = model_card(run, run_dir, raw)
+    card = model_card(run, run_dir)
     if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").exists():
         raise DifflabError(
             f"--out {out} is a folder with other files in it; give a new or empty folder (an "
@@ -252,7 +252,7 @@ def write_diffusers(run, out: Path, run_dir: Path, raw: bool) -> None:
         publish_folder(tmp, out)
 
 
-def model_card(run, run_dir: Path, raw: bool) -> str:
+def model_card(run, run_dir: Path) -> str:
     """The folder's README.md: what was trained on what, for how long, how well, how to load."""
     config = run.config
     data = config.data
@@ -279,7 +279,7 @@ library_name: diffusers
 - **Network**: difflab's U-Net ({config.network.unet.channels} channels,
   mult {list(config.network.unet.channel_mult)}), exported block for block as `UNet2DModel`.
 - **Data**: {data.source}, {classes}, {data.image_size}x{data.image_size}.
-- **Budget**: {run.step:,} optimizer steps of batch {config.train.batch_size}; {"raw" if raw else "EMA"} weights.
+- **Budget**: {run.step:,} optimizer steps of batch {config.train.batch_size}; {"raw" if run.weights == "raw" else "EMA"} weights.
 - **Quality**: {quality}.
 
 {_conditional_usage(data.class_names, data.image_size) if data.class_names else USAGE}

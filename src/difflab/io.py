@@ -138,20 +138,43 @@ def make_folder(folder: Path, what: str = "folder") -> Path:
     return folder
 
 
+#: What difflab reads back from a run folder (or a model folder): no command's output goes there.
+RUN_FILES = frozenset({"config.json", "log.jsonl", "invocations.jsonl", "checkpoints"})
+
+
 def check_output_folder(folder: Path, flag: str) -> Path:
-    """Before any work: ``folder`` is (or can become) a writable folder."""
+    """Before any work: ``folder`` is (or can become) a writable folder, none of a run's own."""
     if folder.exists() and not folder.is_dir():
         raise DifflabError(f"{flag} {folder} exists and is not a folder; choose another {flag}")
+    _check_not_a_run_file(folder, flag)
     _check_parents_writable(folder, flag)
     return folder
 
 
-def check_output_file(path: Path, flag: str) -> Path:
-    """Before any work: ``path`` can be written as a file."""
+def check_output_file(
+    path: Path, flag: str, suffixes: tuple[str, ...] = (), what: str = ""
+) -> Path:
+    """Before any work: ``path`` can be written as a file, ends in one of ``suffixes`` (``what``
+    names the file in the error) and is none of a run's own files."""
+    if suffixes and path.suffix not in suffixes:
+        raise DifflabError(f"{flag} {path}: {what} must end in {' or '.join(suffixes)}")
     if path.is_dir():
         raise DifflabError(f"{flag} {path} is a folder; give a file name")
+    _check_not_a_run_file(path, flag)
     _check_parents_writable(path.parent, flag)
     return path
+
+
+def _check_not_a_run_file(path: Path, flag: str) -> None:
+    """Refuse ``path`` inside the innermost folder above it that holds a config.json (a run,
+    or a model folder) when it is that folder's config, log or checkpoints."""
+    path = path.absolute()
+    run = next((p for p in path.parents if (p / "config.json").is_file()), None)
+    if run is not None and path.relative_to(run).parts[0] in RUN_FILES:
+        own = path.relative_to(run).parts[0]
+        raise DifflabError(
+            f"{flag} {path} would overwrite {run}'s own {own}; choose another {flag}"
+        )
 
 
 def _check_parents_writable(folder: Path, flag: str) -> None:

@@ -231,6 +231,7 @@ class LoadedModel:
     net: nn.Module
     step: int
     source: Path
+    weights: str = "ema"  # which of the checkpoint's weights: "ema" or "raw"
 
 
 def load_model(
@@ -246,14 +247,24 @@ def load_model(
     config = stored_config(path)
     net = build(config)
     if path.is_file():
+        step, kind = _export_metadata(path)
+        if checkpoint is not None or (not ema and kind != "raw"):
+            wrong = "a checkpoint" if checkpoint is not None else "raw weights"
+            raise DifflabError(
+                f"{path} is an export: it holds one set of weights ({kind}, step {step}), not "
+                f"{wrong}; drop --checkpoint / --raw, or export the run with them"
+            )
         weights = read_weights(path)
         ours = {k: v for k, v in weights.items() if not k.startswith(GUIDE_PREFIX)}
         load_weights_into(net, ours, path)
-        return LoadedModel(config, net, _exported_step(path), path)
+        return LoadedModel(config, net, step, path, kind)
+
+    kinds = []
 
     def use(ckpt: Checkpoint) -> int:
         weights = ckpt.ema if ema and ckpt.ema is not None else ckpt.net
         load_weights_into(net, weights, ckpt.path)
+        kinds.append("raw" if weights is ckpt.net else "ema")
         return ckpt.step
 
     step = use(_chosen(path, config, checkpoint)) if checkpoint else newest_usable(path, use)
@@ -265,7 +276,7 @@ def load_model(
                 "(see the warnings above)"
             )
         raise DifflabError(f"{path} has no checkpoint yet; train it first (difflab train)")
-    return LoadedModel(config, net, step, path)
+    return LoadedModel(config, net, step, path, kinds[-1])
 
 
 def _chosen(run_dir: Path, config: Config, checkpoint: str | Path) -> Checkpoint:
@@ -321,10 +332,12 @@ def _exported_metadata(path: Path, key: str) -> dict:
     return values
 
 
-def _exported_step(path: Path) -> int:
+def _export_metadata(path: Path) -> tuple[int, str]:
+    """An export's step and which weights it holds ("ema" or "raw")."""
     with safe_open(str(path), framework="pt") as handle:
-        step = (handle.metadata() or {}).get("step", "0")
-    return int(step) if step.isdigit() else 0
+        metadata = handle.metadata() or {}
+    step = metadata.get("step", "0")
+    return int(step) if step.isdigit() else 0, metadata.get("weights", "ema")
 
 
 def split_checkpoint(path: str | Path) -> tuple[Path, Path | None]:

@@ -25,6 +25,7 @@ from difflab.train.checkpoint import (
     load_weights_into,
     read_weights,
     split_checkpoint,
+    weights_digest,
 )
 from difflab.train.schedule import guide_step
 
@@ -119,3 +120,13 @@ def model_guide(
     if carried is None and guide is not None:
         raise DifflabError(f"{path} carries no guide to guide by: name another with --guide")
     return carried
+
+
+def check_weaker(net: nn.Module, guide: nn.Module | None, name: str, whose: str = "model") -> None:
+    """A one-line error when ``guide`` holds ``net``'s own weights: guiding by itself is the
+    unguided sampler at twice the cost."""
+    if guide is not None and weights_digest(guide) == weights_digest(net):
+        raise DifflabError(
+            f"the guide {name} holds the {whose}'s own weights (an unguided sampler at twice the "
+            "cost): name a weaker model, e.g. an earlier checkpoint folder"
+        )
