@@ -4,6 +4,7 @@ leftovers found, each case as a test."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from conftest import run_cli
@@ -102,3 +103,52 @@ def test_a_model_guided_by_its_own_weights_is_refused(teacher, tmp_path, capsys)
     assert_one_line_error(code, err, "name a weaker model")
     earlier = difflab.load_run(teacher, guide=teacher / "checkpoints" / "step-00000003")
     assert earlier.guide is not None
+
+
+def test_a_sample_cut_off_leaves_no_list_claiming_a_mix_of_images(
+    teacher, tmp_path, image_folder, capsys, monkeypatch
+):
+    """A `sample` interrupted over an earlier one's folder left the earlier samples.json and
+    grid.png: eval scored a mix of both requests as one complete set, without a word."""
+    import difflab.viz
+
+    out = tmp_path / "s"
+    code, _, err = run_cli(capsys, "sample", teacher, "--num", 4, "--steps", 2, "--out", out)
+    assert code == 0 and (out / "samples.json").is_file(), err
+    save_images = difflab.viz.save_images
+
+    def cut_off(images, folder, start_index=0):
+        if start_index:
+            raise KeyboardInterrupt
+        save_images(images, folder, start_index=start_index)
+
+    monkeypatch.setattr(difflab.viz, "save_images", cut_off)
+    again = ["--num", 4, "--batch-size", 2, "--seed", 7, "--out", out]
+    code, _, err = run_cli(capsys, "sample", teacher, *again)
+    assert code == 130, err
+    assert not (out / "samples.json").exists() and not (out / "grid.png").exists()
+    ref = tmp_path / "ref.npz"
+    assert run_cli(capsys, "ref", image_folder, "--out", ref, "--image-size", 8)[0] == 0
+    code, _, err = run_cli(capsys, "eval", out, "--ref", ref, "--image-size", 8)
+    assert code == 0 and "holds numbered samples but no samples.json" in err, err
+
+
+def test_eval_scores_a_run_as_it_scores_its_samples_saved(teacher, tmp_path, image_folder, capsys):
+    """eval FOLDER loaded images at --image-size (32 unless given) while eval RUN fed the run's
+    own size to Inception: the same images scored two FIDs. A reference now records its size,
+    and eval FOLDER refuses the options that only sampling a run uses."""
+    ref, out = tmp_path / "ref.npz", tmp_path / "s"
+    assert run_cli(capsys, "ref", image_folder, "--out", ref, "--image-size", 16)[0] == 0
+    assert run_cli(capsys, "sample", teacher, "--num", 4, "--steps", 2, "--out", out)[0] == 0
+    scores = []
+    for source, more in ((out, []), (teacher, ["--num", 4, "--steps", 2])):
+        result = tmp_path / f"{source.name}.json"
+        args = ["--ref", ref, "--image-size", 16, "--json", result, *more]
+        code, _, err = run_cli(capsys, "eval", source, *args)
+        assert code == 0, err
+        scores.append(json.loads(result.read_text())["fid"])
+    assert scores[0] == pytest.approx(scores[1], rel=1e-6)  # 8 px samples, each made 16 px
+    code, _, err = run_cli(capsys, "eval", out, "--ref", ref)
+    assert_one_line_error(code, err, "holds images loaded at 16 px", "give --image-size 16")
+    code, _, err = run_cli(capsys, "eval", out, "--ref", ref, "--image-size", 16, "--label", "a")
+    assert_one_line_error(code, err, "--label: for a run;")

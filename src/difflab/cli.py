@@ -41,7 +41,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.api import load_run
     from difflab.classes import bind_request, class_rows, labels_for, per_class
     from difflab.cli_eval import sampler_options
-    from difflab.data import SAMPLES_MANIFEST
+    from difflab.data import SAMPLE_PICTURES, SAMPLES_MANIFEST
     from difflab.io import atomic_write_text, check_output_folder
     from difflab.sampling import strip_indices
     from difflab.viz import save_gif, save_grid, save_images, save_strip
@@ -63,6 +63,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.gif or args.strip
         else 0
     )
+    # An earlier sample's list and pictures go first: a run cut off leaves no list that
+    # claims a mix of its images and the earlier ones (eval warns about a folder without one).
+    for name in (SAMPLES_MANIFEST, *SAMPLE_PICTURES):
+        (out / name).unlink(missing_ok=True)
     kept, evaluations, frames = [], 0, None
     with tqdm(total=args.num, desc="sampling", unit="img", disable=args.quiet) as bar:
         for start in range(0, args.num, args.batch_size):
@@ -85,11 +89,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if frames is None
             else torch.stack([class_rows(f, len(run.class_names))[0] for f in frames])
         )
-    save_grid(grid, out / "grid.png", nrow=min(rows, 8) if rows else None)
+    grid_png, strip_png, gif = (out / name for name in SAMPLE_PICTURES)
+    save_grid(grid, grid_png, nrow=min(rows, 8) if rows else None)
     if args.strip:
-        save_strip(frames[1:, 0][strip_indices(plan.num_steps)], out / "strip.png")
+        save_strip(frames[1:, 0][strip_indices(plan.num_steps)], strip_png)
     if args.gif:
-        save_gif(frames, out / "reverse-process.gif", nrow=min(rows, 2) if rows else None)
+        save_gif(frames, gif, nrow=min(rows, 2) if rows else None)
     guidance = args.guidance if args.guidance is not None else run.config.sampler.guidance
     labels = labels_for(args.label, run.class_names, args.num)
     manifest = {

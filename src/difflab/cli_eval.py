@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import torch
 from difflab.config import DataConfig, SamplerConfig, TrainConfig
 from difflab.errors import DifflabError
 from difflab.limits import MAX_IMAGES, Bounded, Limits, limits_of
+
+log = logging.getLogger("difflab")
 
 MAX_EVAL_BATCH = 500  # images through Inception at 299 x 299 at once: about 8 GB of activations
 
@@ -26,6 +29,10 @@ GUIDE_HELP = (
 
 #: Sampler settings that `sample` and `eval` take on the command line, beside --sampler/--steps.
 SAMPLER_OPTIONS = ("eta", "grid", "rho", "sigma_max")
+
+
+#: eval's options that only sampling a run uses.
+RUN_ONLY = ("sampler", "steps", *SAMPLER_OPTIONS, "checkpoint", "label", "guidance", "guide")
 
 
 def add_sampler_options(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +93,7 @@ def reference_stats(
 
     data = load_images(source, class_name, image_size)
     features = extract_features(data.images, extractor, batch_size, desc="reference features")
-    meta = {"source": data.source, "extractor_sha256": extractor.sha256}
+    meta = {"source": data.source, "extractor_sha256": extractor.sha256, "image_size": image_size}
     return feature_stats(features, keep_features=True, meta=meta)
 
 
@@ -108,7 +115,14 @@ def _load_reference(args: argparse.Namespace, extractor):
     from difflab.metrics import load_stats
 
     if args.ref.endswith(".npz"):
-        return load_stats(args.ref)
+        stats = load_stats(args.ref)
+        size = stats.meta.get("image_size", str(args.image_size))  # older files: not recorded
+        if size != str(args.image_size):
+            raise DifflabError(
+                f"--ref {args.ref} holds images loaded at {size} px, these are scored at "
+                f"{args.image_size}: give --image-size {size}"
+            )
+        return stats
     if Path(args.ref).is_file():
         raise DifflabError(
             f"--ref {args.ref} is neither a .npz of reference statistics (difflab ref) nor a "
@@ -125,6 +139,7 @@ def generated_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor],
     if (source / "config.json").is_file() or source.suffix == ".safetensors":
         from difflab.api import load_run
         from difflab.classes import bind_request, per_class
+        from difflab.data import fit_size
 
         run = load_run(source, args.checkpoint, device=args.device, guide=args.guide)
         num = args.num or 1000
@@ -149,11 +164,22 @@ def generated_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor],
                     count, args.seed, label=label, guidance=guidance, plan=plan, start=start
                 )
                 info["evaluations"] = generated.evaluations  # network evaluations per image
-                yield to_uint8(generated.images)
+                yield fit_size(to_uint8(generated.images), args.image_size)  # as a folder's
 
         return sample(), num, info
-    from difflab.data import load_images
+    from difflab.data import SAMPLES_MANIFEST, load_images
 
+    given = [f"--{k.replace('_', '-')}" for k in RUN_ONLY if getattr(args, k) is not None]
+    if given:
+        raise DifflabError(f"{', '.join(given)}: for a run; {source} is a folder of images")
+
+    if not (source / SAMPLES_MANIFEST).is_file() and any(source.glob("[0-9]" * 5 + ".png")):
+        log.warning(
+            "%s holds numbered samples but no %s (a difflab sample cut off?): scoring every "
+            "image in it",
+            source,
+            SAMPLES_MANIFEST,
+        )
     images = load_images(str(source), None, args.image_size).images
     if args.num:
         if args.num > len(images):
@@ -183,7 +209,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batches, extractor, args.batch_size, desc="sample features", total=num
     )
     result = fid_kid(features, ref, subset_size=KID_SUBSET, seed=args.seed)
-    result.update(info)
+    result.update(info, image_size=args.image_size)
     print(f"FID {result['fid']:.3f}  (n={result['num_gen']} vs {result['num_ref']})")
     print(f"KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f}")
     out = Path(args.json) if args.json else _default_json(Path(args.images), info, num)

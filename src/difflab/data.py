@@ -28,6 +28,7 @@ _NAMES_IN_MESSAGE = 5
 _CLASSES_IN_MESSAGE = 30
 _SERIAL_BELOW = 64
 SAMPLES_MANIFEST = "samples.json"  # written by difflab sample: which files are the samples
+SAMPLE_PICTURES = ("grid.png", "strip.png", "reverse-process.gif")  # beside them: not samples
 #: Pixels (width x height, from the file's header) above which an image is not decoded: 64
 #: megapixels, below PIL's own decompression-bomb warning (89 MP). A 140 KB PNG can claim
 #: 12000 x 12000 and decode to 430 MB.
@@ -142,7 +143,7 @@ def _load_cifar10(
         keep = labels == index
         images, labels = images[keep], labels[keep]
         description += f", class {names[index]}"
-    images = _fit_tensor(images.contiguous(), image_size)
+    images = fit_size(images.contiguous(), image_size)
     return ImageSet(images, labels, names, f"{description} ({len(labels)} images)")
 
 
@@ -354,7 +355,8 @@ def _fit_pil(image: Image.Image, size: int) -> Image.Image:
     return TF.center_crop(resized, [size, size])
 
 
-def _fit_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
+def fit_size(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images resized (bilinear, antialiased) and centre-cropped to ``size`` x ``size``."""
     if tuple(images.shape[-2:]) == (size, size):
         return images
     resized = TF.resize(images, [size], interpolation=InterpolationMode.BILINEAR, antialias=True)
