@@ -152,3 +152,36 @@ def test_eval_scores_a_run_as_it_scores_its_samples_saved(teacher, tmp_path, ima
     assert_one_line_error(code, err, "holds images loaded at 16 px", "give --image-size 16")
     code, _, err = run_cli(capsys, "eval", out, "--ref", ref, "--image-size", 16, "--label", "a")
     assert_one_line_error(code, err, "--label: for a run;")
+
+
+def test_report_reads_only_what_training_writes(teacher, tmp_path, capsys):
+    """Log rows without a step, kimg or time, rows of strings, a log that is a folder and a
+    picture named like a preview were "unexpected" KeyErrors, ValueErrors and AttributeErrors;
+    a run with checkpoints but no log row yet said "not started"."""
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(teacher, odd)
+    rows = ['{"step": 2, "loss": 1}', '{"kimg": 1, "loss": 1}', '{"step": "abc", "kimg": 1}',
+            '{"step": 5, "kimg": "0.04", "loss": 1}', '{"step": 5, "kimg": 0.04, "fid": "x"}',
+            '{"step": 9, "kimg": 0.07, "loss": 0.5}']  # fmt: skip
+    with open(odd / "log.jsonl", "a") as log:
+        log.write("\n".join(rows) + "\n")
+    (odd / "pictures" / "samples-copykimg.png").write_bytes(b"x")
+    (odd / "pictures" / "strip-xkimg.png").write_bytes(b"x")
+    quiet = tmp_path / "quiet"  # a checkpoint, no log row: the log folder is in the way
+    shutil.copytree(teacher, quiet)
+    (quiet / "log.jsonl").unlink()
+    (quiet / "log.jsonl").mkdir()
+    out = tmp_path / "r.HTML"
+    code, _, err = run_cli(capsys, "report", odd, quiet, "--out", out)
+    assert code == 0, err
+    page = out.read_text()
+    assert "step 9, 0.1 kimg" in page  # the last row a training could have written
+    assert "step 4 (its newest checkpoint; no log rows)" in page
+
+    from difflab.train.logs import TrainLog
+
+    TrainLog(odd, start_step=4).close()  # a resume keeps the rows it can read
+    kept = [json.loads(line)["step"] for line in (odd / "log.jsonl").read_text().splitlines()]
+    assert kept and max(kept) <= 4

@@ -45,7 +45,7 @@ def test_bad_report_input_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(capsys, "report", tmp_path, "--out", tmp_path / "r.html")
     assert code == 2 and "not a difflab run directory" in err, err
     code, _, err = run_cli(capsys, "report", tmp_path, "--out", tmp_path / "r.txt")
-    assert code == 2 and "an .html file" in err, err
+    assert code == 2 and "the report must end in .html" in err, err
 
 
 def _chromium(*args: str) -> subprocess.CompletedProcess:

@@ -35,7 +35,7 @@ from difflab.errors import DifflabError
 from difflab.io import new_file_mode, publish_folder, umask
 from difflab.models.layers import group_count, positional_frequencies
 from difflab.models.unet import Downsample, Stage, UNet, Upsample
-from difflab.train.logs import read_log
+from difflab.train.logs import read_metrics
 
 EXPORTABLE = ("ddpm-paper", "ddpm-cosine-paper")
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers these configs were checked against
@@ -259,7 +259,7 @@ def model_card(run, run_dir: Path) -> str:
     classes = data.class_name or (
         "all classes" if not data.class_names else ", ".join(data.class_names)
     )
-    scores = [row for row in read_log(run_dir / "log.jsonl") if "fid" in row]
+    scores = [row for row in read_metrics(run_dir / "log.jsonl") if "fid" in row]
     quality = (
         f"FID {scores[-1]['fid']:.1f} at {scores[-1]['kimg']:.0f} kimg (difflab's in-training "
         f"probe, {config.train.eval_num} samples against {config.train.eval_ref})"

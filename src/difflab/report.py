@@ -17,7 +17,7 @@ from pathlib import Path
 
 from difflab.config import Config, load_json
 from difflab.errors import DifflabError
-from difflab.train.logs import read_log
+from difflab.train.logs import read_log, read_metrics
 from difflab.viz import plot_lines
 
 _KIMG = re.compile(r"^(samples|strip)-(\d+)kimg\.png$")
@@ -43,11 +43,11 @@ def _column(run: Path) -> dict:
     if not (run / "config.json").is_file():
         raise DifflabError(f"{run} is not a difflab run directory (no config.json)")
     config = load_json(run / "config.json")
-    rows = read_log(run / "log.jsonl")
+    rows = read_metrics(run / "log.jsonl")
     pictures = run / "pictures"
     previews = {}
-    for path in sorted(pictures.glob("samples-*kimg.png")) if pictures.is_dir() else []:
-        previews[int(_KIMG.match(path.name).group(2))] = _data_uri(path)
+    for kimg, path in _numbered(pictures, "samples"):
+        previews[kimg] = _data_uri(path)
     return {
         "name": run.name,
         "facts": _facts(run, config, rows),
@@ -88,17 +88,26 @@ def _facts(run: Path, config: Config, rows: list[dict]) -> dict[str, str]:
         "network": f"{config.network.name}, {count_parameters(build_network(config)):,} parameters",
         "data": data,
         "budget": ", ".join(x for x in limits if x) or "none",
-        "progress": (
-            f"step {last['step']:,}, {last['kimg']:.1f} kimg, {last['time_s'] / 60:.1f} min of "
-            "training"
-            if last
-            else "not started"
-        ),
+        "progress": _progress(run, last),
         "machine": invocations[-1].get("machine", "not recorded")
         if invocations
         else "not recorded",
         "invocations": str(len(invocations)),
     }
+
+
+def _progress(run: Path, last: dict) -> str:
+    """Where training stands: the log's last row, else the newest checkpoint (a run stopped
+    before its first log row)."""
+    from difflab.train.checkpoint import checkpoint_step, list_checkpoints
+
+    if last:
+        minutes = f", {last['time_s'] / 60:.1f} min of training" if "time_s" in last else ""
+        return f"step {last['step']:,.0f}, {last['kimg']:.1f} kimg{minutes}"
+    checkpoints = list_checkpoints(run)
+    if checkpoints:
+        return f"step {checkpoint_step(checkpoints[-1]):,} (its newest checkpoint; no log rows)"
+    return "not started"
 
 
 def _curves(rows: list[dict]) -> dict[str, str]:
@@ -118,9 +127,16 @@ def _curves(rows: list[dict]) -> dict[str, str]:
     return pictures
 
 
+def _numbered(pictures: Path, kind: str) -> list[tuple[int, Path]]:
+    """The training's ``KIND-NNNkimg.png`` pictures in order of kimg (other names ignored)."""
+    found = pictures.glob(f"{kind}-*kimg.png") if pictures.is_dir() else []
+    matches = [(_KIMG.match(p.name), p) for p in found]
+    return sorted((int(m.group(2)), p) for m, p in matches if m and m.group(1) == kind)
+
+
 def _newest(pictures: Path, kind: str) -> str | None:
-    found = sorted(p.name for p in pictures.glob(f"{kind}-*kimg.png")) if pictures.is_dir() else []
-    return found[-1] if found else None
+    found = _numbered(pictures, kind)
+    return found[-1][1].name if found else None
 
 
 def _data_uri(path: Path) -> str:

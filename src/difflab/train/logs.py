@@ -16,7 +16,7 @@ class TrainLog:
         """``start_step`` > 0 resumes: rows written after that checkpoint are dropped."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "log.jsonl"
-        self.rows = [row for row in read_log(self.path) if row["step"] <= start_step]
+        self.rows = [row for row in read_metrics(self.path) if row["step"] <= start_step]
         atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in self.rows))
         self._writer = None
 
@@ -53,11 +53,25 @@ class TrainLog:
             self._writer = None
 
 
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The rows of a log.jsonl that a training could have written: a step, kimg and numbers
+    only (a row edited by hand or by another tool is ignored like a garbled line)."""
+
+    def number(value) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    return [
+        row
+        for row in read_log(path)
+        if {"step", "kimg"} <= row.keys() and all(map(number, row.values()))
+    ]
+
+
 def read_log(path: Path) -> list[dict[str, float]]:
     """Rows of a .jsonl log (log.jsonl, invocations.jsonl); a line cut off or garbled by a
     crash is ignored."""
     rows = []
-    if path.exists():
+    if path.is_file():
         for line in path.read_text(errors="replace").splitlines():
             try:
                 row = json.loads(line)
