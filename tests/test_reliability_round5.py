@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
+import torch
 from conftest import run_cli
 from reliability import assert_one_line_error
 
@@ -185,3 +187,36 @@ def test_report_reads_only_what_training_writes(teacher, tmp_path, capsys):
     TrainLog(odd, start_step=4).close()  # a resume keeps the rows it can read
     kept = [json.loads(line)["step"] for line in (odd / "log.jsonl").read_text().splitlines()]
     assert kept and max(kept) <= 4
+
+
+def test_the_api_names_a_wrong_argument_in_one_line(teacher, tmp_path):
+    """Paths, flags, plans and labels of the wrong type were TypeErrors, ValueErrors and
+    AttributeErrors; plan() took guidance=, guide_at= and name= and then ignored them."""
+    run = difflab.load_run(teacher)
+    calls = [
+        (lambda: difflab.load_run(123), "path must be a path"),
+        (lambda: difflab.load_run(teacher, guide=123), "guide must be a path"),
+        (lambda: difflab.load_run(teacher, ema="no"), "ema must be True or False"),
+        (lambda: run.generate(1, record="yes"), "record must be True, False or a number"),
+        (lambda: run.generate(1, plan="heun"), "plan must be a run.plan(...)"),
+        (lambda: run.plan("heun", 2, guidance=3.0), "guidance: not a plan's option"),
+        (lambda: run.plan("heun", 2, name="euler"), "name: not a plan's option"),
+        (lambda: run.plan(7), "sampler must be a sampler's name"),
+        (lambda: run.sample(2, label=1.0), "this run is unconditional"),
+        (lambda: difflab.save_grid(torch.zeros(0, 3, 8, 8), tmp_path / "g.png"), "no images"),
+        (lambda: difflab.save_grid([1, 2], tmp_path / "g.png"), "expected a tensor of images"),
+    ]
+    for call, message in calls:
+        with pytest.raises(difflab.DifflabError, match=re.escape(message)):
+            call()
+    assert difflab.load_run(teacher, checkpoint=3).step == 3  # a step number names a checkpoint
+
+
+def test_labels_may_be_a_tensor_of_class_indices():
+    from difflab.classes import labels_for
+
+    names = ["cars", "ships"]
+    assert labels_for(torch.tensor([1, 0]), names, 2).tolist() == [1, 0]
+    assert labels_for(torch.tensor(1), names, 2).tolist() == [1, 1]
+    with pytest.raises(difflab.DifflabError, match="label must be a class name or index"):
+        labels_for(1.0, names, 2)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from difflab.errors import DifflabError
 from difflab.viz import (
     log_ticks,
     plot_lines,
@@ -89,7 +90,7 @@ def test_save_strip(tmp_path: Path, labels: list[str] | None) -> None:
 
 
 def test_save_strip_label_count_must_match(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(DifflabError, match="labels"):
         save_strip(_images(3), tmp_path / "strip.png", labels=["a"])
 
 
@@ -145,5 +146,5 @@ def test_plot_loss(tmp_path: Path, smoothing: int) -> None:
 
 
 def test_plot_loss_length_mismatch(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(DifflabError, match="steps"):
         plot_loss([1, 2], [1.0], tmp_path / "loss.png")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,14 @@ class Run:
 
         ``options`` are any ``SamplerConfig`` fields (eta, grid, rho, s_churn, clip_x0, ...).
         """
+        if sampler is not None and not isinstance(sampler, str):
+            raise DifflabError(f"sampler must be a sampler's name, got {sampler!r}")
+        elsewhere = sorted(set(options) & NOT_PLAN_OPTIONS)
+        if elsewhere:
+            raise DifflabError(
+                f"{', '.join(elsewhere)}: not a plan's option; the sampler is plan()'s first "
+                "argument, guidance generate()'s, a guide load_run()'s"
+            )
         config = self.config.sampler if sampler is None else SamplerConfig(name=sampler)
         if steps is not None:  # 0 in a config is the method's default; asked for, at least 1
             _check_count(steps, "steps", STEPS)
@@ -95,6 +104,10 @@ class Run:
         for value, name, limits in ((num, "num", NUM), (batch_size, "batch_size", BATCH),
                                     (start, "start", START), (seed, "seed", SEED)):  # fmt: skip
             _check_count(value, name, limits)
+        if plan is not None and not isinstance(plan, SamplingPlan):
+            raise DifflabError(f"plan must be a run.plan(...), got {plan!r}")
+        if not isinstance(record, int) or record < 0:  # a bool is an int
+            raise DifflabError(f"record must be True, False or a number of images, got {record!r}")
         if plan is not None and (sampler is not None or steps is not None):
             raise DifflabError("give plan= or sampler= and steps=, not both (a plan has its own)")
         if plan is not None and not plan.fits(self.method):
@@ -135,11 +148,26 @@ class Run:
         return self.generate(num, seed, **kwargs).images
 
 
+#: SamplerConfig fields that are not the plan's: its name (plan()'s sampler), guidance
+#: (generate()'s) and the run's own guide (guide_at, fixed in training).
+NOT_PLAN_OPTIONS = frozenset({"name", "guidance", "guide_at"})
 STEPS = Limits(low=1, high=MAX_SAMPLER_STEPS, integer=True)
 NUM = Limits(low=1, high=MAX_IMAGES, integer=True)
 BATCH = Limits(low=1, high=MAX_SAMPLE_BATCH, integer=True)
 START = Limits(low=0, high=MAX_STEPS, integer=True)
 SEED = limits_of(TrainConfig, "seed")  # the command line's --seed
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise DifflabError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_path(value: object, name: str) -> Path:
+    if not isinstance(value, str | os.PathLike) or isinstance(value, bytes):
+        raise DifflabError(f"{name} must be a path (a str or pathlib.Path), got {value!r}")
+    return Path(value)
 
 
 def _check_count(value: object, name: str, limits: Limits) -> None:
@@ -151,7 +179,7 @@ def _check_count(value: object, name: str, limits: Limits) -> None:
 
 def load_run(
     path: str | Path,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | Path | int | None = None,
     ema: bool = True,
     device: str | torch.device = "auto",
     guide: str | Path | None = None,
@@ -160,8 +188,16 @@ def load_run(
 
     ``guide``: a weaker model of the same method to guide away from (autoguidance; a run
     directory, one of its checkpoint folders or an export); by default the run's own guide
-    when its config has one (``sampler.guide_at``).
+    when its config has one (``sampler.guide_at``). ``checkpoint``: a checkpoint folder, its
+    name (``step-00001000``) or its step (1000).
     """
+    path = _check_path(path, "path")
+    if isinstance(checkpoint, int) and not isinstance(checkpoint, bool):
+        checkpoint = f"step-{checkpoint:08d}"  # a step number: that checkpoint of the run
+    elif checkpoint is not None:
+        checkpoint = _check_path(checkpoint, "checkpoint")
+    guide = None if guide is None else _check_path(guide, "guide")
+    _check_bool(ema, "ema")
     torch_device = resolve_device(str(device))  # a torch.device is checked as its name is
 
     def build(config: Config) -> nn.Module:

@@ -22,7 +22,7 @@ from difflab.config import Config
 from difflab.errors import DifflabError
 
 log = logging.getLogger("difflab")
-LabelRequest = str | int | Sequence[str | int] | None
+LabelRequest = str | int | Sequence[str | int] | Tensor | None
 _SHOWN = 30
 
 
@@ -69,8 +69,14 @@ def labels_for(
     count = len(class_names)
     if isinstance(request, str) and request.strip().lower() == "all":
         return torch.arange(start, start + num) % count
+    if isinstance(request, Tensor):  # a tensor of class indices
+        request = request.tolist()
     if isinstance(request, str | int):
         return torch.full((num,), class_index(request, class_names), dtype=torch.int64)
+    if not isinstance(request, list | tuple):
+        raise DifflabError(
+            f"label must be a class name or index, a list of them or 'all', got {request!r}"
+        )
     chosen = [class_index(item, class_names) for item in request]
     if len(chosen) != num:
         raise DifflabError(f"got {len(chosen)} labels for {num} images; give one per image")

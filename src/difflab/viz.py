@@ -20,6 +20,7 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
+from difflab.errors import DifflabError
 from difflab.io import atomic_write
 
 _PADDING = 2
@@ -58,7 +59,7 @@ def save_strip(frames: torch.Tensor, path: str | Path, labels: Sequence[str] | N
     """Save [F, C, H, W] frames side by side in one PNG, enlarged, with optional labels below."""
     frames = _as_batch(frames)
     if labels is not None and len(labels) != frames.shape[0]:
-        raise ValueError(f"got {len(labels)} labels for {frames.shape[0]} frames")
+        raise DifflabError(f"got {len(labels)} labels for {frames.shape[0]} frames")
     scale = max(1, _STRIP_FRAME_PX // frames.shape[-2])
     strip = _enlarge(_grid(frames, nrow=frames.shape[0]), scale)
     if labels:
@@ -85,7 +86,7 @@ def save_gif(
         pictures = [_to_pil(frame) for frame in to_uint8(frames)]
     else:
         shape = tuple(frames.shape)
-        raise ValueError(f"save_gif expects [F, C, H, W] or [F, N, C, H, W], got {shape}")
+        raise DifflabError(f"save_gif expects [F, C, H, W] or [F, N, C, H, W], got {shape}")
     pictures = [_enlarge(picture, scale) for picture in pictures]
     durations = [duration_ms] * (len(pictures) - 1) + [max(_GIF_HOLD_MS, duration_ms)]
     options = {"format": "GIF", "save_all": True, "append_images": pictures[1:], "loop": 0}
@@ -144,7 +145,7 @@ def plot_loss(
     """
     x, y = _floats(steps), _floats(losses)
     if len(x) != len(y):
-        raise ValueError(f"got {len(x)} steps for {len(y)} losses")
+        raise DifflabError(f"got {len(x)} steps for {len(y)} losses")
     window = min(smoothing or max(1, len(y) // 50), max(len(y), 1))
     figure, axes = _figure()
     axes.plot(x, y, color="C0", alpha=0.3, linewidth=0.8, label="loss")
@@ -157,10 +158,14 @@ def plot_loss(
 
 
 def _as_batch(images: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise DifflabError(f"expected a tensor of images [N, C, H, W], got {type(images).__name__}")
+    if images.numel() == 0:
+        raise DifflabError(f"no images to save (shape {tuple(images.shape)})")
     if images.dim() == 3:
         return images.unsqueeze(0)
     if images.dim() != 4:
-        raise ValueError(f"expected images [N, C, H, W] or [C, H, W], got {tuple(images.shape)}")
+        raise DifflabError(f"expected images [N, C, H, W] or [C, H, W], got {tuple(images.shape)}")
     return images
 
 
@@ -174,7 +179,7 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
     """uint8 [C, H, W] with C = 1 or 3 -> PIL image."""
     channels = image.shape[0]
     if channels not in (1, 3):
-        raise ValueError(f"expected 1 or 3 channels, got {channels}")
+        raise DifflabError(f"expected 1 or 3 channels, got {channels}")
     pixels = image.permute(1, 2, 0).contiguous().numpy()
     return Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels)
 
