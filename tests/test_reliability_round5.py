@@ -220,3 +220,24 @@ def test_labels_may_be_a_tensor_of_class_indices():
     assert labels_for(torch.tensor(1), names, 2).tolist() == [1, 1]
     with pytest.raises(difflab.DifflabError, match="label must be a class name or index"):
         labels_for(1.0, names, 2)
+
+
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        ({"RANK": "0", "WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number"),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT not set"),
+    ],
+)
+def test_torchruns_variables_set_wrong_are_one_line_before_the_data_loads(
+    environment, message, tmp_path, tiny_preset, capsys, monkeypatch
+):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    missing = tmp_path / "no-data"  # not read: the variables are checked first
+    args = ["--preset", tiny_preset, "--data", missing, "--out", tmp_path / "r", "--steps", 1]
+    code, _, err = run_cli(capsys, "train", *args)
+    assert_one_line_error(code, err, message, "launch with torchrun")
+    assert not (tmp_path / "r").exists()

@@ -268,6 +268,7 @@ def _run_training(
     from difflab.devices import resolve_device
     from difflab.plans import build_sampler
     from difflab.registry import build_method, build_network
+    from difflab.train.distributed import check_environment
     from difflab.train.loop import Interrupted, train
     from difflab.train.rundir import check_new_run_dir
 
@@ -276,6 +277,7 @@ def _run_training(
     build_network(config)
     build_sampler(method, config.sampler)
     resolve_device(config.train.device)
+    check_environment()  # torchrun's variables
     if not resume:
         check_new_run_dir(run_dir)
     if init is not None and not init.exists():

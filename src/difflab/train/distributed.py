@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from difflab.errors import DifflabError, brief
+
 
 @dataclass(frozen=True)
 class World:
@@ -28,12 +30,33 @@ class World:
         return self.size > 1
 
 
+_LAUNCH = "launch with torchrun, which sets them, or unset them for one process"
+
+
+def check_environment() -> bool:
+    """Whether torchrun's variables describe more than one process, with a one-line error
+    (before any work) for values that cannot: not whole numbers, or no rendezvous address."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        value = os.environ.get(name, "0")
+        if not value.strip().isdigit():
+            raise DifflabError(f"{name}={value!r} is not a whole number; {_LAUNCH}")
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise DifflabError(f"WORLD_SIZE > 1 but {' and '.join(missing)} not set; {_LAUNCH}")
+    return True
+
+
 def init_world(device_kind: str) -> World:
     """Join the process group that torchrun describes in the environment (if any)."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not check_environment():
         return World()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        try:
+            dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        except (RuntimeError, ValueError) as error:  # torch's rendezvous errors
+            raise DifflabError(f"could not join torchrun's processes ({brief(error)})") from None
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
