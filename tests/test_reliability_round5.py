@@ -241,3 +241,28 @@ def test_torchruns_variables_set_wrong_are_one_line_before_the_data_loads(
     code, _, err = run_cli(capsys, "train", *args)
     assert_one_line_error(code, err, message, "launch with torchrun")
     assert not (tmp_path / "r").exists()
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(teacher, tmp_path, capsys):
+    """SIGTERM killed sample, eval, export and report with the default action: no message, and
+    a diffusers export's or report's temporary files left behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_cli(capsys, "presets")[0] == 0
+    assert signal.getsignal(signal.SIGTERM) == before  # main() restores what it changed
+    out = tmp_path / "s"
+    command = [sys.executable, "-m", "difflab", "sample", teacher, "--num", 100000,
+               "--batch-size", 1, "--steps", 4, "--out", out]  # fmt: skip
+    process = subprocess.Popen(list(map(str, command)), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "00001.png").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "difflab: terminated"
+    assert not (out / "samples.json").exists()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from difflab.config import SamplerConfig, TrainConfig
@@ -293,10 +295,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO, format="difflab: %(message)s", force=True)
-    with warnings.catch_warnings():  # restores the warning display when main returns
+    with warnings.catch_warnings(), _terminate_as_interrupt():  # both restored on return
         if not debug:
             warnings.showwarning = _show_warning
         return _main(argv, debug)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, as Ctrl-C is: what is half-written is removed
+    on the way out (training's loop takes both signals itself and checkpoints first)."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    def handle(signum: int, frame: object) -> None:
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 #: What frees memory, by command: training can accumulate gradients over smaller batches.
@@ -331,9 +354,10 @@ def _main(argv: list[str], debug: bool) -> int:
             raise
         print(f"difflab: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("difflab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        print(f"difflab: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except Exception as error:  # the last line of defence: still one line, unless --debug
         if debug:
             raise

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from difflab.config import Config
 from difflab.errors import DifflabError
-from difflab.io import new_file_mode, publish_folder, umask
+from difflab.io import publish_folder
 from difflab.models.layers import group_count, positional_frequencies
 from difflab.models.unet import Downsample, Stage, UNet, Upsample
 from difflab.train.logs import read_metrics
@@ -247,8 +247,6 @@ def write_diffusers(run, out: Path, run_dir: Path) -> None:
         weights = unet_weights(run.net)
         save_file(weights, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
         (tmp / "README.md").write_text(card)
-        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700, safetensors writes 0600
-            path.chmod(0o777 & ~umask() if path.is_dir() else new_file_mode())
         publish_folder(tmp, out)
 
 

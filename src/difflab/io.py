@@ -49,7 +49,19 @@ def delete_path(path: Path) -> None:
 
 def publish_folder(tmp: Path, final: Path) -> None:
     """Rename the complete folder ``tmp`` into place, replacing an earlier ``final``: the old
-    one is moved aside first and restored if the rename fails."""
+    one is moved aside first and restored if the rename fails. Everything in ``tmp`` gets the
+    mode an ordinary ``open()`` or ``mkdir`` would have given it (mkdtemp makes 0700,
+    safetensors writes 0600) and is on disk before the rename."""
+    for path in sorted(tmp.rglob("*"), reverse=True):  # files before the folders holding them
+        if path.is_dir():
+            path.chmod(0o777 & ~umask())
+            fsync_dir(path)
+        else:
+            path.chmod(new_file_mode())
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    tmp.chmod(0o777 & ~umask())
+    fsync_dir(tmp)
     if final.exists():
         old = final.with_name(f".old-{final.name}-{os.getpid()}")
         final.rename(old)

@@ -34,8 +34,6 @@ from difflab.io import (
     WRITE_ERRORS,
     delete_path,
     disk_full,
-    fsync_dir,
-    new_file_mode,
     publish_folder,
 )
 
@@ -103,11 +101,6 @@ def _write_files(
     if ema is not None:
         save_file(_state_dict_cpu(ema), str(tmp / "ema.safetensors"), metadata=metadata)
     torch.save({**state, "format": FORMAT_VERSION, "step": step}, tmp / "state.pt")
-    for file in tmp.iterdir():
-        os.chmod(file, new_file_mode())  # safetensors writes 0600
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    fsync_dir(tmp)
 
 
 def _write_error(error: Exception, final: Path) -> DifflabError:
