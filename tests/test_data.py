@@ -237,7 +237,7 @@ def _closed_port() -> int:
 
 
 @pytest.mark.parametrize("failure", ["missing file", "connection refused"])
-def test_cifar10_download_failure_points_at_data(
+def test_cifar10_download_failure_points_at_a_local_folder(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, failure: str
 ) -> None:
     fake = build_fake_cifar10(tmp_path / "server")
@@ -251,4 +251,4 @@ def test_cifar10_download_failure_points_at_data(
     message = str(error.value)
     assert "\n" not in message
     assert f"could not download CIFAR-10 into {cache}" in message
-    assert "--data" in message
+    assert "give a local image folder instead of cifar10" in message

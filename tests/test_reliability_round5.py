@@ -266,3 +266,23 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(teacher, tmp_path, capsys):
     assert process.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1] == "difflab: terminated"
     assert not (out / "samples.json").exists()
+
+
+def test_class_settings_given_by_set_are_the_users_not_the_presets(
+    tmp_path, tiny_preset, image_folder, capsys
+):
+    """`--set data.class_name=X` on a flat folder was "the preset's default class, ignored"
+    where `--class X` is refused; `--set data.class_names=[...]` on a new run failed after the
+    data loaded, telling the user to resume, and left a run folder holding only its lock."""
+    from conftest import make_images
+
+    flat = make_images(tmp_path / "flat", 4, classes=("x",)) / "x"
+    out = tmp_path / "r"
+    base = ["train", "--preset", tiny_preset, "--out", out, "--steps", 1, "--no-progress"]
+    code, _, err = run_cli(capsys, *base, "--data", flat, "--set", "data.class_name='cars'")
+    assert_one_line_error(code, err, "flat folder of images with no classes; drop --class")
+    code, _, err = run_cli(
+        capsys, *base, "--data", image_folder, "--set", "data.class_names=['cars']"
+    )
+    assert_one_line_error(code, err, "learned from the data's class folders")
+    assert not out.exists()

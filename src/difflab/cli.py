@@ -173,12 +173,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         check_output_folder(out, "--out")
         run = load_run(args.run_dir, args.checkpoint, ema=not args.raw, device="cpu")
+        write_diffusers(run, out, Path(args.run_dir))
         if run.guide is not None:
             log.warning(
                 "a diffusers pipeline samples without difflab's autoguidance: the export holds "
                 "the model only, not its guide (sampler.guide_at)"
             )
-        write_diffusers(run, out, Path(args.run_dir))
         how = (
             "UNet2DModel and DDPMScheduler load it in diffusers (class-conditional: its "
             "README.md has the sampling loop with class_labels)"

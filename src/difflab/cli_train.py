@@ -38,8 +38,23 @@ def _train_config(args: argparse.Namespace):
         # A length on the command line is the run's length: the preset's own (flow-cpu's
         # 200,000 steps) would otherwise outlast a --time-limit and keep a cool-down away.
         config.train.steps, config.train.images, config.train.time_limit = 0, 0, 0.0
+    learned = [item for item in args.set if _key(item) in LEARNED]
+    if learned:
+        raise DifflabError(
+            f"--set {learned[0]}: learned from the data's class folders, not set; choose the "
+            "classes by the folder (or one with --class)"
+        )
     overrides = _flags(args, *RUN_FLAGS, "data.source", "data.class_name", "sampler.name")
     return _absolute_paths(validate(apply_overrides(config, overrides + args.set)))
+
+
+#: Settings a run learns from its data (classes.learn_classes): never given.
+LEARNED = frozenset({"data.class_names", "network.unet.num_classes"})
+
+
+def _key(item: str) -> str:
+    """The setting a ``--set KEY=VALUE`` names."""
+    return item.partition("=")[0].strip()
 
 
 def _absolute_paths(config):
@@ -130,7 +145,7 @@ def _resume_config(args: argparse.Namespace):
                 "--time-limit and --device can (start a new run for the rest)"
             )
     for item in args.set:
-        if item.partition("=")[0].strip() not in RESUMABLE:
+        if _key(item) not in RESUMABLE:
             raise DifflabError(
                 f"--set {item}: only {', '.join(sorted(RESUMABLE))} can change on --resume"
             )
@@ -146,7 +161,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{config.preset}-{stamp}")
     init = Path(args.init) if args.init else None
-    class_is_default = not args.resume and args.class_name is None
+    given = args.class_name is not None or any(_key(i) == "data.class_name" for i in args.set)
+    class_is_default = not args.resume and not given
     return _run_training(config, run_dir, args, init=init, class_is_default=class_is_default)
 
 

@@ -153,8 +153,8 @@ def _download_cifar10(root: Path) -> CIFAR10:
     except Exception as error:  # network, disk, checksum and archive errors all end here
         reason = brief(error)
         raise DifflabError(
-            f"could not download CIFAR-10 into {root} ({reason}); point --data at a local image "
-            "folder instead (class subfolders or a flat folder of images)"
+            f"could not download CIFAR-10 into {root} ({reason}); give a local image folder "
+            "instead of cifar10 (class subfolders or a flat folder of images)"
         ) from error
 
 
@@ -176,7 +176,9 @@ def _load_folder(
         raise DifflabError(f"no image files ({extensions}) in {folder}; {_FOLDER_HINT}")
     if class_name is not None:
         if not class_is_default:
-            raise DifflabError(f"{folder} is a flat folder of images with no classes; drop --class")
+            raise DifflabError(
+                f"{folder} is a flat folder of images with no classes; drop --class (data.class_name)"
+            )
         log.warning(
             "ignored the preset's default class %r: %s is a flat folder of images with no "
             "classes, so all its images are used",
