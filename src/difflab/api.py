@@ -206,8 +206,8 @@ def load_run(
     loaded = load_model(path, build, checkpoint, ema)
     config = loaded.config
     guide_net = model_guide(Path(path), config, build, loaded.step, guide)
-    check_weaker(loaded.net, guide_net, str(guide or "of this run"))
     if guide is not None:  # named here: it guides at the run's weight, or at w = 2 if that is 1
+        check_weaker(loaded.net, guide_net, str(guide))
         config = dataclasses.replace(config, sampler=config.sampler.with_guide())
     method = build_method(config)
     return Run(

@@ -278,7 +278,7 @@ def _metric_options(parser: argparse.ArgumentParser) -> None:
         "--image-size",
         type=Bounded.like(DataConfig, "image_size"),
         default=32,
-        help="size images are loaded at",
+        help="size images are scored at: a folder's, a run's samples and the reference's alike",
     )
     parser.add_argument(
         "--inception", help="TorchScript Inception weights (default: the metrics extra's)"

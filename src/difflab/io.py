@@ -150,7 +150,7 @@ def make_folder(folder: Path, what: str = "folder") -> Path:
     return folder
 
 
-#: What difflab reads back from a run folder (or a model folder): no command's output goes there.
+#: What difflab reads back from a run folder: no command's output goes there.
 RUN_FILES = frozenset({"config.json", "log.jsonl", "invocations.jsonl", "checkpoints"})
 
 
@@ -177,11 +177,18 @@ def check_output_file(
     return path
 
 
+def _is_run(folder: Path) -> bool:
+    """A difflab run folder: a config.json beside a log or checkpoints."""
+    return (folder / "config.json").is_file() and any(
+        (folder / name).exists() for name in RUN_FILES - {"config.json"}
+    )
+
+
 def _check_not_a_run_file(path: Path, flag: str) -> None:
-    """Refuse ``path`` inside the innermost folder above it that holds a config.json (a run,
-    or a model folder) when it is that folder's config, log or checkpoints."""
+    """Refuse ``path`` when it is (or is inside) the config, a log or the checkpoints of the
+    innermost run folder above it."""
     path = path.absolute()
-    run = next((p for p in path.parents if (p / "config.json").is_file()), None)
+    run = next((p for p in path.parents if _is_run(p)), None)
     if run is not None and path.relative_to(run).parts[0] in RUN_FILES:
         own = path.relative_to(run).parts[0]
         raise DifflabError(
