@@ -201,10 +201,9 @@ def piece_lever(settings: Settings, name: str) -> None:
                "minutes": minutes, "scores": scores, **teacher}  # fmt: skip
         rows.append(row)
     if START_KEY not in row["scores"]:
-        folder = settings.out / "starts" / f"{run_dir.name}-sigma-{START_SIGMA:g}"
-        difflab(settings, "sample", run_dir, "--steps", 1, "--sigma-max", START_SIGMA,
-                "--num", settings.num, "--seed", 0, "--out", folder)  # fmt: skip
-        row["scores"][START_KEY] = _score_folder(settings, folder)
+        row["scores"][START_KEY] = _score(
+            settings, run_dir, "--steps", 1, "--sigma-max", START_SIGMA
+        )
     save(path, {"rows": rows})
 
 
@@ -224,18 +223,14 @@ def _shorter_run(settings: Settings, name: str, suffix: str) -> tuple[int, Path]
 
 
 def _score(settings: Settings, run: Path, *extra: object) -> dict:
-    return _score_folder(settings, run, "--num", settings.num, *extra)
-
-
-def _score_folder(settings: Settings, images: Path, *extra: object) -> dict:
-    """``difflab eval`` of a run (it samples) or a folder of images."""
-    out = settings.out / "evals" / f"{images.name}-{time.time_ns()}.json"
+    """``difflab eval`` of a run: it samples ``settings.num`` images with ``extra``'s options."""
+    out = settings.out / "evals" / f"{run.name}-{time.time_ns()}.json"
     started = time.monotonic()
-    difflab(settings, "eval", images, "--ref", settings.ref, "--json", out, *extra)
+    difflab(settings, "eval", run, "--ref", settings.ref, "--json", out, "--num", settings.num,
+            *extra)  # fmt: skip
     result = json.loads(out.read_text())
     return {"fid": result["fid"], "kid": result["kid_mean"], "kid_std": result["kid_std"],
-            "evaluations": result.get("evaluations"),  # a folder's: unknown
-            "eval_seconds": time.monotonic() - started}  # fmt: skip
+            "evaluations": result["evaluations"], "eval_seconds": time.monotonic() - started}  # fmt: skip
 
 
 def _rate(run_dir: Path, sampler: str | None, steps: int, num: int = 100, guide=None) -> float:
@@ -296,11 +291,9 @@ def piece_levels(settings: Settings) -> None:
     def score(rho: float, seed: int) -> None:
         if any(r["rho"] == rho and r.get("seed", 0) == seed for r in rows):
             return
-        folder = settings.out / "levels" / f"rho-{rho:g}-seed-{seed}"
-        difflab(settings, "sample", student, "--steps", 2, "--rho", rho, "--num", settings.num,
-                "--seed", seed, "--out", folder)  # fmt: skip
+        scores = _score(settings, student, "--steps", 2, "--rho", rho, "--seed", seed)
         level = float(edm_sigma_grid(3, 0.002, 80.0, rho)[1])
-        rows.append({**_score_folder(settings, folder), "rho": rho, "level": level, "seed": seed})
+        rows.append({**scores, "rho": rho, "level": level, "seed": seed})
         save(path, {"rows": rows})
 
     for rho in LEVEL_RHOS:

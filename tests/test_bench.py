@@ -243,14 +243,19 @@ def test_gpu_students_can_be_chosen_by_name(monkeypatch, tmp_path):
 
 def _lever_bench(monkeypatch, tmp_path, images: int):
     """bench/fewstep.py with its commands recorded (not run), scores stubbed (``_score`` gives the
-    steps it was asked for), settings for ``--images images`` under tmp_path."""
+    last of its options: the steps, or the start's sigma), settings for ``--images images``
+    under tmp_path."""
     monkeypatch.syspath_prepend(str(BENCH))
     import fewstep
 
-    commands: list[tuple] = []
+    commands: list[tuple] = []  # the difflab commands run; the scoring ones as ("eval", *extra)
     monkeypatch.setattr(fewstep, "difflab", lambda settings, *args: commands.append(args))
-    monkeypatch.setattr(fewstep, "_score", lambda settings, run, *extra: {"fid": extra[-1]})
-    monkeypatch.setattr(fewstep, "_score_folder", lambda settings, folder: {"fid": 9.0})
+
+    def score(settings, run, *extra):
+        commands.append(("eval", *extra))
+        return {"fid": extra[-1]}
+
+    monkeypatch.setattr(fewstep, "_score", score)
     monkeypatch.setattr(fewstep.quality, "_elapsed_minutes", lambda run: 3.0)
     args = fewstep.argparse.Namespace(
         quick=False, teacher=fewstep.DEFAULT_TEACHER, guide=None, ref="unused", data="unused",
@@ -271,18 +276,20 @@ def test_a_few_step_lever_row_gets_its_missing_start_score_without_distilling_ag
            "scores": {"1": {"fid": 1.0}, "2": {"fid": 2.0}}}  # fmt: skip
     fewstep.save(settings.result("levers"), {"rows": [old]})
 
+    start = ("eval", "--steps", 1, "--sigma-max", fewstep.START_SIGMA)
     fewstep.piece_lever(settings, "lr4")
-    assert [c[0] for c in commands] == ["sample"]  # not distilled, not scored at 1 or 2 again
-    assert commands[0][4:6] == ("--sigma-max", fewstep.START_SIGMA)
+    assert commands == [start]  # not distilled, not scored at 1 or 2 again
     fewstep.piece_lever(settings, "base")
-    assert [c[0] for c in commands] == ["sample", "distill", "sample"]
+    assert [c[0] for c in commands] == ["eval", "distill", "eval", "eval", "eval"]
+    assert commands[2:] == [("eval", "--steps", 1), ("eval", "--steps", 2), start]
     rows = json.loads(settings.result("levers").read_text())["rows"]
+    sigma = {"fid": fewstep.START_SIGMA}
     assert [r["scores"] for r in rows] == [
-        {"1": {"fid": 1.0}, "2": {"fid": 2.0}, fewstep.START_KEY: {"fid": 9.0}},
-        {"1": {"fid": 1}, "2": {"fid": 2}, fewstep.START_KEY: {"fid": 9.0}},
+        {"1": {"fid": 1.0}, "2": {"fid": 2.0}, fewstep.START_KEY: sigma},
+        {"1": {"fid": 1}, "2": {"fid": 2}, fewstep.START_KEY: sigma},
     ]
     fewstep.piece_lever(settings, "base")  # all measured: nothing runs
-    assert len(commands) == 3
+    assert len(commands) == 5
 
 
 def test_a_lever_gives_distill_its_flags_and_paths_that_hold_in_the_checkout_root(
@@ -375,4 +382,4 @@ def test_a_longer_few_step_lever_goes_on_from_its_shorter_run(monkeypatch, tmp_p
     assert commands[0][:3] == ("train", "--resume", run)
     assert commands[0][4] == 480
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000007"]  # 240 images
-    assert [c[0] for c in commands[1:]] == ["sample"]  # then scored, not distilled afresh
+    assert [c[0] for c in commands[1:]] == ["eval"] * 3  # then scored, not distilled afresh
