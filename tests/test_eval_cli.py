@@ -42,7 +42,7 @@ def test_eval_a_run_samples_first(tmp_path, tiny_preset, image_folder, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "FID " in out and "(n=3 vs 24)" in out
-    (saved,) = run_dir.glob("eval-step1-edm2-n3.json")
+    (saved,) = run_dir.glob("eval-step1-edm2-px32-n3.json")  # 8 px samples scored at 32
     result = json.loads(saved.read_text())
     assert (result["sampler"], result["steps"], result["evaluations"]) == (
         "edm",
@@ -52,7 +52,7 @@ def test_eval_a_run_samples_first(tmp_path, tiny_preset, image_folder, capsys):
     # the grid's options, as `sample` takes them, and in the default file's name
     other = ["--steps", "2", "--grid", "edm", "--rho", "3", "--sigma-max", "10"]
     assert main(["eval", str(run_dir), "--ref", str(image_folder), "--num", "3", *other]) == 0
-    (saved,) = run_dir.glob("eval-step1-edm2-gridedm-rho3-sigmamax10-n3.json")
+    (saved,) = run_dir.glob("eval-step1-edm2-gridedm-rho3-sigmamax10-px32-n3.json")
     result = json.loads(saved.read_text())
     assert (result["grid"], result["rho"], result["sigma_max"]) == ("edm", 3, 10)
     assert main(["eval", str(run_dir), "--ref", str(image_folder), "--num", "3", "--eta", "1"])

@@ -47,6 +47,7 @@ def test_no_output_overwrites_a_runs_own_files_or_takes_another_suffix(
     ema = teacher / "checkpoints" / "step-00000004" / "ema.safetensors"
     calls = [
         (["eval", image_folder, "--ref", ref, "--json", ref], "--json"),
+        (["eval", image_folder, "--ref", ref, "--json", ema.parent / ".." / "x.json"], "--json"),
         (["eval", image_folder, "--ref", ref, "--json", teacher / "config.json"], "--json"),
         (["export", teacher, "--out", ema], "--out"),
         (["export", teacher, "--format", "diffusers", "--out", ema.parent / "d"], "--out"),
@@ -56,11 +57,22 @@ def test_no_output_overwrites_a_runs_own_files_or_takes_another_suffix(
         code, _, err = run_cli(capsys, *args)
         assert_one_line_error(code, err, f"difflab: error: {flag}")
     assert "the result must end in .json" in run_cli(capsys, *calls[0][0])[2]
-    assert "would overwrite" in run_cli(capsys, *calls[2][0])[2]
+    assert "is in" in run_cli(capsys, *calls[2][0])[2]
+    link = tmp_path / "link"
+    link.symlink_to(teacher / "checkpoints")
+    code, _, err = run_cli(capsys, "sample", teacher, "--out", link / "s", "--num", 1)
+    assert_one_line_error(code, err, f"is in {teacher.resolve()}'s own checkpoints")
     assert {p: p.read_bytes() for p in kept} == kept
     assert not (ema.parent / "d").exists()
     code, _, err = run_cli(capsys, "export", teacher, "--out", teacher / "model.safetensors")
     assert code == 0, err  # a file of its own in the run folder is fine
+    project = tmp_path / "project"  # another tool's config.json and checkpoints: not a run
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "config.json").write_text('{"lr": 1}')
+    code, _, err = run_cli(
+        capsys, "export", teacher, "--out", project / "checkpoints" / "m.safetensors"
+    )
+    assert code == 0, err
 
 
 def test_an_export_holds_one_set_of_weights_and_says_which(teacher, tmp_path, capsys):
@@ -150,8 +162,11 @@ def test_eval_scores_a_run_as_it_scores_its_samples_saved(teacher, tmp_path, ima
         assert code == 0, err
         scores.append(json.loads(result.read_text())["fid"])
     assert scores[0] == pytest.approx(scores[1], rel=1e-6)  # 8 px samples, each made 16 px
-    code, _, err = run_cli(capsys, "eval", out, "--ref", ref)
-    assert_one_line_error(code, err, "holds images loaded at 16 px", "give --image-size 16")
+    code, _, err = run_cli(capsys, "eval", out, "--ref", ref, "--image-size", 32)
+    assert_one_line_error(code, err, "holds images loaded at 16 px", "drop --image-size")
+    result = tmp_path / "default.json"  # without --image-size: the reference's own size
+    assert run_cli(capsys, "eval", out, "--ref", ref, "--json", result)[0] == 0
+    assert json.loads(result.read_text())["fid"] == pytest.approx(scores[0], rel=1e-6)
     code, _, err = run_cli(capsys, "eval", out, "--ref", ref, "--image-size", 16, "--label", "a")
     assert_one_line_error(code, err, "--label: for a run;")
 
@@ -197,6 +212,7 @@ def test_the_api_names_a_wrong_argument_in_one_line(teacher, tmp_path):
         (lambda: difflab.load_run(123), "path must be a path"),
         (lambda: difflab.load_run(teacher, guide=123), "guide must be a path"),
         (lambda: difflab.load_run(teacher, ema="no"), "ema must be True or False"),
+        (lambda: difflab.load_run(teacher, checkpoint=-1), "checkpoint (a step) must be"),
         (lambda: run.generate(1, record="yes"), "record must be True, False or a number"),
         (lambda: run.generate(1, plan="heun"), "plan must be a run.plan(...)"),
         (lambda: run.plan("heun", 2, guidance=3.0), "guidance: not a plan's option"),
@@ -286,3 +302,38 @@ def test_class_settings_given_by_set_are_the_users_not_the_presets(
     )
     assert_one_line_error(code, err, "learned from the data's class folders")
     assert not out.exists()
+
+
+def test_second_read_of_round_five(
+    teacher, tmp_path, tiny_preset, image_folder, capsys, monkeypatch
+):
+    """What a review of round five found: sample deleted a strip or GIF it was not asked to
+    write again (training's own reverse-process.gif among them), a checkpoint could not be named
+    by its step on the command line, a range or numpy array of labels was refused, learned class
+    settings came in through a preset file, and WORLD_SIZE='²' was "unexpected"."""
+    import numpy as np
+
+    from difflab.classes import labels_for
+
+    pictures = teacher / "pictures"
+    gif = pictures / "reverse-process.gif"
+    gif.write_bytes(b"a picture of the user's")
+    code, out, err = run_cli(capsys, "sample", teacher, "--checkpoint", 3, "--out", pictures,
+                             "--num", 2, "--steps", 2)  # fmt: skip
+    assert code == 0 and "step 3 weights" in out, err
+    assert gif.read_bytes() == b"a picture of the user's"
+    names = ["cars", "ships"]
+    assert labels_for(range(2), names, 2).tolist() == [0, 1]
+    assert labels_for(np.array([1, 0]), names, 2).tolist() == [1, 0]
+    assert labels_for(np.int64(1), names, 2).tolist() == [1, 1]
+    preset = tmp_path / "classes.toml"
+    preset.write_text(tiny_preset.read_text().replace("[data]", '[data]\nclass_names = ["a"]'))
+    out = tmp_path / "r"
+    args = ["--preset", preset, "--data", image_folder, "--out", out, "--steps", 1]
+    code, _, err = run_cli(capsys, "train", *args)
+    assert_one_line_error(code, err, "learned from the data's class folders, not set")
+    assert not out.exists()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "\u00b2")
+    code, _, err = run_cli(capsys, "train", *args[2:], "--preset", tiny_preset)
+    assert_one_line_error(code, err, "is not a whole number")

@@ -193,7 +193,8 @@ def load_run(
     """
     path = _check_path(path, "path")
     if isinstance(checkpoint, int) and not isinstance(checkpoint, bool):
-        checkpoint = f"step-{checkpoint:08d}"  # a step number: that checkpoint of the run
+        _check_count(checkpoint, "checkpoint (a step)", START)
+        checkpoint = str(checkpoint)  # a step number: that checkpoint of the run
     elif checkpoint is not None:
         checkpoint = _check_path(checkpoint, "checkpoint")
     guide = None if guide is None else _check_path(guide, "guide")

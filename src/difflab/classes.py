@@ -22,7 +22,7 @@ from difflab.config import Config
 from difflab.errors import DifflabError
 
 log = logging.getLogger("difflab")
-LabelRequest = str | int | Sequence[str | int] | Tensor | None
+LabelRequest = str | int | Sequence[str | int] | Tensor | None  # or a numpy array
 _SHOWN = 30
 
 
@@ -69,11 +69,11 @@ def labels_for(
     count = len(class_names)
     if isinstance(request, str) and request.strip().lower() == "all":
         return torch.arange(start, start + num) % count
-    if isinstance(request, Tensor):  # a tensor of class indices
+    if hasattr(request, "tolist"):  # a tensor or numpy array of class indices
         request = request.tolist()
     if isinstance(request, str | int):
         return torch.full((num,), class_index(request, class_names), dtype=torch.int64)
-    if not isinstance(request, list | tuple):
+    if not isinstance(request, Sequence):
         raise DifflabError(
             f"label must be a class name or index, a list of them or 'all', got {request!r}"
         )

@@ -23,7 +23,9 @@ GIF_IMAGES = 16  # images in sample's reverse-process.gif
 SEED = Bounded.like(TrainConfig, "seed")
 GUIDANCE = Bounded.like(SamplerConfig, "guidance")
 
-CHECKPOINT_HELP = "one of the run's checkpoints: its folder, or its name step-N (default: newest)"
+CHECKPOINT_HELP = (
+    "one of the run's checkpoints: its folder, its name step-N or its step N (default: newest)"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,10 +67,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.gif or args.strip
         else 0
     )
-    # An earlier sample's list and pictures go first: a run cut off leaves no list that
-    # claims a mix of its images and the earlier ones (eval warns about a folder without one).
-    for name in (SAMPLES_MANIFEST, *SAMPLE_PICTURES):
-        (out / name).unlink(missing_ok=True)
+    # An earlier sample's list and what this one rewrites go first: a run cut off leaves no
+    # list that claims a mix of its images and the earlier ones (eval warns of a folder without).
+    grid_png, strip_png, gif = (out / name for name in SAMPLE_PICTURES)
+    for path, rewritten in ((out / SAMPLES_MANIFEST, True), (grid_png, True),
+                            (strip_png, args.strip), (gif, args.gif)):  # fmt: skip
+        if rewritten:
+            path.unlink(missing_ok=True)
     kept, evaluations, frames = [], 0, None
     with tqdm(total=args.num, desc="sampling", unit="img", disable=args.quiet) as bar:
         for start in range(0, args.num, args.batch_size):
@@ -91,7 +96,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if frames is None
             else torch.stack([class_rows(f, len(run.class_names))[0] for f in frames])
         )
-    grid_png, strip_png, gif = (out / name for name in SAMPLE_PICTURES)
     save_grid(grid, grid_png, nrow=min(rows, 8) if rows else None)
     if args.strip:
         save_strip(frames[1:, 0][strip_indices(plan.num_steps)], strip_png)
@@ -154,7 +158,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from difflab.io import check_output_file
     from difflab.report import write_report
 
-    out = check_output_file(Path(args.out), "--out", (".html", ".htm", ".HTML"), "the report")
+    out = check_output_file(Path(args.out), "--out", (".html", ".htm"), "the report")
     write_report([Path(run) for run in args.run_dirs], out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(args.run_dirs)} run(s))")
     return 0

@@ -20,6 +20,7 @@ log = logging.getLogger("difflab")
 MAX_EVAL_BATCH = 500  # images through Inception at 299 x 299 at once: about 8 GB of activations
 
 KID_SUBSET = 1000
+DEFAULT_SIZE = 32  # the size images are scored at when neither --image-size nor --ref says
 GUIDE_HELP = (
     "autoguidance: guide away from this weaker model of the same method (a run, one of its "
     "checkpoint folders, or an export), with --guidance W (default: the run's own guide; "
@@ -111,24 +112,32 @@ def cmd_ref(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_reference(args: argparse.Namespace, extractor):
+def _stored_reference(args: argparse.Namespace):
+    """--ref's statistics if it is a .npz (None for a data set), and the size images are
+    scored at: --image-size, else the size the reference was made at (32 if not recorded)."""
     from difflab.metrics import load_stats
 
-    if args.ref.endswith(".npz"):
-        stats = load_stats(args.ref)
-        size = stats.meta.get("image_size", str(args.image_size))  # older files: not recorded
-        if size != str(args.image_size):
+    if not args.ref.lower().endswith(".npz"):
+        if Path(args.ref).is_file():
             raise DifflabError(
-                f"--ref {args.ref} holds images loaded at {size} px, these are scored at "
-                f"{args.image_size}: give --image-size {size}"
+                f"--ref {args.ref} is neither a .npz of reference statistics (difflab ref) nor a "
+                "folder of images; give one of those, or cifar10"
             )
-        return stats
-    if Path(args.ref).is_file():
+        return None, args.image_size or DEFAULT_SIZE
+    stats = load_stats(args.ref)
+    made = int(stats.meta.get("image_size", DEFAULT_SIZE))  # older files: not recorded
+    if args.image_size not in (None, made):
         raise DifflabError(
-            f"--ref {args.ref} is neither a .npz of reference statistics (difflab ref) nor a "
-            "folder of images; give one of those, or cifar10"
+            f"--ref {args.ref} holds images loaded at {made} px, these would be scored at "
+            f"{args.image_size}: drop --image-size (or give {made}), or make a reference at "
+            f"{args.image_size}"
         )
-    return reference_stats(args.ref, args.class_name, args.image_size, extractor, args.batch_size)
+    return stats, made
+
+
+def _is_model(source: Path) -> bool:
+    """A run directory or an export: eval samples it."""
+    return (source / "config.json").is_file() or source.suffix == ".safetensors"
 
 
 def generated_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor], int, dict]:
@@ -136,7 +145,7 @@ def generated_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor],
     from difflab.viz import to_uint8
 
     source = Path(args.images)
-    if (source / "config.json").is_file() or source.suffix == ".safetensors":
+    if _is_model(source):
         from difflab.api import load_run
         from difflab.classes import bind_request, per_class
         from difflab.data import fit_size
@@ -152,6 +161,8 @@ def generated_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor],
         bind_request(label, args.guidance, run.class_names, num, guided=run.guide is not None)
         info = {"run": str(source), "step": run.step, "sampler": plan.name, "steps": plan.num_steps}
         info.update(options)
+        if run.config.data.image_size != args.image_size:  # scored at the reference's size
+            info["scored_px"] = args.image_size
         if label is not None:
             info.update(label=label, guidance=guidance)
         if run.guide is not None:
@@ -168,10 +179,6 @@ def generated_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor],
 
         return sample(), num, info
     from difflab.data import SAMPLES_MANIFEST, load_images
-
-    given = [f"--{k.replace('_', '-')}" for k in RUN_ONLY if getattr(args, k) is not None]
-    if given:
-        raise DifflabError(f"{', '.join(given)}: for a run; {source} is a folder of images")
 
     if not (source / SAMPLES_MANIFEST).is_file() and any(source.glob("[0-9]" * 5 + ".png")):
         log.warning(
@@ -200,8 +207,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             check_output_folder(_result_folder(Path(args.images)), "eval")
         except DifflabError as error:
             raise DifflabError(f"{error}; give --json FILE to write the result elsewhere") from None
+    given = [f"--{k.replace('_', '-')}" for k in RUN_ONLY if getattr(args, k) is not None]
+    if given and not _is_model(Path(args.images)):
+        raise DifflabError(f"{', '.join(given)}: for a run; {args.images} is a folder of images")
+    ref, args.image_size = _stored_reference(args)
     extractor = _extractor(args)
-    ref = _load_reference(args, extractor)
+    if ref is None:
+        ref = reference_stats(
+            args.ref, args.class_name, args.image_size, extractor, args.batch_size
+        )
     batches, num, info = generated_batches(args)
     if num < 2:
         raise DifflabError(f"KID needs at least 2 images, got {num}")
@@ -222,10 +236,10 @@ def _default_json(source: Path, info: dict, num: int) -> Path:
     if "run" in info and source.is_dir():
         label = f"-{info['label']}" if "label" in info else ""
         weight = f"-w{info['guidance']:g}" if "guidance" in info else ""
-        chosen = "".join(  # e.g. -gridedm-rho3
+        chosen = "".join(  # e.g. -gridedm-rho3, and -px32 for a 16 px run scored at 32
             f"-{k.replace('_', '')}{v if isinstance(v, str) else format(v, 'g')}"
             for k, v in info.items() if k in SAMPLER_OPTIONS
-        )  # fmt: skip
+        ) + (f"-px{info['scored_px']}" if "scored_px" in info else "")  # fmt: skip
         name = (
             f"eval-step{info['step']}-{info['sampler']}{info['steps']}{chosen}{label}{weight}"
             f"-n{num}.json"
@@ -248,7 +262,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     ref.add_argument("data", help="cifar10 or an image folder")
     ref.add_argument("--class", dest="class_name", help="class name or index")
     ref.add_argument("--out", required=True, help="REF.npz")
-    _metric_options(ref)
+    _metric_options(ref, DEFAULT_SIZE, "size images are loaded at, and later scored at")
     ref.set_defaults(func=cmd_ref)
 
     evaluate = sub.add_parser("eval", help="FID and KID of a folder of images or of a run")
@@ -269,16 +283,18 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--guide", help=GUIDE_HELP)
     evaluate.add_argument("--json", help="where to write the result (default beside the images)")
-    _metric_options(evaluate)
+    _metric_options(
+        evaluate,
+        None,
+        "size images are scored at, a folder's and a run's samples alike (default: the size "
+        f"--ref was made at, else {DEFAULT_SIZE})",
+    )
     evaluate.set_defaults(func=cmd_eval)
 
 
-def _metric_options(parser: argparse.ArgumentParser) -> None:
+def _metric_options(parser: argparse.ArgumentParser, size: int | None, size_help: str) -> None:
     parser.add_argument(
-        "--image-size",
-        type=Bounded.like(DataConfig, "image_size"),
-        default=32,
-        help="size images are scored at: a folder's, a run's samples and the reference's alike",
+        "--image-size", type=Bounded.like(DataConfig, "image_size"), default=size, help=size_help
     )
     parser.add_argument(
         "--inception", help="TorchScript Inception weights (default: the metrics extra's)"

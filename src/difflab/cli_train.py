@@ -38,18 +38,14 @@ def _train_config(args: argparse.Namespace):
         # A length on the command line is the run's length: the preset's own (flow-cpu's
         # 200,000 steps) would otherwise outlast a --time-limit and keep a cool-down away.
         config.train.steps, config.train.images, config.train.time_limit = 0, 0, 0.0
-    learned = [item for item in args.set if _key(item) in LEARNED]
-    if learned:
-        raise DifflabError(
-            f"--set {learned[0]}: learned from the data's class folders, not set; choose the "
-            "classes by the folder (or one with --class)"
-        )
     overrides = _flags(args, *RUN_FLAGS, "data.source", "data.class_name", "sampler.name")
-    return _absolute_paths(validate(apply_overrides(config, overrides + args.set)))
-
-
-#: Settings a run learns from its data (classes.learn_classes): never given.
-LEARNED = frozenset({"data.class_names", "network.unet.num_classes"})
+    config = _absolute_paths(validate(apply_overrides(config, overrides + args.set)))
+    if config.data.class_names or config.network.unet.num_classes:  # by --set or a preset
+        raise DifflabError(
+            "data.class_names and network.unet.num_classes are learned from the data's class "
+            "folders, not set: drop them (data.conditional=true learns them; --class picks one)"
+        )
+    return config
 
 
 def _key(item: str) -> str:

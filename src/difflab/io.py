@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -166,9 +167,9 @@ def check_output_folder(folder: Path, flag: str) -> Path:
 def check_output_file(
     path: Path, flag: str, suffixes: tuple[str, ...] = (), what: str = ""
 ) -> Path:
-    """Before any work: ``path`` can be written as a file, ends in one of ``suffixes`` (``what``
-    names the file in the error) and is none of a run's own files."""
-    if suffixes and path.suffix not in suffixes:
+    """Before any work: ``path`` can be written as a file, ends in one of ``suffixes`` (any case;
+    ``what`` names the file in the error) and is none of a run's own files."""
+    if suffixes and path.suffix.lower() not in suffixes:
         raise DifflabError(f"{flag} {path}: {what} must end in {' or '.join(suffixes)}")
     if path.is_dir():
         raise DifflabError(f"{flag} {path} is a folder; give a file name")
@@ -178,22 +179,26 @@ def check_output_file(
 
 
 def _is_run(folder: Path) -> bool:
-    """A difflab run folder: a config.json beside a log or checkpoints."""
-    return (folder / "config.json").is_file() and any(
-        (folder / name).exists() for name in RUN_FILES - {"config.json"}
-    )
+    """A difflab run folder: its config.json is difflab's (a version and a method), beside a
+    log or checkpoints."""
+    config = folder / "config.json"
+    if not config.is_file() or not any((folder / n).exists() for n in RUN_FILES - {config.name}):
+        return False
+    try:
+        values = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {"version", "method", "train"} <= values.keys()
 
 
 def _check_not_a_run_file(path: Path, flag: str) -> None:
     """Refuse ``path`` when it is (or is inside) the config, a log or the checkpoints of the
-    innermost run folder above it."""
-    path = path.absolute()
+    innermost run folder above it (links and ``..`` followed)."""
+    path = path.resolve()
     run = next((p for p in path.parents if _is_run(p)), None)
-    if run is not None and path.relative_to(run).parts[0] in RUN_FILES:
-        own = path.relative_to(run).parts[0]
-        raise DifflabError(
-            f"{flag} {path} would overwrite {run}'s own {own}; choose another {flag}"
-        )
+    own = run is not None and path.relative_to(run).parts[0]
+    if own in RUN_FILES:
+        raise DifflabError(f"{flag} {path} is in {run}'s own {own}; choose another {flag}")
 
 
 def _check_parents_writable(folder: Path, flag: str) -> None:

@@ -242,10 +242,10 @@ def load_model(
     if path.is_file():
         step, kind = _export_metadata(path)
         if checkpoint is not None or (not ema and kind != "raw"):
-            wrong = "a checkpoint" if checkpoint is not None else "raw weights"
+            wrong = "a choice of checkpoint" if checkpoint is not None else "raw weights"
             raise DifflabError(
                 f"{path} is an export: it holds one set of weights ({kind}, step {step}), not "
-                f"{wrong}; drop --checkpoint / --raw, or export the run with them"
+                f"{wrong}; ask it for those, or export the run with the weights you want"
             )
         weights = read_weights(path)
         ours = {k: v for k, v in weights.items() if not k.startswith(GUIDE_PREFIX)}
@@ -276,6 +276,8 @@ def _chosen(run_dir: Path, config: Config, checkpoint: str | Path) -> Checkpoint
     """The checkpoint asked for by path, or by name among the run's, if it is of the run's
     method and network (another run's weights would load into a look-alike network)."""
     chosen = Path(checkpoint)
+    if not chosen.exists() and str(checkpoint).isdecimal():  # a step number
+        chosen = Path(f"step-{int(str(checkpoint)):08d}")
     if not chosen.exists() and len(chosen.parts) == 1:
         chosen = checkpoint_dir(run_dir) / chosen
     ckpt = load_checkpoint(chosen)

@@ -38,7 +38,7 @@ def check_environment() -> bool:
     (before any work) for values that cannot: not whole numbers, or no rendezvous address."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         value = os.environ.get(name, "0")
-        if not value.strip().isdigit():
+        if not value.strip().isdecimal():
             raise DifflabError(f"{name}={value!r} is not a whole number; {_LAUNCH}")
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
