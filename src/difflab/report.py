@@ -131,7 +131,7 @@ def _numbered(pictures: Path, kind: str) -> list[tuple[int, Path]]:
     """The training's ``KIND-NNNkimg.png`` pictures in order of kimg (other names ignored)."""
     found = pictures.glob(f"{kind}-*kimg.png") if pictures.is_dir() else []
     matches = [(_KIMG.match(p.name), p) for p in found]
-    return sorted((int(m.group(2)), p) for m, p in matches if m and m.group(1) == kind)
+    return sorted((int(m.group(2)), p) for m, p in matches if m)
 
 
 def _newest(pictures: Path, kind: str) -> str | None:
