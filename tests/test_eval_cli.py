@@ -78,7 +78,18 @@ def test_eval_errors(tmp_path, capsys, monkeypatch):
     assert "pip install 'difflab[metrics]'" in capsys.readouterr().err
 
 
-def test_fid_during_training_is_logged_with_the_loss(tmp_path, tiny_preset, image_folder):
+def test_fid_during_training_is_logged_with_the_loss(
+    tmp_path, tiny_preset, image_folder, monkeypatch
+):
+    import difflab.metrics
+
+    extract, sizes = difflab.metrics.extract_features, []
+
+    def recorded(images, *args, **kwargs):
+        sizes.append(images.shape[-1])
+        return extract(images, *args, **kwargs)
+
+    monkeypatch.setattr(difflab.metrics, "extract_features", recorded)
     ref = tmp_path / "ref.npz"
     assert main(["ref", str(image_folder), "--out", str(ref)]) == 0
     run_dir = tmp_path / "run"
@@ -100,3 +111,4 @@ def test_fid_during_training_is_logged_with_the_loss(tmp_path, tiny_preset, imag
     scored = [row for row in rows if "fid" in row]
     assert len(scored) == 1 and scored[0]["step"] == 2 and scored[0]["fid"] > 0
     assert any("loss" in row for row in rows)
+    assert sizes == [32, 32]  # the reference's images, then the 8 px run's, scored at its 32

@@ -24,6 +24,7 @@ class QualityProbe:
     def measure(
         self, denoiser: Denoiser, device: torch.device, guide: Denoiser | None = None
     ) -> dict[str, float]:
+        from difflab.data import fit_size
         from difflab.metrics import InceptionFeatures, extract_features, fid_kid
         from difflab.viz import to_uint8
 
@@ -46,6 +47,9 @@ class QualityProbe:
             guide=guide,
         ).images
         denoiser.net.train(was_training)
-        features = extract_features(to_uint8(images), self.extractor, progress=False)
+        scored = int(self.ref.meta.get("image_size", size))  # as eval scores: the reference's
+        features = extract_features(
+            fit_size(to_uint8(images), scored), self.extractor, progress=False
+        )
         scores = fid_kid(features, self.ref, subset_size=min(1000, len(seeds)))
         return {"fid": scores["fid"], "kid": scores["kid_mean"]}
