@@ -125,7 +125,7 @@ def _stored_reference(args: argparse.Namespace):
             )
         return None, args.image_size or DEFAULT_SIZE
     stats = load_stats(args.ref)
-    made = int(stats.meta.get("image_size", DEFAULT_SIZE))  # older files: not recorded
+    made = stats.image_size or DEFAULT_SIZE  # older files: not recorded
     if args.image_size not in (None, made):
         raise DifflabError(
             f"--ref {args.ref} holds images loaded at {made} px, these would be scored at "

@@ -39,6 +39,12 @@ class FeatureStats:
     num_images: int
     meta: dict[str, str] = field(default_factory=dict)  # e.g. source, class, extractor hash
 
+    @property
+    def image_size(self) -> int | None:
+        """The size its images were loaded at (``difflab ref`` records it), or None."""
+        size = self.meta.get("image_size", "")
+        return int(size) if size.isdecimal() else None
+
 
 def _feature_matrix(features: Any, name: str, min_rows: int = 2) -> np.ndarray:
     """Check a finite 2-D [N, D] array with at least ``min_rows`` rows."""

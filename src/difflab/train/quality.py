@@ -47,7 +47,7 @@ class QualityProbe:
             guide=guide,
         ).images
         denoiser.net.train(was_training)
-        scored = int(self.ref.meta.get("image_size", size))  # as eval scores: the reference's
+        scored = self.ref.image_size or size  # as eval scores: at the reference's size
         features = extract_features(
             fit_size(to_uint8(images), scored), self.extractor, progress=False
         )
