@@ -41,7 +41,7 @@ from difflab.train.checkpoint import list_checkpoints
         (lambda run: run.plan("euler", 2, rho=0.001), "sampler.rho must be a number in [1,"),
         (
             lambda run: run.plan("euler", 2, bogus=1),
-            "unknown setting sampler.bogus; known settings in sampler:",
+            "unknown plan option 'bogus'; known options: clip_x0, eta,",
         ),
     ],
 )

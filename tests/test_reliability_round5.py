@@ -217,6 +217,11 @@ def test_the_api_names_a_wrong_argument_in_one_line(teacher, tmp_path):
         (lambda: run.generate(1, plan="heun"), "plan must be a run.plan(...)"),
         (lambda: run.plan("heun", 2, guidance=3.0), "guidance: not a plan's option"),
         (lambda: run.plan("heun", 2, name="euler"), "name: not a plan's option"),
+        (
+            lambda: run.plan(foo=1),
+            "known options: clip_x0, eta, grid, rho, s_churn, s_noise, s_tmax, s_tmin, sigma_max, "
+            "steps, variance",
+        ),
         (lambda: run.plan(7), "sampler must be a sampler's name"),
         (lambda: run.sample(2, label=1.0), "this run is unconditional"),
         (lambda: difflab.save_grid(torch.zeros(0, 3, 8, 8), tmp_path / "g.png"), "no images"),

@@ -60,6 +60,12 @@ class Run:
         """
         if sampler is not None and not isinstance(sampler, str):
             raise DifflabError(f"sampler must be a sampler's name, got {sampler!r}")
+        known = {item.name for item in dataclasses.fields(SamplerConfig)} - NOT_PLAN_OPTIONS
+        unknown = sorted(set(options) - known - NOT_PLAN_OPTIONS)
+        if unknown:
+            raise DifflabError(
+                f"unknown plan option {unknown[0]!r}; known options: {', '.join(sorted(known))}"
+            )
         elsewhere = sorted(set(options) & NOT_PLAN_OPTIONS)
         if elsewhere:
             raise DifflabError(

@@ -219,6 +219,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     batches, num, info = generated_batches(args)
     if num < 2:
         raise DifflabError(f"KID needs at least 2 images, got {num}")
+    if num < KID_SUBSET:  # FID's bias grows as n falls: scores of different n do not compare
+        log.warning(
+            "FID of %d images is biased upward, the more the fewer: compare only scores of the "
+            "same number of images (%s or more is usual)",
+            num,
+            f"{KID_SUBSET:,}",
+        )
     features = extract_features(
         batches, extractor, args.batch_size, desc="sample features", total=num
     )
