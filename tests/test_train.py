@@ -153,12 +153,20 @@ def test_resume_is_bit_identical(tmp_path, tiny_preset, image_folder, method):
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ after resume"
 
 
-def test_resume_when_done_does_nothing(tmp_path, tiny_preset, image_folder):
+def test_resume_when_done_only_draws_final_pictures_that_are_missing(
+    tmp_path, tiny_preset, image_folder
+):
     config = _config(tiny_preset, image_folder)
     data = load_images(str(image_folder), None, 8)
     train(config, tmp_path / "run", data=data, progress=False)
+    gif = tmp_path / "run" / "pictures" / "reverse-process.gif"
+    drawn = gif.stat().st_mtime_ns
     result = train(config, tmp_path / "run", resume=True, data=data, progress=False)
     assert result.stopped_by == "already-done" and result.step == 6
+    assert gif.stat().st_mtime_ns == drawn  # nothing drawn again
+    gif.unlink()  # as if a signal stopped the run while it drew its final pictures
+    result = train(config, tmp_path / "run", resume=True, data=data, progress=False)
+    assert result.stopped_by == "already-done" and gif.is_file()
 
 
 def test_checkpoints_roll_and_snapshots_stay(tmp_path, tiny_preset, image_folder):

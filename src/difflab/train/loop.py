@@ -103,6 +103,8 @@ class Loop:
         trainer, t = self.trainer, self.trainer.config.train
         started = time.monotonic()
         if self._limit_reached(started):
+            if self.main and not self.pictures.finished():  # stopped while drawing them
+                self._pictures(final=True)
             return self._result("already-done")
         if self.main and trainer.step == 0:
             self.pictures.at_start(trainer.data, trainer.method.objective)

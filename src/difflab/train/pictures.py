@@ -44,6 +44,10 @@ class Pictures:
         self.folder = Path(run_dir) / "pictures"
         self.method, self.plan, self.config = method, plan, config
 
+    def finished(self) -> bool:
+        """Whether the final pictures were drawn (the reverse process's GIF is the last)."""
+        return (self.folder / "reverse-process.gif").is_file()
+
     def at_start(self, data: ImageSet, objective: Objective) -> None:
         """Schedule plot, a grid of training images and a grid of forward-noised ones."""
         title = f"{self.method.name}: sampler grid ({self.plan.num_steps} steps)"
