@@ -150,7 +150,8 @@ def fewstep_paths(data: Path, folder: Path, device: str, sizes: Sizes) -> dict:
     (``sampler.guide_at``), exported with it and sampled from the export; autoguidance by a
     named checkpoint; consistency distillation from the guided teacher; the student resumed
     into a cool-down (the past-rates check) and sampled at 1 step (from ``--sigma-max 10``) and
-    at 2 steps."""
+    at 2 steps. The student has dropout, so its target pass replays the online pass's masks on
+    the GPU's random state (``objectives._same_dropout``)."""
     teacher, student = folder / "teacher", folder / "student"
     export = folder / "teacher.safetensors"
     common = ("--device", device, "--no-progress")  # train and distill; sample has no bar
@@ -174,7 +175,10 @@ def fewstep_paths(data: Path, folder: Path, device: str, sizes: Sizes) -> dict:
         sampled.append(len(list(out.glob("[0-9]*.png"))))
     steps = sizes.distill_steps
     distill = ("--out", student, "--steps", steps, "--checkpoint-every", steps // 2)
-    run_command(difflab_command("distill", teacher, *distill, "--batch-size", 32, *common))
+    dropout = ("--set", "network.unet.dropout=0.2")  # the target pass draws the online masks
+    run_command(
+        difflab_command("distill", teacher, *distill, "--batch-size", 32, *dropout, *common)
+    )
     cooled = ("--steps", steps * 4 // 3, "--set", "train.lr_schedule='cooldown'")
     run_command(difflab_command("train", "--resume", student, *cooled, *common))
     for steps, start in ((1, ("--sigma-max", 10)), (2, ())):  # 1 step from sigma 10 (2.8)
