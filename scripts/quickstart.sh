@@ -5,8 +5,8 @@
 #
 # The budget is a number of images, not minutes: every machine trains the same model (the one
 # whose FID the README quotes); a slower machine takes longer and its progress bar says how long.
-# 48,825 images took 5 minutes on the 2-core machine that measured it (fp32 matmul peak 215-221
-# GFLOP/s) and take about 10 on the quality benchmark's (186 GFLOP/s).
+# 48,825 images took 5.7 minutes on the 2-core machine that measured it (fp32 matmul peak 215-221
+# GFLOP/s) and take about 11.5 on the quality benchmark's (186 GFLOP/s).
 EXTRAS=metrics source "$(dirname "$0")/venv.sh"
 DATA=${DIFFLAB_DATA:-}
 if [ -z "$DATA" ]; then

@@ -151,7 +151,7 @@ def test_presets_that_do_not_map_are_refused_in_one_line(preset):
     with pytest.raises(DifflabError) as error:
         check_exportable(config, build_network(config), build_method(config).process)
     message = str(error.value)
-    assert "\n" not in message and "ddpm-paper, ddpm-cosine-paper" in message
+    assert "\n" not in message and "runs of ddpm-paper and ddpm-cosine-paper export" in message
 
 
 def test_exporting_a_run_that_does_not_map_is_one_line(tmp_path, tiny_preset, image_folder, capsys):

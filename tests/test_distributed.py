@@ -28,6 +28,9 @@ def test_two_processes_match_one(tmp_path, tiny_preset, image_folder):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     double = _train([*launcher, "-m", "difflab", *common, "--out", str(tmp_path / "two")], env)
     assert double.returncode == 0, double.stderr[-3000:]
+    # rank 0 speaks for the run: one "data:" line and one result, not one per process
+    assert double.stdout.count("trained ") == 1, double.stdout
+    assert double.stderr.count("difflab: data: ") == 1, double.stderr[-3000:]
 
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config["world_size"] == 2

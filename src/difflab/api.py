@@ -1,7 +1,7 @@
 """The Python API: load a run directory (or an exported file) and sample from it.
 
 run = difflab.load_run("runs/cars")
-images = run.sample(16, seed=0)          # float [-1, 1], [16, 3, 32, 32]
+images = run.sample(16, seed=0)          # float, about [-1, 1], [16, 3, 32, 32]
 difflab.save_grid(images, "cars.png")
 horses = difflab.load_run("runs/cifar").sample(16, label="horse", guidance=2.0)
 """

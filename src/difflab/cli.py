@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from difflab.config import SamplerConfig, TrainConfig
-from difflab.errors import DifflabError, one_line, shorten
+from difflab.errors import DifflabError, counted, one_line, shorten
 from difflab.limits import MAX_IMAGES, MAX_SAMPLE_BATCH, Bounded, Limits
 
 log = logging.getLogger("difflab")
@@ -22,10 +22,6 @@ GIF_IMAGES = 16  # images in sample's reverse-process.gif
 # Numeric options: parsed and range-checked by the limits their config fields declare.
 SEED = Bounded.like(TrainConfig, "seed")
 GUIDANCE = Bounded.like(SamplerConfig, "guidance")
-
-CHECKPOINT_HELP = (
-    "one of the run's checkpoints: its folder, its name step-N or its step N (default: newest)"
-)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,8 +110,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     label = f", label {args.label}" if args.label is not None else ""
     weight = f", guidance {guidance:g}" if labels is not None or guided else ""
     print(
-        f"wrote {args.num} images to {out} (sampler {plan.name}, {plan.num_steps} steps, "
-        f"{evaluations} network evaluations per image, step {run.step} weights{label}{weight})"
+        f"wrote {counted(args.num, 'image')} to {out} (sampler {plan.name}, "
+        f"{counted(plan.num_steps, 'step')}, {counted(evaluations, 'network evaluation')} per image, "
+        f"step {run.step} weights{label}{weight})"
     )
     return 0
 
@@ -218,7 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    from difflab.cli_eval import GUIDE_HELP, add_eval_commands, add_sampler_options
+    from difflab.cli_eval import (
+        CHECKPOINT_HELP,
+        DEVICE_HELP,
+        GUIDE_HELP,
+        add_eval_commands,
+        add_sampler_options,
+    )
     from difflab.cli_train import add_distill_command, add_train_command
 
     add_train_command(sub)
@@ -226,9 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="sample images from a run")
     sample.add_argument("run_dir", help="run directory or exported .safetensors")
-    sample.add_argument("--num", type=Bounded(int, Limits(low=1, high=MAX_IMAGES)), default=16)
-    sample.add_argument("--out", required=True, help="folder for 00000.png, ... and grid.png")
-    sample.add_argument("--seed", type=SEED, default=0)
+    sample.add_argument(
+        "--num", type=Bounded(int, Limits(low=1, high=MAX_IMAGES)), default=16, help="images (16)"
+    )
+    sample.add_argument(
+        "--out",
+        required=True,
+        help="folder for 00000.png, ..., grid.png and samples.json (the request)",
+    )
+    sample.add_argument(
+        "--seed", type=SEED, default=0, help="image i of seed s is the same at any --batch-size (0)"
+    )
     sample.add_argument("--label", help="a class name or index, or all (conditional runs)")
     sample.add_argument(
         "--guidance",
@@ -236,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="guidance w (1: plain): towards --label, or away from the guide",
     )
     sample.add_argument(
-        "--batch-size", type=Bounded(int, Limits(low=1, high=MAX_SAMPLE_BATCH)), default=64
+        "--batch-size",
+        type=Bounded(int, Limits(low=1, high=MAX_SAMPLE_BATCH)),
+        default=64,
+        help="images sampled at once (64)",
     )
     add_sampler_options(sample)
     sample.add_argument("--checkpoint", help=CHECKPOINT_HELP)
@@ -244,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guide", help=GUIDE_HELP)
     sample.add_argument("--strip", action="store_true", help="also write strip.png of the progress")
     sample.add_argument("--gif", action="store_true", help="also write reverse-process.gif")
-    sample.add_argument("--device", default="auto")
+    sample.add_argument("--device", default="auto", help=DEVICE_HELP)
     sample.set_defaults(func=cmd_sample)
 
     report = sub.add_parser("report", help="one self-contained HTML page of runs")
@@ -258,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export", help="write a run's weights and config to one .safetensors, or for diffusers"
     )
-    export.add_argument("run_dir")
+    export.add_argument("run_dir", help="run directory or exported .safetensors")
     export.add_argument("--out", required=True, help="FILE.safetensors, or a folder (diffusers)")
     export.add_argument(
         "--format",

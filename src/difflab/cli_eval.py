@@ -26,6 +26,10 @@ GUIDE_HELP = (
     "checkpoint folders, or an export), with --guidance W (default: the run's own guide; "
     "a guide named here guides at the run's weight, or at 2 where that is 1)"
 )
+CHECKPOINT_HELP = (
+    "one of the run's checkpoints: its folder, its name step-N or its step N (default: newest)"
+)
+DEVICE_HELP = "auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps"
 
 
 #: Sampler settings that `sample` and `eval` take on the command line, beside --sampler/--steps.
@@ -52,7 +56,8 @@ def add_sampler_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grid",
         choices=limits_of(SamplerConfig, "grid").choices,
-        help="time grid: the sampler's, the process's, EDM's rho = 7 spacing, even in log SNR",
+        help="time grid: default, the sampler's; process, the process's own; edm, EDM's rho "
+        "spacing; logsnr, even in log SNR; few-step, the top levels of the edm grid, then 0",
     )
     parser.add_argument(
         "--rho",
@@ -280,13 +285,20 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
         "--num", type=Bounded(int, Limits(low=2, high=MAX_IMAGES)), help="images (run: 1000)"
     )
     add_sampler_options(evaluate)
-    evaluate.add_argument("--checkpoint", help="one of the run's checkpoints: its folder or name")
-    evaluate.add_argument("--seed", type=Bounded.like(TrainConfig, "seed"), default=0)
+    evaluate.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    evaluate.add_argument(
+        "--seed",
+        type=Bounded.like(TrainConfig, "seed"),
+        default=0,
+        help="a run's sampling seed, and KID's subsets' (0)",
+    )
     evaluate.add_argument(
         "--label", help="class(es) to sample from a conditional run (default all)"
     )
     evaluate.add_argument(
-        "--guidance", type=Bounded.like(SamplerConfig, "guidance"), help="guidance w (run)"
+        "--guidance",
+        type=Bounded.like(SamplerConfig, "guidance"),
+        help="a run's guidance w (1: plain): towards --label, or away from the guide",
     )
     evaluate.add_argument("--guide", help=GUIDE_HELP)
     evaluate.add_argument("--json", help="where to write the result (default beside the images)")
@@ -307,6 +319,9 @@ def _metric_options(parser: argparse.ArgumentParser, size: int | None, size_help
         "--inception", help="TorchScript Inception weights (default: the metrics extra's)"
     )
     parser.add_argument(
-        "--batch-size", type=Bounded(int, Limits(low=1, high=MAX_EVAL_BATCH)), default=50
+        "--batch-size",
+        type=Bounded(int, Limits(low=1, high=MAX_EVAL_BATCH)),
+        default=50,
+        help="images through Inception (and a run's sampler) at once (50)",
     )
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)

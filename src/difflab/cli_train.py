@@ -7,10 +7,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
+from difflab.cli_eval import DEVICE_HELP
 from difflab.config import ConsistencyMethod, NetworkConfig, TrainConfig, parse_value
 from difflab.errors import DifflabError
 from difflab.limits import Bounded
@@ -289,7 +291,9 @@ def _run_training(
     build_network(config)
     build_sampler(method, config.sampler)
     resolve_device(config.train.device)
-    check_environment()  # torchrun's variables
+    follower = check_environment() and int(os.environ["RANK"]) > 0  # torchrun's variables
+    if follower:  # rank 0 speaks for the run; the others say only what goes wrong
+        logging.getLogger().setLevel(logging.WARNING)
     if not resume:
         check_new_run_dir(run_dir)
     if init is not None and not init.exists():
@@ -304,7 +308,7 @@ def _run_training(
     )
     if not data.class_names and config.data.class_name is not None:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, class_name=None))
-    log.info("data: %d images from %s", len(data.images), data.source)
+    log.info("data: %s", data.source)  # where from, and how many images
     if len(data.images) < config.train.batch_size:
         log.warning(
             "the data set (%d images) is smaller than the batch (%d)",
@@ -316,12 +320,16 @@ def _run_training(
             config, run_dir, resume=resume, init=init, data=data, progress=not args.no_progress
         )
     except Interrupted as stop:
+        if follower:
+            return 128 + stop.signum
         print(
             f"difflab: stopped by {stop} at step {stop.result.step}; checkpoint saved. "
             f"Resume with: difflab train --resume {run_dir}",
             file=sys.stderr,
         )
         return 128 + stop.signum
+    if follower:
+        return 0
     if result.stopped_by == "already-done":
         print(
             f"{run_dir} already reached its length (step {result.step}, "
@@ -346,7 +354,11 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     _add_run_options(train)
     train.add_argument("--method", help="tutorial, ddpm, ddpm-cosine, flow, edm or consistency")
     train.add_argument("--network", help="tutorial, tutorial-keras or unet")
-    train.add_argument("--sampler", help="sampler for the pictures (default: the method's)")
+    train.add_argument(
+        "--sampler",
+        help="the run's sampler: its pictures', and sample's and eval's default (default: the "
+        "preset's, or the method's with --method)",
+    )
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run")
     train.add_argument(
         "--init", metavar="FILE", help="start from exported weights (or a run directory)"
@@ -397,11 +409,15 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         type=_train_option("time_limit", low_open=True),
         help="minutes of training in this invocation",
     )
-    parser.add_argument("--batch-size", type=_train_option("batch_size"))
-    parser.add_argument("--seed", type=SEED)
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument(
-        "--checkpoint-every", type=_train_option("checkpoint_every"), help="steps between them"
+        "--batch-size", type=_train_option("batch_size"), help="images per step, over all GPUs"
+    )
+    parser.add_argument("--seed", type=SEED, help="the run's seed: data order, noise, dropout")
+    parser.add_argument("--device", help=DEVICE_HELP)
+    parser.add_argument(
+        "--checkpoint-every",
+        type=_train_option("checkpoint_every"),
+        help="steps between checkpoints",
     )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any config value"

@@ -44,8 +44,8 @@ DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers these configs were checked 
 def check_exportable(config: Config, net: torch.nn.Module, process: object) -> None:
     """A one-line error unless the run maps exactly onto UNet2DModel and DDPMScheduler."""
     preset = config.preset
-    refuse = f"{preset} cannot be exported to diffusers: "
-    presets = f"; presets that export: {', '.join(EXPORTABLE)}"
+    refuse = f"this {preset} run cannot be exported to diffusers: "
+    presets = f"; runs of {' and '.join(EXPORTABLE)} export with the presets' networks"
     if config.method.name not in ("ddpm", "ddpm-cosine") or not isinstance(net, UNet):
         raise DifflabError(
             f"{refuse}only DDPM runs (method ddpm or ddpm-cosine, network unet) map onto "

@@ -1,5 +1,5 @@
-"""The one exception type that reaches the user as a one-line message, and how other errors'
-text is quoted inside it."""
+"""The one exception type that reaches the user as a one-line message, how other errors'
+text is quoted inside it, and the small helpers of message text."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ _LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")  # what str.spl
 def one_line(text: str) -> str:
     """``text`` with line breaks escaped: a path typed with a newline stays on one line."""
     return "".join(repr(c)[1:-1] if c in _LINE_BREAKS else c for c in text)
+
+
+def counted(number: int, noun: str) -> str:
+    """``1 image``, ``3 images``: a number and its noun, plural unless it is 1."""
+    return f"{number:,} {noun}" if number == 1 else f"{number:,} {noun}s"
 
 
 def shorten(text: str, limit: int) -> str:

@@ -178,7 +178,7 @@ class ConsistencyObjective(Objective):
 
     Loss per sample: lambda(sigma) * (sqrt(|a - b|^2 + c^2) - c), the pseudo-Huber distance with
     c = 0.00054 sqrt(dimensions) and lambda = 1 / (sigma_{n+1} - sigma_n) (improved CT, sec. 3.3
-    and 3.5); levels drawn log-normally over the discretisation (their sec. 3.4). ``weighting =
+    and 3.1); levels drawn log-normally over the discretisation (their sec. 3.5). ``weighting =
     "uniform"`` is the original paper's instead: n uniform over the N - 1 pairs, lambda = 1
     (Song et al. 2023, Algorithms 2 and 3).
     """

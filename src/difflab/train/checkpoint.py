@@ -297,12 +297,23 @@ def stored_config(path: str | Path) -> Config:
     if path.is_file():
         return validate(from_dict(upgrade(_exported_metadata(path, "config"))))
     if not path.exists():
+        if path.parent.name == "checkpoints" and _STEP_DIR.match(path.name):
+            kept = [p.name for p in list_checkpoints(path.parent.parent)] or ["none"]
+            raise DifflabError(
+                f"checkpoint {path} does not exist; {path.parent.parent} keeps: {', '.join(kept)}"
+                " (train.snapshot_every keeps more)"
+            )
         kind = "exported file" if path.suffix == ".safetensors" else "run directory"
         raise DifflabError(
             f"{kind} {path} does not exist; give a run directory or an exported .safetensors"
         )
     if not path.is_dir():
         raise DifflabError(f"{path} is neither a run directory nor an exported .safetensors file")
+    if path.parent.name == "checkpoints" and _STEP_DIR.match(path.name):
+        raise DifflabError(
+            f"{path} is a checkpoint of {path.parent.parent}: give the run (sample, eval and "
+            f"export take --checkpoint {path.name}, load_run checkpoint=)"
+        )
     return load_json(path / "config.json")
 
 
