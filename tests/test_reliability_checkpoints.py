@@ -194,8 +194,8 @@ def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint(checkpointe
 
     monkeypatch.setattr(shutil, "rmtree", die_half_way)  # how difflab.io deletes a folder
     with pytest.raises(Killed):
-        C.prune_checkpoints(checkpointed, keep_last=1, snapshot_every=0)
+        C.prune_checkpoints(checkpointed, keep_last=1, snapshot_every=0, step=6)
     monkeypatch.undo()
     assert assert_every_checkpoint_loads(checkpointed) == 6
-    C.prune_checkpoints(checkpointed, keep_last=1, snapshot_every=0)
+    C.prune_checkpoints(checkpointed, keep_last=1, snapshot_every=0, step=6)
     assert [p.name for p in C.checkpoint_dir(checkpointed).iterdir()] == ["step-00000006"]

@@ -39,3 +39,52 @@ def test_counts_of_one_are_singular_and_a_data_line_says_its_count_once(
     assert code == 0, err
     (line,) = [line for line in err.splitlines() if "data: " in line]
     assert line.endswith(f"data: folder {image_folder} (24 images)"), line
+
+
+def test_a_resume_past_a_damaged_checkpoint_keeps_the_checkpoints_it_writes(
+    tiny_preset, image_folder, tmp_path, capsys
+):
+    """keep_last = 1, the newest checkpoint damaged: a resume from the one before deleted each
+    checkpoint it wrote (the damaged folder counted as the newest) and said "trained to step 3"."""
+    from difflab.train.checkpoint import list_checkpoints
+
+    run = tmp_path / "run"
+    args = ["train", "--preset", tiny_preset, "--data", image_folder, "--out", run, "--steps", 4]
+    args += ["--checkpoint-every", 1, "--no-progress", "--set", "train.sample_every_kimg=0"]
+    code, _, err = run_cli(
+        capsys, *args, "--set", "train.keep_last=1", "--set", "train.snapshot_every=2"
+    )
+    assert code == 0, err
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004"]
+    state = run / "checkpoints" / "step-00000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    code, out, err = run_cli(capsys, "train", "--resume", run, "--steps", 3, "--no-progress")
+    assert code == 0 and "skipping a damaged checkpoint" in err and "to step 3" in out, err
+    names = [p.name for p in list_checkpoints(run)]
+    assert names == ["step-00000002", "step-00000003", "step-00000004"], names
+
+
+def test_the_apis_picture_savers_keep_off_a_runs_files(teacher, tmp_path):
+    """`difflab.save_grid(x, RUN / "config.json")` wrote a PNG over the run's config (and into
+    its checkpoints); a folder as the path leaked a temporary file's name."""
+    import pytest
+    import torch
+
+    import difflab
+
+    images = torch.zeros(2, 3, 8, 8)
+    config = (teacher / "config.json").read_bytes()
+    weights = teacher / "checkpoints" / "step-00000004" / "grid.png"
+    folder = tmp_path / "grid.png"
+    folder.mkdir()
+    calls = [
+        (lambda: difflab.save_grid(images, teacher / "config.json"), "must end in .png"),
+        (lambda: difflab.save_grid(images, weights), "is in "),
+        (lambda: difflab.save_grid(images, folder), "is a folder; give a file name"),
+        (lambda: difflab.viz.save_gif(images, teacher / "log.jsonl"), "must end in .gif"),
+    ]
+    for call, message in calls:
+        with pytest.raises(difflab.DifflabError, match=message):
+            call()
+    assert (teacher / "config.json").read_bytes() == config and not weights.exists()
+    assert difflab.save_grid(images, tmp_path / "GRID.PNG").is_file()

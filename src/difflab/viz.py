@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
 from difflab.errors import DifflabError
-from difflab.io import atomic_write
+from difflab.io import atomic_write, check_output_file
 
 _PADDING = 2
 _STRIP_FRAME_PX = 128
@@ -42,6 +42,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Save [N, C, H, W] images as one PNG grid, `nrow` images per row (default ceil(sqrt(N)))."""
+    path = check_output_file(Path(path), "path", (".png",), "the grid")
     return _save_image(_grid(images, nrow), path, "PNG")
 
 
@@ -57,6 +58,7 @@ def save_images(images: torch.Tensor, folder: str | Path, start_index: int = 0) 
 
 def save_strip(frames: torch.Tensor, path: str | Path, labels: Sequence[str] | None = None) -> Path:
     """Save [F, C, H, W] frames side by side in one PNG, enlarged, with optional labels below."""
+    path = check_output_file(Path(path), "path", (".png",), "the strip")
     frames = _as_batch(frames)
     if labels is not None and len(labels) != frames.shape[0]:
         raise DifflabError(f"got {len(labels)} labels for {frames.shape[0]} frames")
@@ -80,6 +82,7 @@ def save_gif(
     Each frame shows for `duration_ms`, the last one longer. Pillow merges identical
     consecutive frames into one with their summed duration.
     """
+    path = check_output_file(Path(path), "path", (".gif",), "the GIF")
     if frames.dim() == 5:
         pictures = [_grid(frame, nrow) for frame in frames]
     elif frames.dim() == 4:

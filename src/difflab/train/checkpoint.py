@@ -123,15 +123,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int, snapshot_every: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints, every snapshot (step % snapshot_every == 0)
-    and every guide (a folder marked ``GUIDE_MARK``)."""
+def prune_checkpoints(run_dir: Path, keep_last: int, snapshot_every: int, step: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints up to ``step`` (the one just written), every
+    snapshot (step % snapshot_every == 0) and every guide (a folder marked ``GUIDE_MARK``).
+    Folders past ``step`` (damaged ones a resume skipped) are not counted: they would push the
+    new checkpoints out. Training replaces each when it reaches its step."""
     folder = checkpoint_dir(run_dir)
     for pattern in (".tmp-*", ".old-*", ".del-*"):  # left by a process killed half-way
         for stale in folder.glob(pattern):
             if pattern == ".del-*" or not stale.name.endswith(f"-{os.getpid()}"):
                 delete_path(stale)
-    paths = list_checkpoints(run_dir)
+    paths = [path for path in list_checkpoints(run_dir) if checkpoint_step(path) <= step]
     for path in paths[: max(len(paths) - keep_last, 0)]:
         step = checkpoint_step(path)
         if (snapshot_every and step % snapshot_every == 0) or (path / GUIDE_MARK).exists():

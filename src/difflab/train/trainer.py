@@ -407,4 +407,4 @@ class Trainer:
         }
         guide = 0 < self.step == guide_step(self.config)  # kept: the run's autoguidance guide
         save_checkpoint(self.run_dir, self.step, self.net, self.ema, state, guide)
-        prune_checkpoints(self.run_dir, t.keep_last, t.snapshot_every)
+        prune_checkpoints(self.run_dir, t.keep_last, t.snapshot_every, self.step)
