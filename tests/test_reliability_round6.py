@@ -88,3 +88,52 @@ def test_the_apis_picture_savers_keep_off_a_runs_files(teacher, tmp_path):
             call()
     assert (teacher / "config.json").read_bytes() == config and not weights.exists()
     assert difflab.save_grid(images, tmp_path / "GRID.PNG").is_file()
+
+
+def test_a_pipe_named_like_an_image_is_skipped_not_waited_on(tmp_path, caplog):
+    """`mkfifo data/pipe.png`: loading the folder waited for a writer for ever."""
+    import os
+    import threading
+
+    from conftest import make_images
+
+    from difflab.data import load_images
+
+    folder = make_images(tmp_path / "data", 3, classes=("cars",)) / "cars"
+    os.mkfifo(folder / "pipe.png")
+    loaded = []
+    worker = threading.Thread(target=lambda: loaded.append(load_images(str(folder), None, 8)))
+    worker.daemon = True  # a hang must not keep the test process alive
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "loading waited on the pipe"
+    assert len(loaded[0].images) == 3 and "skipped 1 unreadable image: pipe.png" in caplog.text
+
+
+def test_resume_refuses_a_sampler_or_preset_and_may_keep_more_checkpoints(checkpointed, capsys):
+    """`train --resume RUN --sampler euler` and `--preset tutorial` trained on without a word
+    (the sampler unchanged); keep_last and snapshot_every, which compute nothing, were refused."""
+    import json
+
+    for flags in (["--sampler", "euler"], ["--preset", "tutorial"]):
+        code, _, err = run_cli(capsys, "train", "--resume", checkpointed, "--steps", 8, *flags)
+        assert_one_line_error(code, err, f"{flags[0]} cannot change when resuming")
+    more = ["--set", "train.keep_last=5", "--set", "train.snapshot_every=4"]
+    code, _, err = run_cli(capsys, "train", "--resume", checkpointed, "--steps", 7, *more)
+    assert code == 0, err
+    train = json.loads((checkpointed / "config.json").read_text())["train"]
+    assert (train["keep_last"], train["snapshot_every"]) == (5, 4)
+
+
+def test_a_length_set_by_set_replaces_the_presets_as_the_flags_do(
+    tiny_preset, image_folder, tmp_path, capsys
+):
+    """`--set train.time_limit=...` kept the preset's 6 steps beside it (flow-cpu's 200,000: the
+    run never cooled down nor got its guide); `--time-limit` replaced them."""
+    import json
+
+    args = ["train", "--preset", tiny_preset, "--data", image_folder, "--no-progress"]
+    code, _, err = run_cli(capsys, *args, "--set", "train.images=16", "--out", tmp_path / "r")
+    assert code == 0, err
+    train = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert (train["steps"], train["images"]) == (0, 16)

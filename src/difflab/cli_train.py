@@ -36,9 +36,12 @@ def _train_config(args: argparse.Namespace):
             config.sampler = SamplerConfig()
     if args.network:
         config.network.name = args.network
-    if any(getattr(args, name) is not None for name in ("steps", "images", "time_limit")):
-        # A length on the command line is the run's length: the preset's own (flow-cpu's
-        # 200,000 steps) would otherwise outlast a --time-limit and keep a cool-down away.
+    lengths = ("steps", "images", "time_limit")
+    set_keys = {_key(item) for item in args.set}
+    if any(getattr(args, n) is not None or f"train.{n}" in set_keys for n in lengths):
+        # A length on the command line (flag or --set) is the run's length: the preset's own
+        # (flow-cpu's 200,000 steps) would otherwise outlast a time limit and keep a cool-down
+        # away.
         config.train.steps, config.train.images, config.train.time_limit = 0, 0, 0.0
     overrides = _flags(args, *RUN_FLAGS, "data.source", "data.class_name", "sampler.name")
     config = _absolute_paths(validate(apply_overrides(config, overrides + args.set)))
@@ -105,6 +108,8 @@ RESUMABLE = {
     "train.time_limit",
     "train.device",
     "train.checkpoint_every",
+    "train.keep_last",  # which checkpoints stay: nothing a step computes
+    "train.snapshot_every",
     # the schedule too, where the steps already taken keep their rates (the trainer checks):
     # a constant rate's run can end in a cool-down (warm-up, stable, decay)
     "train.lr_schedule",
@@ -126,7 +131,8 @@ def _resume_config(args: argparse.Namespace):
     check_existing_run_dir(run_dir)
     config = load_json(run_dir / "config.json")
     changed = {
-        "--preset": args.preset != "tutorial" and args.preset_given,
+        "--preset": args.preset_given,
+        "--sampler": args.sampler and args.sampler != config.sampler.name,
         "--data": args.data,
         "--class": args.class_name,
         "--batch-size": args.batch_size,
@@ -140,7 +146,8 @@ def _resume_config(args: argparse.Namespace):
         if value:
             raise DifflabError(
                 f"{flag} cannot change when resuming {run_dir}; only --steps, --images, "
-                "--time-limit and --device can (start a new run for the rest)"
+                "--time-limit, --device and --checkpoint-every can (start a new run for the rest; "
+                "sample and eval take --sampler)"
             )
     for item in args.set:
         if _key(item) not in RESUMABLE:

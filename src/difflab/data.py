@@ -323,6 +323,8 @@ def _warn_skipped(names: list[str], reason: str) -> None:
 
 def _decode(path: Path, size: int) -> np.ndarray | str:
     """One file as uint8 [size, size, 3], or why not (``UNREADABLE``, ``TOO_LARGE``)."""
+    if not path.is_file():  # a pipe or a device: opening one can wait for ever
+        return UNREADABLE
     try:
         with Image.open(path) as image:
             if image.width * image.height > MAX_PIXELS:  # from the header, before decoding
