@@ -137,3 +137,30 @@ def test_a_length_set_by_set_replaces_the_presets_as_the_flags_do(
     assert code == 0, err
     train = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
     assert (train["steps"], train["images"]) == (0, 16)
+
+
+def test_distill_refuses_another_teacher_by_set_and_data_of_other_classes_first(
+    teacher, tmp_path, capsys
+):
+    """`--set method.consistency.teacher=OTHER` distilled from OTHER while the config named
+    RUN_DIR; data without the teacher's classes said "resume with the data it was trained on"
+    and left a folder behind."""
+    from conftest import make_images
+
+    out = tmp_path / "student"
+    args = ["distill", teacher, "--out", out, "--steps", 1, "--no-progress"]
+    for setting in ("teacher", "teacher_guide", "teacher_guidance"):
+        code, _, err = run_cli(capsys, *args, "--set", f"method.consistency.{setting}=1")
+        assert_one_line_error(code, err, f"--set method.consistency.{setting}: distill's RUN_DIR")
+    conditional = tmp_path / "cond"
+    images = make_images(tmp_path / "three", 4, classes=("a", "b", "c"))
+    code, _, err = run_cli(
+        capsys, "train", "--preset", "flow-cpu-cond", "--data", make_images(conditional, 4),
+        "--steps", 1, "--batch-size", 4, "--set", "network.unet.channels=8",
+        "--set", "data.image_size=8", "--no-progress", "--out", tmp_path / "c",
+    )  # fmt: skip
+    assert code == 0, err
+    distill = ["distill", tmp_path / "c", "--out", out, "--data", images, "--steps", 1]
+    code, _, err = run_cli(capsys, *distill)
+    assert_one_line_error(code, err, "the run learned the classes 0=cars, 1=ships, but")
+    assert "give data with those class folders" in err and not out.exists()

@@ -40,20 +40,31 @@ def learn_classes(config: Config, class_names: list[str], source: str) -> Config
             f"data.conditional needs a network that takes classes (unet), not "
             f"{config.network.name}; drop data.conditional or use --network unet"
         )
-    restricted = config.data.class_name is not None  # --class: one class, so no classes
-    names = list(class_names) if len(class_names) >= 2 and not restricted else []
+    names = _learned(config, class_names)
+    check_learned(config, class_names, source)
     if not names:
         log.warning("%s has one class here: training unconditionally", source)
-    stored = config.data.class_names
-    if stored and stored != names:
-        raise DifflabError(
-            f"the run learned the classes {_listed(stored)}, but {source} has {_listed(names)}; "
-            "resume with the data it was trained on"
-        )
     data = dataclasses.replace(config.data, class_names=names)
     unet = dataclasses.replace(config.network.unet, num_classes=len(names))
     network = dataclasses.replace(config.network, unet=unet)
     return dataclasses.replace(config, data=data, network=network)
+
+
+def check_learned(config: Config, class_names: Sequence[str], source: str) -> None:
+    """A one-line error unless data whose classes are ``class_names`` has the classes the run
+    (or a student's teacher) learned; before any folder is made."""
+    stored = config.data.class_names
+    names = _learned(config, class_names)
+    if config.data.conditional and stored and stored != names:
+        raise DifflabError(
+            f"the run learned the classes {_listed(stored)}, but {source} has {_listed(names)}; "
+            "give data with those class folders (the data it was trained on)"
+        )
+
+
+def _learned(config: Config, class_names: Sequence[str]) -> list[str]:
+    restricted = config.data.class_name is not None  # --class: one class, so no classes
+    return list(class_names) if len(class_names) >= 2 and not restricted else []
 
 
 def labels_for(

@@ -121,6 +121,15 @@ RESUMABLE = {
 }
 
 
+#: Who teaches a student: set by distill from its RUN_DIR, --guide and --guidance only.
+TEACHER_SETTINGS = {
+    "method.consistency.teacher",
+    "method.consistency.teacher_guide",
+    "method.consistency.teacher_guidance",
+    "method.consistency.teacher_digest",
+}
+
+
 def _resume_config(args: argparse.Namespace):
     """The run's own config; only its length, device and (keeping the rates of the steps taken)
     learning-rate schedule may change when resuming."""
@@ -235,6 +244,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
         sampler=SamplerConfig(),
         train=length,
     )
+    named = sorted({_key(item) for item in args.set} & TEACHER_SETTINGS)
+    if named:  # the teacher is RUN_DIR, its guide --guide: both checked above
+        raise DifflabError(
+            f"--set {named[0]}: distill's RUN_DIR names the teacher, --guide and --guidance its "
+            "guide; drop the --set"
+        )
     overrides = _flags(args, *RUN_FLAGS, "data.source")
     config = _absolute_paths(validate(apply_overrides(config, overrides + args.set)))
     init = None if args.from_scratch else teacher
@@ -285,6 +300,7 @@ def _run_training(
     config, run_dir: Path, args: argparse.Namespace, *, init: Path | None, class_is_default: bool
 ) -> int:
     """Check everything that can be wrong before touching data or disk, load the data, train."""
+    from difflab.classes import check_learned
     from difflab.data import load_images
     from difflab.devices import resolve_device
     from difflab.plans import build_sampler
@@ -315,6 +331,7 @@ def _run_training(
     )
     if not data.class_names and config.data.class_name is not None:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, class_name=None))
+    check_learned(config, data.class_names, data.source)  # before the run's folder is made
     log.info("data: %s", data.source)  # where from, and how many images
     if len(data.images) < config.train.batch_size:
         log.warning(

@@ -48,7 +48,7 @@ def check_new_run_dir(run_dir: Path) -> None:
     """A new run may use an empty or missing folder, never one that holds another run."""
     if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
         raise DifflabError(
-            f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose "
+            f"{run_dir} already holds a run; continue it with difflab train --resume {run_dir} or choose "
             "another --out"
         )
     check_output_folder(run_dir, "--out")
