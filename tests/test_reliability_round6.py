@@ -164,3 +164,119 @@ def test_distill_refuses_another_teacher_by_set_and_data_of_other_classes_first(
     code, _, err = run_cli(capsys, *distill)
     assert_one_line_error(code, err, "the run learned the classes 0=cars, 1=ships, but")
     assert "give data with those class folders" in err and not out.exists()
+
+
+def test_a_resume_refuses_other_data_and_a_hand_edited_config(
+    tiny_preset, image_folder, tmp_path, capsys
+):
+    """A resume read whatever the data folder held by then (its own pictures, a sample's
+    samples.json, added images) and trained on; a hand-edited optimizer gave "unexpected
+    KeyError", edited channels called intact checkpoints damaged."""
+    import json
+    import shutil
+
+    from conftest import make_images
+
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    run = tmp_path / "run"
+    args = ["train", "--preset", tiny_preset, "--data", data, "--steps", 3, "--no-progress"]
+    code, _, err = run_cli(capsys, *args, "--out", data / "run")
+    assert_one_line_error(code, err, "is inside the data folder")
+    code, _, err = run_cli(capsys, *args, "--out", run)
+    assert code == 0, err
+    make_images(data, 1, seed=5)  # one more image per class, the same names overwritten
+    resume = ["train", "--resume", run, "--steps", 6, "--no-progress"]
+    code, _, err = run_cli(capsys, *resume)
+    assert_one_line_error(code, err, f"the data is not what {run} was trained on (24 images -> 24")
+    shutil.rmtree(data)
+    shutil.copytree(image_folder, data)
+    saved = json.loads((run / "config.json").read_text())
+    for key, value, shown in [("optimizer", "sgd", "train.optimizer: 'adam' -> 'sgd'"),
+                              ("seed", 7, "train.seed: 0 -> 7")]:  # fmt: skip
+        edited = {**saved, "train": {**saved["train"], key: value}}
+        (run / "config.json").write_text(json.dumps(edited))
+        code, _, err = run_cli(capsys, *resume)
+        assert_one_line_error(code, err, "config.json differs from the config its checkpoints")
+        assert shown in err
+    (run / "config.json").write_text(json.dumps(saved))
+    code, _, err = run_cli(capsys, *resume)  # the same data, moved back: resumes
+    assert code == 0, err
+
+
+def test_samples_and_data_stay_apart(teacher, image_folder, tmp_path, capsys):
+    """`sample --out DATA` left a samples.json that made every later reader of DATA see only
+    the samples."""
+    import shutil
+
+    from difflab.data import load_images
+
+    data = tmp_path / "flat"
+    shutil.copytree(image_folder / "cars", data)
+    code, _, err = run_cli(capsys, "sample", teacher, "--num", 2, "--steps", 1, "--out", data)
+    assert_one_line_error(code, err, "holds images that difflab sample does not write")
+    samples = tmp_path / "samples"
+    code, _, err = run_cli(capsys, "sample", teacher, "--num", 2, "--steps", 1, "--out", samples)
+    assert code == 0, err
+    assert len(load_images(str(samples), None, 8).images) == 2
+    shutil.copy(next(data.iterdir()), samples / "real.png")  # mixed by hand
+    import pytest
+
+    from difflab.errors import DifflabError
+
+    with pytest.raises(DifflabError, match=r"holds difflab samples .* and 1 other images"):
+        load_images(str(samples), None, 8)
+
+
+def test_init_from_another_network_is_one_line_before_the_data_loads(
+    teacher, tiny_preset, image_folder, tmp_path, capsys
+):
+    """`train --init RUN` of another network: four lines calling good checkpoints damaged
+    (torch's reason cut off) after the data loaded, and a folder holding only .lock."""
+    import torch
+
+    from difflab.errors import DifflabError
+    from difflab.train.checkpoint import load_weights_into
+
+    out = tmp_path / "new"
+    args = ["train", "--preset", tiny_preset, "--data", image_folder, "--out", out, "--steps", 1]
+    code, _, err = run_cli(capsys, *args, "--init", teacher, "--set", "network.unet.channels=16")
+    assert_one_line_error(code, err, "holds another network (network.unet.channels: 8 there, 16")
+    assert "data:" not in err and not out.exists()
+    code, _, err = run_cli(capsys, *args, "--init", teacher, "--set", "method.name='flow'")
+    assert (
+        code == 0 and "was trained as edm: its weights learned another task than flow's" in err
+    ), err
+    net = torch.nn.Linear(2, 3)
+    try:
+        load_weights_into(net, {"weight": torch.zeros(3, 4), "bias": torch.zeros(3)}, tmp_path)
+    except DifflabError as error:
+        assert "weight: (3, 4) there, (3, 2) here" in str(error)
+    else:
+        raise AssertionError("loaded weights of another shape")
+
+
+def test_small_things_of_round_six(teacher, tiny_preset, image_folder, tmp_path, capsys):
+    """`-q` showed training's bar; a preset file named .TOML was "unknown preset"; version 99
+    said nothing to do; the tutorial sampler told API users to drop a --steps flag."""
+    import shutil
+
+    import pytest
+
+    import difflab
+    from difflab.config import load_preset
+
+    upper = tmp_path / "P.TOML"
+    shutil.copy(tiny_preset, upper)
+    assert load_preset(str(upper)).network.name == "unet"
+    future = tmp_path / "future.toml"
+    future.write_text(tiny_preset.read_text().replace("[data]", "version = 99\n[data]"))
+    with pytest.raises(difflab.DifflabError, match="drop version from the preset"):
+        difflab.config.validate(load_preset(str(future)))
+    args = ["-q", "train", "--preset", tiny_preset, "--data", image_folder, "--steps", 2]
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "q")
+    assert code == 0 and "it/s" not in err and "%|" not in err, err
+    run = difflab.load_run(teacher)
+    with pytest.raises(difflab.DifflabError, match="keeps every step of 100,000 images: 768 GB"):
+        run.generate(100_000, record=True, sampler="euler", steps=10_000)
+    assert run.generate(2, record=1, sampler="euler", steps=2).frames.shape[1] == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,13 @@ class Run:
                 "build it with this run's plan()"
             )
         plan = plan or self.plan(sampler, steps)
+        recorded = min(num, num if record is True else record)
+        size = recorded * (plan.num_steps + 1) * math.prod(self.image_shape) * 4  # float32 frames
+        if size > MAX_RECORD_BYTES:
+            raise DifflabError(
+                f"record={record!r} keeps every step of {recorded:,} images: {size / 1e9:.0f} GB; "
+                f"record fewer (record=16 keeps 16 images' steps), or fewer steps"
+            )
         guide = None if self.guide is None else self.method.denoiser(self.guide)
         labels, guidance = bind_request(
             label, guidance, self.class_names, num, start, self.config.sampler.guidance,
@@ -157,6 +165,7 @@ class Run:
 #: SamplerConfig fields that are not the plan's: its name (plan()'s sampler), guidance
 #: (generate()'s) and the run's own guide (guide_at, fixed in training).
 NOT_PLAN_OPTIONS = frozenset({"name", "guidance", "guide_at"})
+MAX_RECORD_BYTES = 8e9  # what generate(record=...) may keep of the reverse process (host memory)
 STEPS = Limits(low=1, high=MAX_SAMPLER_STEPS, integer=True)
 NUM = Limits(low=1, high=MAX_IMAGES, integer=True)
 BATCH = Limits(low=1, high=MAX_SAMPLE_BATCH, integer=True)

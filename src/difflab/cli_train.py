@@ -102,25 +102,6 @@ def _literal(value: object) -> str:
     return text if parse_value(text) == value else str(value)
 
 
-RESUMABLE = {
-    "train.steps",
-    "train.images",
-    "train.time_limit",
-    "train.device",
-    "train.checkpoint_every",
-    "train.keep_last",  # which checkpoints stay: nothing a step computes
-    "train.snapshot_every",
-    # the schedule too, where the steps already taken keep their rates (the trainer checks):
-    # a constant rate's run can end in a cool-down (warm-up, stable, decay)
-    "train.lr_schedule",
-    "train.cooldown",
-    "train.min_lr",
-    # a distilled student's teacher and its guide, moved (the same weights at a new path)
-    "method.consistency.teacher",
-    "method.consistency.teacher_guide",
-}
-
-
 #: Who teaches a student: set by distill from its RUN_DIR, --guide and --guidance only.
 TEACHER_SETTINGS = {
     "method.consistency.teacher",
@@ -134,7 +115,7 @@ def _resume_config(args: argparse.Namespace):
     """The run's own config; only its length, device and (keeping the rates of the steps taken)
     learning-rate schedule may change when resuming."""
     from difflab.config import apply_overrides, load_json, validate
-    from difflab.train.rundir import check_existing_run_dir
+    from difflab.train.rundir import RESUMABLE, check_existing_run_dir
 
     run_dir = Path(args.resume)
     check_existing_run_dir(run_dir)
@@ -175,6 +156,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{config.preset}-{stamp}")
     init = Path(args.init) if args.init else None
+    if init is not None and init.exists():  # (distill checks its teacher's weights itself)
+        _check_init(init, config)
     given = args.class_name is not None or any(_key(i) == "data.class_name" for i in args.set)
     class_is_default = not args.resume and not given
     return _run_training(config, run_dir, args, init=init, class_is_default=class_is_default)
@@ -290,6 +273,33 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return _run_training(config, Path(args.out), args, init=init, class_is_default=True)
 
 
+def _check_init(init: Path, config) -> None:
+    """--init's weights fit this run's network (one line naming the first setting that differs,
+    before the data loads); another method's are a weak start, said so."""
+    from difflab.config import flatten
+    from difflab.train.checkpoint import stored_config
+
+    source = stored_config(init)
+    there = flatten(dataclasses.asdict(_weight_shapes(source.network)), "network.")
+    here = flatten(dataclasses.asdict(_weight_shapes(config.network)), "network.")
+    there["data.image_size"], here["data.image_size"] = (
+        source.data.image_size, config.data.image_size  # attention sits at a resolution
+    )  # fmt: skip
+    key = next((k for k in sorted(here) if there.get(k) != here[k]), None)
+    if key is not None:
+        raise DifflabError(
+            f"--init {init} holds another network ({key}: {there.get(key)!r} there, "
+            f"{here[key]!r} here); use its network settings, or drop --init"
+        )
+    if source.method.name != config.method.name:
+        log.warning(
+            "--init %s was trained as %s: its weights learned another task than %s's, a weak start",
+            init,
+            source.method.name,
+            config.method.name,
+        )
+
+
 def _weight_shapes(network: NetworkConfig) -> NetworkConfig:
     """The settings that make a network's weights: all but its dropout, which a student may
     change (improved CT and ECT tune consistency models with more of it than their teachers)."""
@@ -319,6 +329,12 @@ def _run_training(
         logging.getLogger().setLevel(logging.WARNING)
     if not resume:
         check_new_run_dir(run_dir)
+        source = Path(config.data.source).expanduser()
+        if source.is_dir() and run_dir.resolve().is_relative_to(source.resolve()):
+            raise DifflabError(
+                f"--out {run_dir} is inside the data folder {source}: its pictures would become "
+                "training images; choose an --out outside it"
+            )
     if init is not None and not init.exists():
         raise DifflabError(
             f"--init {init} does not exist; give an exported .safetensors or a run directory"
@@ -341,7 +357,12 @@ def _run_training(
         )
     try:
         result = train(
-            config, run_dir, resume=resume, init=init, data=data, progress=not args.no_progress
+            config,
+            run_dir,
+            resume=resume,
+            init=init,
+            data=data,
+            progress=not (args.no_progress or args.quiet),  # -q: only warnings and errors
         )
     except Interrupted as stop:
         if follower:

@@ -156,6 +156,17 @@ def from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, values, "")
 
 
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as one table by dotted name: ``{"train.lr": 0.001, ...}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def replace_checked(section: Any, prefix: str, **changes: Any) -> Any:
     """``section`` (a config dataclass) with ``changes``, each checked as ``--set
     PREFIX.NAME=VALUE`` would be: an unknown name or a wrong type is a one-line error."""
@@ -178,8 +189,8 @@ def preset_text(name: str) -> str:
 
 def load_preset(name_or_path: str) -> Config:
     """A shipped preset by name, or a user's TOML file in the same format."""
-    if name_or_path.endswith(".toml"):
-        text, name = _read_preset_file(Path(name_or_path)), Path(name_or_path).stem
+    if name_or_path.lower().endswith(".toml"):
+        text, name = _read_preset_file(Path(name_or_path).expanduser()), Path(name_or_path).stem
     else:
         text, name = preset_text(name_or_path), name_or_path
     try:
@@ -273,7 +284,11 @@ def validate(config: Config) -> Config:
     and samplers are checked when the registry builds them). Of the method options, only the
     chosen method's section is checked: the others are not used."""
     t, m = config.train, config.method
-    _check(config.version == CONFIG_VERSION, f"config version {config.version} is not supported")
+    _check(
+        config.version == CONFIG_VERSION,
+        f"config version {config.version} is not supported (this difflab writes "
+        f"{CONFIG_VERSION}); drop version from the preset, or start from a shipped one",
+    )
     unused = frozenset(f"method.{name}" for name in set(METHOD_SECTIONS.values()) - {m.section})
     check_limits(config, skip=unused)
     _check(

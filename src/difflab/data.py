@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +18,10 @@ from PIL import Image, ImageOps
 from torchvision.datasets import CIFAR10
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
 
 from difflab.errors import DifflabError, brief
+from difflab.io import is_run
 
 log = logging.getLogger("difflab")
 
@@ -27,6 +30,7 @@ _FOLDER_HINT = "give a folder of images (class subfolders or a flat folder of im
 _NAMES_IN_MESSAGE = 5
 _CLASSES_IN_MESSAGE = 30
 _SERIAL_BELOW = 64
+_BAR_FROM = 5000  # images: loading this many shows a progress bar (CIFAR-10: 50,000)
 SAMPLES_MANIFEST = "samples.json"  # written by difflab sample: which files are the samples
 SAMPLE_PICTURES = ("grid.png", "strip.png", "reverse-process.gif")  # beside them: not samples
 #: Pixels (width x height, from the file's header) above which an image is not decoded: 64
@@ -202,7 +206,26 @@ def _listed_samples(folder: Path) -> list[Path] | None:
     except (OSError, ValueError, KeyError, TypeError) as error:
         log.warning("ignored %s (%s): reading every image in %s", manifest, brief(error), folder)
         return None
+    others = [path.name for path in foreign_images(folder) if path not in set(files)]
+    if others and not is_run(folder.parent):  # a run's pictures/ holds training's pictures
+        # a data folder that a sample went into: neither part alone is the data
+        raise DifflabError(
+            f"{folder} holds difflab samples ({SAMPLES_MANIFEST}) and {len(others)} other "
+            f"images ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): move the "
+            "samples to a folder of their own"
+        )
     return files
+
+
+def foreign_images(folder: Path) -> list[Path]:
+    """Images directly in ``folder`` that ``difflab sample`` does not write (00000.png, ... and
+    its pictures): a sign that the folder holds data."""
+    sample = re.compile(r"\d{5,}\.png")
+    return [
+        path
+        for path in image_files(folder)
+        if not sample.fullmatch(path.name) and path.name not in SAMPLE_PICTURES
+    ]
 
 
 def _load_class_folders(
@@ -306,11 +329,20 @@ def _decode_many(files: list[Path], size: int) -> list[np.ndarray | str]:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         if len(files) < _SERIAL_BELOW or workers == 1:
             return [_decode(path, size) for path in files]
-        step = -(-len(files) // (4 * workers))
+        step = -(-len(files) // (16 * workers))
         chunks = [files[i : i + step] for i in range(0, len(files), step)]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            decoded = pool.map(lambda chunk: [_decode(path, size) for path in chunk], chunks)
-            return [array for chunk in decoded for array in chunk]
+        shown = None if len(files) >= _BAR_FROM else True  # None: on a terminal only
+        with (
+            ThreadPoolExecutor(max_workers=workers) as pool,
+            tqdm(
+                total=len(files), desc="loading images", unit="img", disable=shown, leave=False
+            ) as bar,
+        ):
+            arrays: list[np.ndarray | str] = []
+            for chunk in pool.map(lambda chunk: [_decode(path, size) for path in chunk], chunks):
+                arrays.extend(chunk)
+                bar.update(len(chunk))
+            return arrays
 
 
 def _warn_skipped(names: list[str], reason: str) -> None:

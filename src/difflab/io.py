@@ -178,7 +178,7 @@ def check_output_file(
     return path
 
 
-def _is_run(folder: Path) -> bool:
+def is_run(folder: Path) -> bool:
     """A difflab run folder: its config.json is difflab's (a version and a method), beside a
     log or checkpoints."""
     config = folder / "config.json"
@@ -195,7 +195,7 @@ def _check_not_a_run_file(path: Path, flag: str) -> None:
     """Refuse ``path`` when it is (or is inside) the config, a log or the checkpoints of the
     innermost run folder above it (links and ``..`` followed)."""
     path = path.resolve()
-    run = next((p for p in path.parents if _is_run(p)), None)
+    run = next((p for p in path.parents if is_run(p)), None)
     own = run is not None and path.relative_to(run).parts[0]
     if own in RUN_FILES:
         raise DifflabError(f"{flag} {path} is in {run}'s own {own}; choose another {flag}")

@@ -150,7 +150,7 @@ def build_sampler(method: Method, sampler: SamplerConfig) -> SamplingPlan:
     if _is_tutorial(method) and steps != method.process.num_levels:
         raise DifflabError(
             f"the tutorial sampler only runs the {method.process.num_levels} levels it was "
-            f"trained on; drop --steps or use {method.process.num_levels}"
+            f"trained on; leave the steps at the default or give {method.process.num_levels}"
         )
     grid_name = spec.grid if sampler.grid == "default" else sampler.grid
     if grid_name != "process" and _is_tutorial(method):

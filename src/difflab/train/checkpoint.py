@@ -97,6 +97,8 @@ def _write_files(
     tmp: Path, step: int, net: nn.Module, ema: nn.Module | None, state: dict[str, Any]
 ) -> None:
     metadata = {"config": json.dumps(state["config"]), "step": str(step)}
+    if "data" in state:  # what the run trained on (train.rundir.data_record)
+        metadata["data"] = json.dumps(state["data"])
     save_file(_state_dict_cpu(net), str(tmp / "net.safetensors"), metadata=metadata)
     if ema is not None:
         save_file(_state_dict_cpu(ema), str(tmp / "ema.safetensors"), metadata=metadata)
@@ -201,6 +203,18 @@ def newest_usable(run_dir: Path, use: Callable[[Checkpoint], T]) -> T | None:
     return None
 
 
+def newest_metadata(run_dir: Path) -> dict[str, str] | None:
+    """The metadata of the newest checkpoint whose net.safetensors reads (its config, step and
+    data), without loading any weights; None when there is none."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            with safe_open(str(path / "net.safetensors"), "pt") as handle:
+                return handle.metadata() or {}
+        except (OSError, SafetensorError):
+            continue
+    return None
+
+
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     """The newest readable checkpoint; unreadable newer ones are reported and skipped."""
     return newest_usable(run_dir, lambda checkpoint: checkpoint)
@@ -212,9 +226,22 @@ def load_weights_into(module: nn.Module, weights: dict[str, torch.Tensor], sourc
         module.load_state_dict(weights, strict=True)
     except RuntimeError as error:
         raise DifflabError(
-            f"weights in {source} do not match this network ({brief(error)}); check the config's "
-            "network settings"
+            f"weights in {source} do not match this network ({_mismatch(module, weights, error)}); "
+            "check the config's network settings"
         ) from None
+
+
+def _mismatch(module: nn.Module, weights: dict[str, torch.Tensor], error: Exception) -> str:
+    """The first difference between ``weights`` and ``module``'s, where torch's message puts
+    it on a later line than ``brief`` keeps."""
+    own = module.state_dict()
+    for name, value in own.items():
+        if name not in weights:
+            return f"{name} missing"
+        if tuple(weights[name].shape) != tuple(value.shape):
+            return f"{name}: {tuple(weights[name].shape)} there, {tuple(value.shape)} here"
+    extra = next((name for name in weights if name not in own), None)
+    return f"{extra} not in this network" if extra else brief(error)
 
 
 # --------------------------------------------------------------------------- whole models

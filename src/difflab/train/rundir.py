@@ -1,14 +1,112 @@
-"""The run directory: one owner at a time, never silently overwritten."""
+"""The run directory: one owner at a time, never silently overwritten, and resumed only as the
+run it is (the same settings and data)."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import IO
 
+from difflab.config import Config, flatten, from_dict, upgrade
+from difflab.data import ImageSet
 from difflab.errors import DifflabError
 from difflab.io import check_output_folder, make_folder
+from difflab.train.schedule import first_changed_rate, lr_at
+
+#: Settings a resume may change (``--set`` on ``train --resume``).
+RESUMABLE = {
+    "train.steps",
+    "train.images",
+    "train.time_limit",
+    "train.device",
+    "train.checkpoint_every",
+    "train.keep_last",  # which checkpoints stay: nothing a step computes
+    "train.snapshot_every",
+    # the schedule too, where the steps already taken keep their rates (the trainer checks):
+    # a constant rate's run can end in a cool-down (warm-up, stable, decay)
+    "train.lr_schedule",
+    "train.cooldown",
+    "train.min_lr",
+    # a distilled student's teacher and its guide, moved (the same weights at a new path)
+    "method.consistency.teacher",
+    "method.consistency.teacher_guide",
+}
+
+#: ... and what else may differ between a run's config.json and the config its checkpoints were
+#: trained with: names, the machine, how often it logs, previews and checkpoints, the sampler of
+#: its pictures, the data's path (the data itself is compared), and the rest of the schedule
+#: (the trainer checks that the rates of the steps taken stay).
+MAY_DIFFER = RESUMABLE | {
+    "preset", "description", "version", "world_size", "data.source", "train.accumulation",
+    "train.sample_every_kimg", "train.num_preview", "train.log_every", "train.eval_every_kimg",
+    "train.eval_num", "train.eval_ref", "train.precision", "train.compile", "train.compile_mode",
+    "train.compile_layout", "train.channels_last", "train.fused_optimizer", "train.lr",
+    "train.warmup_steps", "train.round_steps", "train.round_decay", "train.cosine_steps",
+}  # fmt: skip
+
+
+def data_record(data: ImageSet) -> dict[str, object]:
+    """What a run trained on, as its checkpoints record it: the number of images and a digest
+    of their pixels and labels (a moved folder is the same data; an added image is not)."""
+    digest = hashlib.sha256(data.images.contiguous().numpy().data)
+    digest.update(data.labels.contiguous().numpy().data)
+    return {"images": len(data.images), "digest": digest.hexdigest()[:16]}
+
+
+def check_same_run(
+    run_dir: Path, metadata: dict[str, str], config: Config, data: dict[str, object]
+) -> None:
+    """A resume goes on with the run its newest checkpoint (``metadata``) was trained as: the
+    same settings but those in ``MAY_DIFFER``, and the same data."""
+    advice = f"or start a new run from its weights with --init {run_dir}"
+    trained, before = _read(metadata, "data"), _read(metadata, "config")
+    if isinstance(before, dict):
+        try:
+            before = flatten(from_dict(upgrade(before)).to_dict())
+        except DifflabError:  # a damaged record: loading the checkpoint will say what is wrong
+            before = {}
+        after = flatten(config.to_dict())
+        keys = (before.keys() | after.keys()) - MAY_DIFFER if before else set()
+        changed = sorted(k for k in keys if before.get(k) != after.get(k))
+        if changed:
+            key = changed[0]
+            raise DifflabError(
+                f"{run_dir}/config.json differs from the config its checkpoints were trained "
+                f"with ({key}: {before.get(key)!r} -> {after.get(key)!r}); restore it, {advice}"
+            )
+    if isinstance(trained, dict) and trained.keys() == data.keys() and trained != data:
+        what = f"{trained['images']} images -> {data['images']}"
+        if trained["images"] == data["images"]:
+            what += ", other pixels"
+        raise DifflabError(
+            f"the data is not what {run_dir} was trained on ({what}): resume with the same "
+            f"images, {advice}"
+        )
+
+
+def _read(metadata: dict[str, str], key: str) -> object:
+    """A JSON record of a checkpoint's metadata; None when absent or unreadable."""
+    try:
+        return json.loads(metadata[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def check_past_rates(run_dir: Path, trained: dict, config: Config, step: int) -> None:
+    """A resumed run is the run its config describes: a new length or schedule may not change
+    the learning rate of a step already taken (``trained``: the resumed checkpoint's config)."""
+    before, after = from_dict(upgrade(trained)).train, config.train
+    changed = first_changed_rate(before, after, step)
+    if changed is not None:
+        raise DifflabError(
+            f"resuming {run_dir} so would change the learning rate of a step it has "
+            f"taken (step {changed:,}: {lr_at(changed, before):.3g} -> "
+            f"{lr_at(changed, after):.3g}): keep its length and schedule, or start a new run "
+            f"from its weights with --init {run_dir}"
+        )
 
 
 class RunLock:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from difflab.classes import learn_classes
-from difflab.config import Config, from_dict, save_json, upgrade
+from difflab.config import Config, save_json
 from difflab.data import ImageSet, load_images
 from difflab.denoisers import Denoiser
 from difflab.devices import (
@@ -50,14 +50,22 @@ from difflab.train.checkpoint import (
     list_checkpoints,
     load_model,
     load_weights_into,
+    newest_metadata,
     newest_usable,
     prune_checkpoints,
     save_checkpoint,
 )
 from difflab.train.ema import make_ema, update_ema
 from difflab.train.guides import own_guide
-from difflab.train.rundir import RunLock, check_existing_run_dir, check_new_run_dir
-from difflab.train.schedule import ema_beta, first_changed_rate, guide_step, lr_at
+from difflab.train.rundir import (
+    RunLock,
+    check_existing_run_dir,
+    check_new_run_dir,
+    check_past_rates,
+    check_same_run,
+    data_record,
+)
+from difflab.train.schedule import ema_beta, guide_step, lr_at
 
 log = logging.getLogger("difflab")
 
@@ -119,7 +127,7 @@ class Trainer:
         self.config = config = learn_classes(config, data.class_names, data.source)
         self.labels = data.labels.to(device)
         self.images = data.images.to(device)
-        self.data = data
+        self.data, self.data_record = data, data_record(data)
 
         # Model, EMA, optimizer.
         self.method: Method = build_method(config)
@@ -204,9 +212,12 @@ class Trainer:
     def _load_state(self) -> None:
         """The newest checkpoint that loads and fits; damaged ones are skipped with a warning."""
         paths = list_checkpoints(self.run_dir)
+        metadata = newest_metadata(self.run_dir)
+        if metadata is not None:  # before any weights: a changed network is not "damaged"
+            check_same_run(self.run_dir, metadata, self.config, self.data_record)
         resumed = newest_usable(self.run_dir, self._load_checkpoint)
         if resumed is not None:
-            self._check_past_rates(resumed)
+            check_past_rates(self.run_dir, resumed.config, self.config, self.step)
             return
         if paths:  # starting over would let pruning delete the new checkpoints, not the bad ones
             raise DifflabError(
@@ -224,19 +235,6 @@ class Trainer:
         if t.images and self.images_seen >= t.images:
             return "images"
         return None
-
-    def _check_past_rates(self, ckpt: Checkpoint) -> None:
-        """A resumed run is the run its config describes: a new length or schedule may not change
-        the learning rate of a step already taken."""
-        before, after = from_dict(upgrade(ckpt.config)).train, self.config.train
-        changed = first_changed_rate(before, after, self.step)
-        if changed is not None:
-            raise DifflabError(
-                f"resuming {self.run_dir} so would change the learning rate of a step it has "
-                f"taken (step {changed:,}: {lr_at(changed, before):.3g} -> "
-                f"{lr_at(changed, after):.3g}): keep its length and schedule, or start a new run "
-                f"from its weights with --init {self.run_dir}"
-            )
 
     def _load_checkpoint(self, ckpt: Checkpoint) -> Checkpoint:
         load_weights_into(self.net, ckpt.net, ckpt.path)
@@ -404,6 +402,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "world_size": self.world.size,
             "config": self.config.to_dict(),
+            "data": self.data_record,
         }
         guide = 0 < self.step == guide_step(self.config)  # kept: the run's autoguidance guide
         save_checkpoint(self.run_dir, self.step, self.net, self.ema, state, guide)
