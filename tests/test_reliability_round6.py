@@ -160,6 +160,10 @@ def test_distill_refuses_another_teacher_by_set_and_data_of_other_classes_first(
         "--set", "data.image_size=8", "--no-progress", "--out", tmp_path / "c",
     )  # fmt: skip
     assert code == 0, err
+    init = ["train", "--preset", "flow-cpu-cond", "--data", conditional, "--steps", 1]
+    init += ["--batch-size", 4, "--set", "network.unet.channels=8", "--set", "data.image_size=8"]
+    code, _, err = run_cli(capsys, *init, "--init", tmp_path / "c", "--out", tmp_path / "c2")
+    assert code == 0, err  # --init from a conditional run: its classes are learned later
     distill = ["distill", tmp_path / "c", "--out", out, "--data", images, "--steps", 1]
     code, _, err = run_cli(capsys, *distill)
     assert_one_line_error(code, err, "the run learned the classes 0=cars, 1=ships, but")
@@ -185,13 +189,15 @@ def test_a_resume_refuses_other_data_and_a_hand_edited_config(
     assert_one_line_error(code, err, "is inside the data folder")
     code, _, err = run_cli(capsys, *args, "--out", run)
     assert code == 0, err
-    make_images(data, 1, seed=5)  # one more image per class, the same names overwritten
+    make_images(data / "cars", 1, seed=5, classes=("more",))  # one image more
     resume = ["train", "--resume", run, "--steps", 6, "--no-progress"]
     code, _, err = run_cli(capsys, *resume)
-    assert_one_line_error(code, err, f"the data is not what {run} was trained on (24 images -> 24")
+    assert_one_line_error(code, err, f"the data is not what {run} was trained on (24 images -> 25")
     shutil.rmtree(data)
-    shutil.copytree(image_folder, data)
+    moved = tmp_path / "moved"
+    shutil.copytree(image_folder, moved)
     saved = json.loads((run / "config.json").read_text())
+    resume += ["--data", moved]
     for key, value, shown in [("optimizer", "sgd", "train.optimizer: 'adam' -> 'sgd'"),
                               ("seed", 7, "train.seed: 0 -> 7")]:  # fmt: skip
         edited = {**saved, "train": {**saved["train"], key: value}}
@@ -200,8 +206,11 @@ def test_a_resume_refuses_other_data_and_a_hand_edited_config(
         assert_one_line_error(code, err, "config.json differs from the config its checkpoints")
         assert shown in err
     (run / "config.json").write_text(json.dumps(saved))
-    code, _, err = run_cli(capsys, *resume)  # the same data, moved back: resumes
+    code, _, err = run_cli(capsys, *resume)  # the same images, moved: resumes with --data
     assert code == 0, err
+    make_images(moved, 1, seed=5)  # as many images, other pixels (or another decoder): said
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--steps", 7, "--no-progress")
+    assert code == 0 and "the images' pixels differ from those" in err, err
 
 
 def test_samples_and_data_stay_apart(teacher, image_folder, tmp_path, capsys):

@@ -41,13 +41,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.api import load_run
     from difflab.classes import bind_request, class_rows, labels_for, per_class
     from difflab.cli_eval import sampler_options
-    from difflab.data import SAMPLE_PICTURES, SAMPLES_MANIFEST, foreign_images
-    from difflab.io import atomic_write_text, check_output_folder, is_run
+    from difflab.data import SAMPLE_PICTURES, SAMPLES_MANIFEST, foreign_images, run_pictures
+    from difflab.io import atomic_write_text, check_output_folder
     from difflab.sampling import strip_indices
     from difflab.viz import save_gif, save_grid, save_images, save_strip
 
     out = check_output_folder(Path(args.out), "--out")
-    others = foreign_images(out) if out.is_dir() and not is_run(out.parent) else []
+    others = foreign_images(out) if out.is_dir() and not run_pictures(out) else []
     if others:  # samples beside the data would become part of it (samples.json lists them)
         raise DifflabError(
             f"--out {out} holds images that difflab sample does not write ({others[0].name}"

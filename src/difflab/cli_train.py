@@ -123,7 +123,6 @@ def _resume_config(args: argparse.Namespace):
     changed = {
         "--preset": args.preset_given,
         "--sampler": args.sampler and args.sampler != config.sampler.name,
-        "--data": args.data,
         "--class": args.class_name,
         "--batch-size": args.batch_size,
         "--seed": args.seed,
@@ -136,8 +135,8 @@ def _resume_config(args: argparse.Namespace):
         if value:
             raise DifflabError(
                 f"{flag} cannot change when resuming {run_dir}; only --steps, --images, "
-                "--time-limit, --device and --checkpoint-every can (start a new run for the rest; "
-                "sample and eval take --sampler)"
+                "--time-limit, --device, --checkpoint-every and --data (the same images, moved) "
+                "can (start a new run for the rest; sample and eval take --sampler)"
             )
     for item in args.set:
         if _key(item) not in RESUMABLE:
@@ -282,10 +281,12 @@ def _check_init(init: Path, config) -> None:
     source = stored_config(init)
     there = flatten(dataclasses.asdict(_weight_shapes(source.network)), "network.")
     here = flatten(dataclasses.asdict(_weight_shapes(config.network)), "network.")
-    there["data.image_size"], here["data.image_size"] = (
-        source.data.image_size, config.data.image_size  # attention sits at a resolution
-    )  # fmt: skip
-    key = next((k for k in sorted(here) if there.get(k) != here[k]), None)
+    unet = config.network.name == "unet"
+    if not unet or config.network.unet.attention_resolutions:  # weights made for one size
+        there["data.image_size"] = source.data.image_size
+        here["data.image_size"] = config.data.image_size
+    learned = "network.unet.num_classes"  # from the data, later: the weights' load checks it
+    key = next((k for k in sorted(here) if k != learned and there.get(k) != here[k]), None)
     if key is not None:
         raise DifflabError(
             f"--init {init} holds another network ({key}: {there.get(key)!r} there, "

@@ -206,8 +206,9 @@ def _listed_samples(folder: Path) -> list[Path] | None:
     except (OSError, ValueError, KeyError, TypeError) as error:
         log.warning("ignored %s (%s): reading every image in %s", manifest, brief(error), folder)
         return None
-    others = [path.name for path in foreign_images(folder) if path not in set(files)]
-    if others and not is_run(folder.parent):  # a run's pictures/ holds training's pictures
+    listed = set(files)
+    others = [path.name for path in foreign_images(folder) if path not in listed]
+    if others and not run_pictures(folder):  # which hold training's pictures
         # a data folder that a sample went into: neither part alone is the data
         raise DifflabError(
             f"{folder} holds difflab samples ({SAMPLES_MANIFEST}) and {len(others)} other "
@@ -215,6 +216,12 @@ def _listed_samples(folder: Path) -> list[Path] | None:
             "samples to a folder of their own"
         )
     return files
+
+
+def run_pictures(folder: Path) -> bool:
+    """Whether ``folder`` is a run's ``pictures/`` (links and ``..`` followed)."""
+    folder = folder.resolve()
+    return folder.name == "pictures" and is_run(folder.parent)
 
 
 def foreign_images(folder: Path) -> list[Path]:
@@ -331,11 +338,12 @@ def _decode_many(files: list[Path], size: int) -> list[np.ndarray | str]:
             return [_decode(path, size) for path in files]
         step = -(-len(files) // (16 * workers))
         chunks = [files[i : i + step] for i in range(0, len(files), step)]
-        shown = None if len(files) >= _BAR_FROM else True  # None: on a terminal only
+        quiet = len(files) < _BAR_FROM or not log.isEnabledFor(logging.INFO)  # -q, other ranks
+        hidden = True if quiet else None  # None: shown on a terminal only
         with (
             ThreadPoolExecutor(max_workers=workers) as pool,
             tqdm(
-                total=len(files), desc="loading images", unit="img", disable=shown, leave=False
+                total=len(files), desc="loading images", unit="img", disable=hidden, leave=False
             ) as bar,
         ):
             arrays: list[np.ndarray | str] = []

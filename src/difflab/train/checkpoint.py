@@ -137,8 +137,8 @@ def prune_checkpoints(run_dir: Path, keep_last: int, snapshot_every: int, step: 
                 delete_path(stale)
     paths = [path for path in list_checkpoints(run_dir) if checkpoint_step(path) <= step]
     for path in paths[: max(len(paths) - keep_last, 0)]:
-        step = checkpoint_step(path)
-        if (snapshot_every and step % snapshot_every == 0) or (path / GUIDE_MARK).exists():
+        older = checkpoint_step(path)
+        if (snapshot_every and older % snapshot_every == 0) or (path / GUIDE_MARK).exists():
             continue
         _remove_checkpoint(path)
 

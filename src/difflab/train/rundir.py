@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import IO
@@ -15,6 +16,8 @@ from difflab.data import ImageSet
 from difflab.errors import DifflabError
 from difflab.io import check_output_folder, make_folder
 from difflab.train.schedule import first_changed_rate, lr_at
+
+log = logging.getLogger("difflab")
 
 #: Settings a resume may change (``--set`` on ``train --resume``).
 RESUMABLE = {
@@ -30,17 +33,19 @@ RESUMABLE = {
     "train.lr_schedule",
     "train.cooldown",
     "train.min_lr",
-    # a distilled student's teacher and its guide, moved (the same weights at a new path)
+    # the data, and a distilled student's teacher and its guide, moved (the same images or
+    # weights at a new path: the trainer compares the images, the student the teacher's digest)
+    "data.source",
     "method.consistency.teacher",
     "method.consistency.teacher_guide",
 }
 
 #: ... and what else may differ between a run's config.json and the config its checkpoints were
-#: trained with: names, the machine, how often it logs, previews and checkpoints, the sampler of
-#: its pictures, the data's path (the data itself is compared), and the rest of the schedule
-#: (the trainer checks that the rates of the steps taken stay).
+#: trained with: names, the machine, how often it logs and previews, the data's path (the data
+#: itself is compared), and the rest of the schedule (the trainer checks that the rates of the
+#: steps taken stay).
 MAY_DIFFER = RESUMABLE | {
-    "preset", "description", "version", "world_size", "data.source", "train.accumulation",
+    "preset", "description", "version", "world_size", "train.accumulation",
     "train.sample_every_kimg", "train.num_preview", "train.log_every", "train.eval_every_kimg",
     "train.eval_num", "train.eval_ref", "train.precision", "train.compile", "train.compile_mode",
     "train.compile_layout", "train.channels_last", "train.fused_optimizer", "train.lr",
@@ -77,14 +82,21 @@ def check_same_run(
                 f"{run_dir}/config.json differs from the config its checkpoints were trained "
                 f"with ({key}: {before.get(key)!r} -> {after.get(key)!r}); restore it, {advice}"
             )
-    if isinstance(trained, dict) and trained.keys() == data.keys() and trained != data:
-        what = f"{trained['images']} images -> {data['images']}"
-        if trained["images"] == data["images"]:
-            what += ", other pixels"
+    if not isinstance(trained, dict) or trained.keys() != data.keys() or trained == data:
+        return
+    if trained["images"] != data["images"]:
         raise DifflabError(
-            f"the data is not what {run_dir} was trained on ({what}): resume with the same "
-            f"images, {advice}"
+            f"the data is not what {run_dir} was trained on ({trained['images']} images -> "
+            f"{data['images']}): resume with the same images, {advice}"
         )
+    # The same count, other pixels: changed images, or the same files decoded by another
+    # Pillow or libjpeg. Said, not refused (every rank sees the same count, so all go on).
+    log.warning(
+        "the images' pixels differ from those %s was trained on (the same %d images): changed "
+        "files, or another image decoder; the resume goes on with them",
+        run_dir,
+        data["images"],
+    )
 
 
 def _read(metadata: dict[str, str], key: str) -> object:
