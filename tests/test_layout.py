@@ -18,6 +18,7 @@ EDGES = {
     "difflab.__main__",
     "difflab.api",
     "difflab.cli",
+    "difflab.cli_distill",
     "difflab.cli_eval",
     "difflab.cli_train",
     "difflab.report",

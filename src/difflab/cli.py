@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    from difflab.cli_distill import add_distill_command
     from difflab.cli_eval import (
         CHECKPOINT_HELP,
         DEVICE_HELP,
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_eval_commands,
         add_sampler_options,
     )
-    from difflab.cli_train import add_distill_command, add_train_command
+    from difflab.cli_train import add_train_command
 
     add_train_command(sub)
     add_distill_command(sub)

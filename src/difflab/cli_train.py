@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from difflab.cli_eval import DEVICE_HELP
-from difflab.config import ConsistencyMethod, NetworkConfig, TrainConfig, parse_value
+from difflab.config import NetworkConfig, TrainConfig, parse_value
 from difflab.errors import DifflabError
 from difflab.limits import Bounded
 
@@ -37,14 +37,14 @@ def _train_config(args: argparse.Namespace):
     if args.network:
         config.network.name = args.network
     lengths = ("steps", "images", "time_limit")
-    set_keys = {_key(item) for item in args.set}
+    set_keys = {setting_key(item) for item in args.set}
     if any(getattr(args, n) is not None or f"train.{n}" in set_keys for n in lengths):
         # A length on the command line (flag or --set) is the run's length: the preset's own
         # (flow-cpu's 200,000 steps) would otherwise outlast a time limit and keep a cool-down
         # away.
         config.train.steps, config.train.images, config.train.time_limit = 0, 0, 0.0
-    overrides = _flags(args, *RUN_FLAGS, "data.source", "data.class_name", "sampler.name")
-    config = _absolute_paths(validate(apply_overrides(config, overrides + args.set)))
+    overrides = flag_overrides(args, *RUN_FLAGS, "data.source", "data.class_name", "sampler.name")
+    config = absolute_paths(validate(apply_overrides(config, overrides + args.set)))
     if config.data.class_names or config.network.unet.num_classes:  # by --set or a preset
         raise DifflabError(
             "data.class_names and network.unet.num_classes are learned from the data's class "
@@ -53,12 +53,12 @@ def _train_config(args: argparse.Namespace):
     return config
 
 
-def _key(item: str) -> str:
+def setting_key(item: str) -> str:
     """The setting a ``--set KEY=VALUE`` names."""
     return item.partition("=")[0].strip()
 
 
-def _absolute_paths(config):
+def absolute_paths(config):
     """What a run reads is stored as absolute paths, so that --resume and distill find it from
     any working directory: a folder given as the data, a student's teacher and its guide."""
 
@@ -89,7 +89,7 @@ FLAG_KEYS = {
 RUN_FLAGS = [key for key in FLAG_KEYS if key.startswith("train.")]
 
 
-def _flags(args: argparse.Namespace, *keys: str) -> list[str]:
+def flag_overrides(args: argparse.Namespace, *keys: str) -> list[str]:
     """``key=value`` overrides of the options given, for these config keys."""
     values = {key: getattr(args, FLAG_KEYS[key]) for key in keys}
     return [f"{key}={_literal(value)}" for key, value in values.items() if value is not None]
@@ -100,15 +100,6 @@ def _literal(value: object) -> str:
     stays a string, unless the quoting cannot say it (a path that is not valid UTF-8)."""
     text = json.dumps(value)
     return text if parse_value(text) == value else str(value)
-
-
-#: Who teaches a student: set by distill from its RUN_DIR, --guide and --guidance only.
-TEACHER_SETTINGS = {
-    "method.consistency.teacher",
-    "method.consistency.teacher_guide",
-    "method.consistency.teacher_guidance",
-    "method.consistency.teacher_digest",
-}
 
 
 def _resume_config(args: argparse.Namespace):
@@ -139,12 +130,12 @@ def _resume_config(args: argparse.Namespace):
                 "can (start a new run for the rest; sample and eval take --sampler)"
             )
     for item in args.set:
-        if _key(item) not in RESUMABLE:
+        if setting_key(item) not in RESUMABLE:
             raise DifflabError(
                 f"--set {item}: only {', '.join(sorted(RESUMABLE))} can change on --resume"
             )
-    overrides = _flags(args, *sorted(RESUMABLE & FLAG_KEYS.keys()))
-    return _absolute_paths(validate(apply_overrides(config, overrides + args.set))), run_dir
+    overrides = flag_overrides(args, *sorted(RESUMABLE & FLAG_KEYS.keys()))
+    return absolute_paths(validate(apply_overrides(config, overrides + args.set))), run_dir
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -157,119 +148,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     init = Path(args.init) if args.init else None
     if init is not None and init.exists():  # (distill checks its teacher's weights itself)
         _check_init(init, config)
-    given = args.class_name is not None or any(_key(i) == "data.class_name" for i in args.set)
+    given = args.class_name is not None or any(
+        setting_key(i) == "data.class_name" for i in args.set
+    )
     class_is_default = not args.resume and not given
-    return _run_training(config, run_dir, args, init=init, class_is_default=class_is_default)
-
-
-#: What distill changes in the teacher's settings (``--set`` overrides either): the levels of
-#: the teacher's ODE steps, and the learning rate for a student that starts from trained weights.
-DISTILL_LEVELS, FINE_TUNE_LR = 18, 1e-4
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    """A consistency model from a diffusion run: its data, network and training settings, the
-    run as the teacher (or, with --no-teacher, consistency training started from its weights)."""
-    from difflab.config import SamplerConfig, apply_overrides, validate
-    from difflab.registry import CONSISTENCY_BASES, build_network, teacher_models
-    from difflab.train.checkpoint import stored_config, weights_digest
-    from difflab.train.guides import carries_guide, check_weaker, load_guide, own_guide_folder
-
-    teacher = Path(args.run_dir)
-    base = stored_config(teacher)
-    if base.method.name == "consistency":
-        raise DifflabError(f"{teacher} is a consistency model already; distil a diffusion run")
-    # The student is built on the teacher's process and parameterization where it can be, so
-    # the teacher's weights are its exact start; on EDM's otherwise (a DDPM run).
-    options = dataclasses.replace(
-        base.method.consistency,
-        teacher="" if args.no_teacher else str(teacher.resolve()),
-        base=base.method.name if base.method.name in CONSISTENCY_BASES else "edm",
-    )
-    if args.no_teacher and (args.guide or args.guidance is not None):
-        raise DifflabError("--guide and --guidance guide the teacher's ODE: drop --no-teacher")
-    if not args.no_teacher:  # distillation's fixed N = 18 on CIFAR-10 (Song et al. 2023, App. C)
-        options = dataclasses.replace(
-            options, start_levels=DISTILL_LEVELS, max_levels=DISTILL_LEVELS
-        )
-        # ... of the teacher's sampler: autoguided by its own guide if it has one
-        guide, sampler = own_guide_folder(teacher, base, "distilling"), base.sampler
-        if teacher.is_file() and base.sampler.guide_at:  # an export: the guide it carries
-            guide = teacher if carries_guide(teacher) else None
-            if guide is None:
-                log.warning("%s carries no guide: distilling without autoguidance", teacher)
-        if args.guide:  # refused here, in one line, unless a weaker model of the teacher's kind
-            guide, sampler = Path(args.guide), base.sampler.with_guide()
-            load_guide(guide, base, build_network)
-        if args.guidance is not None and guide is None:
-            raise DifflabError("--guidance weighs the teacher's autoguidance: name a --guide")
-        guidance = sampler.guidance if args.guidance is None else args.guidance
-        if args.guide and guidance == 1:
-            raise DifflabError(
-                "--guidance 1 turns the guide off: drop --guide, or weigh it by w > 1"
-            )
-        if guide is not None and guidance != 1:
-            options = dataclasses.replace(
-                options, teacher_guide=str(guide.resolve()), teacher_guidance=guidance
-            )
-    method = dataclasses.replace(base.method, name="consistency", consistency=options)
-    length = dataclasses.replace(base.train, steps=0, images=0, time_limit=0.0)  # the flags say
-    if not args.from_scratch:  # fine-tuning trained weights: improved CT's CIFAR-10 rate
-        length = dataclasses.replace(
-            length, lr=FINE_TUNE_LR, warmup_steps=0, lr_schedule="constant"
-        )
-    config = dataclasses.replace(
-        base,
-        preset=f"{base.preset}-consistency",
-        description=f"consistency model of {teacher}",
-        method=method,
-        sampler=SamplerConfig(),
-        train=length,
-    )
-    named = sorted({_key(item) for item in args.set} & TEACHER_SETTINGS)
-    if named:  # the teacher is RUN_DIR, its guide --guide: both checked above
-        raise DifflabError(
-            f"--set {named[0]}: distill's RUN_DIR names the teacher, --guide and --guidance its "
-            "guide; drop the --set"
-        )
-    overrides = _flags(args, *RUN_FLAGS, "data.source")
-    config = _absolute_paths(validate(apply_overrides(config, overrides + args.set)))
-    init = None if args.from_scratch else teacher
-    if init is not None and _weight_shapes(config.network) != _weight_shapes(base.network):
-        raise DifflabError(
-            "the student starts from the teacher's weights, so its network cannot change "
-            "(but for network.unet.dropout); add --from-scratch for a student network of its own"
-        )
-    if config.data.image_size != base.data.image_size:
-        raise DifflabError(
-            f"{teacher} makes {base.data.image_size}x{base.data.image_size} images; drop "
-            "data.image_size (a student learns at its teacher's size)"
-        )
-    if config.method.name != "consistency":
-        raise DifflabError("distill makes a consistency model: drop --set method.name")
-    carries = base.method.name in CONSISTENCY_BASES  # the teacher's weights carry over
-    if init is not None and carries and config.method.consistency.base != options.base:
-        raise DifflabError(
-            f"{teacher} is {base.method.name}: its student is built on {base.method.name} (its "
-            "weights mean nothing on another base): drop --set method.consistency.base, or add "
-            "--from-scratch"
-        )
-    if init is not None and not carries:
-        log.warning(
-            "%s is a %s run: its network was trained on other input scalings than the "
-            "consistency function's, so its weights are a weak start (docs/methods.md 2.8); "
-            "a flow or edm run is a teacher whose weights carry over",
-            teacher,
-            base.method.name,
-        )
-    c = config.method.consistency
-    if c.teacher:  # what a resume checks a moved teacher (and its guide) against
-        net, weak, _ = teacher_models(c)
-        check_weaker(net, weak, c.teacher_guide, "teacher")
-        c = dataclasses.replace(c, teacher_digest=weights_digest(net, *filter(None, [weak])))
-        method = dataclasses.replace(config.method, consistency=c)
-        config = dataclasses.replace(config, method=method)
-    return _run_training(config, Path(args.out), args, init=init, class_is_default=True)
+    return run_training(config, run_dir, args, init=init, class_is_default=class_is_default)
 
 
 def _check_init(init: Path, config) -> None:
@@ -279,8 +162,8 @@ def _check_init(init: Path, config) -> None:
     from difflab.train.checkpoint import stored_config
 
     source = stored_config(init)
-    there = flatten(dataclasses.asdict(_weight_shapes(source.network)), "network.")
-    here = flatten(dataclasses.asdict(_weight_shapes(config.network)), "network.")
+    there = flatten(dataclasses.asdict(weight_shapes(source.network)), "network.")
+    here = flatten(dataclasses.asdict(weight_shapes(config.network)), "network.")
     unet = config.network.name == "unet"
     if not unet or config.network.unet.attention_resolutions:  # weights made for one size
         there["data.image_size"] = source.data.image_size
@@ -301,13 +184,13 @@ def _check_init(init: Path, config) -> None:
         )
 
 
-def _weight_shapes(network: NetworkConfig) -> NetworkConfig:
+def weight_shapes(network: NetworkConfig) -> NetworkConfig:
     """The settings that make a network's weights: all but its dropout, which a student may
     change (improved CT and ECT tune consistency models with more of it than their teachers)."""
     return dataclasses.replace(network, unet=dataclasses.replace(network.unet, dropout=0.0))
 
 
-def _run_training(
+def run_training(
     config, run_dir: Path, args: argparse.Namespace, *, init: Path | None, class_is_default: bool
 ) -> int:
     """Check everything that can be wrong before touching data or disk, load the data, train."""
@@ -397,7 +280,7 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--data", help="cifar10 (download) or an image folder")
     train.add_argument("--class", dest="class_name", help="class name or index to train on")
     train.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
-    _add_run_options(train)
+    add_run_options(train)
     train.add_argument("--method", help="tutorial, ddpm, ddpm-cosine, flow, edm or consistency")
     train.add_argument("--network", help="tutorial, tutorial-keras or unet")
     train.add_argument(
@@ -412,41 +295,7 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(func=cmd_train)
 
 
-def add_distill_command(sub: argparse._SubParsersAction) -> None:
-    distill = sub.add_parser(
-        "distill", help="a one- or few-step consistency model from a trained diffusion run"
-    )
-    distill.add_argument("run_dir", help="the teacher: a diffusion run directory or export")
-    distill.add_argument("--out", required=True, help="the student's run directory")
-    distill.add_argument("--data", help="the images to distil on (default: the teacher's)")
-    distill.add_argument(
-        "--method", choices=["consistency"], default="consistency", help="consistency models"
-    )
-    distill.add_argument(
-        "--no-teacher",
-        action="store_true",
-        help="consistency training from the run's weights instead (ECT-style fine-tuning)",
-    )
-    distill.add_argument(
-        "--from-scratch", action="store_true", help="do not start from the run's weights"
-    )
-    distill.add_argument(
-        "--guide",
-        help="autoguide the teacher's ODE by this weaker model of its kind (e.g. an earlier "
-        "checkpoint folder of the teacher run; default: the teacher's own guide, if its "
-        "sampler has one): the student learns the guided sampler",
-    )
-    distill.add_argument(
-        "--guidance",
-        type=Bounded.like(ConsistencyMethod, "teacher_guidance"),
-        help="the teacher's autoguidance weight w (default: its sampler's, or 2 where that is 1 "
-        "and --guide names a guide; 1 = unguided)",
-    )
-    _add_run_options(distill)
-    distill.set_defaults(func=cmd_distill)
-
-
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
+def add_run_options(parser: argparse.ArgumentParser) -> None:
     """The options of a training run that train and distill share."""
     parser.add_argument("--steps", type=_train_option("steps", low=1), help="total optimizer steps")
     parser.add_argument("--images", type=_train_option("images", low=1), help="total images")
