@@ -183,9 +183,10 @@ def generated_batches(args: argparse.Namespace) -> tuple[Iterator[torch.Tensor],
                 yield fit_size(to_uint8(generated.images), args.image_size)  # as a folder's
 
         return sample(), num, info
-    from difflab.data import SAMPLES_MANIFEST, load_images
+    from difflab.data import SAMPLE_NAME, SAMPLES_MANIFEST, image_files, load_images
 
-    if not (source / SAMPLES_MANIFEST).is_file() and any(source.glob("[0-9]" * 5 + ".png")):
+    numbered = source.is_dir() and any(SAMPLE_NAME.fullmatch(p.name) for p in image_files(source))
+    if not (source / SAMPLES_MANIFEST).is_file() and numbered:
         log.warning(
             "%s holds numbered samples but no %s (a difflab sample cut off?): scoring every "
             "image in it",

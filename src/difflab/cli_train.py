@@ -158,22 +158,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _check_init(init: Path, config) -> None:
     """--init's weights fit this run's network (one line naming the first setting that differs,
     before the data loads); another method's are a weak start, said so."""
-    from difflab.config import flatten
+    from difflab.config import first_difference
     from difflab.train.checkpoint import stored_config
 
     source = stored_config(init)
-    there = flatten(dataclasses.asdict(weight_shapes(source.network)), "network.")
-    here = flatten(dataclasses.asdict(weight_shapes(config.network)), "network.")
+    there, here = ({"network": dataclasses.asdict(weight_shapes(c.network)),
+                    "data": {"image_size": c.data.image_size}} for c in (source, config))  # fmt: skip
     unet = config.network.name == "unet"
-    if not unet or config.network.unet.attention_resolutions:  # weights made for one size
-        there["data.image_size"] = source.data.image_size
-        here["data.image_size"] = config.data.image_size
-    learned = "network.unet.num_classes"  # from the data, later: the weights' load checks it
-    key = next((k for k in sorted(here) if k != learned and there.get(k) != here[k]), None)
-    if key is not None:
+    sizeless = unet and not config.network.unet.attention_resolutions  # weights fit any size
+    # the classes are learned from the data later; the weights' load checks them
+    ignore = {"network.unet.num_classes", *(["data.image_size"] if sizeless else [])}
+    differs = first_difference(there, here, ignore)
+    if differs is not None:
+        key, old, new = differs
         raise DifflabError(
-            f"--init {init} holds another network ({key}: {there.get(key)!r} there, "
-            f"{here[key]!r} here); use its network settings, or drop --init"
+            f"--init {init} holds another network ({key}: {old!r} there, {new!r} here); use its "
+            "network settings, or drop --init"
         )
     if source.method.name != config.method.name:
         log.warning(

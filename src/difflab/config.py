@@ -156,12 +156,23 @@ def from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, values, "")
 
 
-def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested settings as one table by dotted name: ``{"train.lr": 0.001, ...}``."""
+def first_difference(
+    before: dict, after: dict, ignore: frozenset[str] | set[str] = frozenset()
+) -> tuple[str, Any, Any] | None:
+    """(dotted name, before, after) of the first setting, in name order, where two nested
+    tables of settings differ (a setting one lacks is None there); ``ignore`` names settings
+    that may differ."""
+    old, new = _flatten(before), _flatten(after)
+    keys = sorted((old.keys() | new.keys()) - ignore)
+    key = next((k for k in keys if old.get(k) != new.get(k)), None)
+    return None if key is None else (key, old.get(key), new.get(key))
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
+            flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

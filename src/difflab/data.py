@@ -32,6 +32,7 @@ _CLASSES_IN_MESSAGE = 30
 _SERIAL_BELOW = 64
 _BAR_FROM = 5000  # images: loading this many shows a progress bar (CIFAR-10: 50,000)
 SAMPLES_MANIFEST = "samples.json"  # written by difflab sample: which files are the samples
+SAMPLE_NAME = re.compile(r"\d{5,}\.png")  # a sample's file: 00000.png (save_images)
 SAMPLE_PICTURES = ("grid.png", "strip.png", "reverse-process.gif")  # beside them: not samples
 #: Pixels (width x height, from the file's header) above which an image is not decoded: 64
 #: megapixels, below PIL's own decompression-bomb warning (89 MP). A 140 KB PNG can claim
@@ -227,11 +228,10 @@ def run_pictures(folder: Path) -> bool:
 def foreign_images(folder: Path) -> list[Path]:
     """Images directly in ``folder`` that ``difflab sample`` does not write (00000.png, ... and
     its pictures): a sign that the folder holds data."""
-    sample = re.compile(r"\d{5,}\.png")
     return [
         path
         for path in image_files(folder)
-        if not sample.fullmatch(path.name) and path.name not in SAMPLE_PICTURES
+        if not SAMPLE_NAME.fullmatch(path.name) and path.name not in SAMPLE_PICTURES
     ]
 
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import IO
 
-from difflab.config import Config, flatten, from_dict, upgrade
+from difflab.config import Config, first_difference, from_dict, upgrade
 from difflab.data import ImageSet
 from difflab.errors import DifflabError
 from difflab.io import check_output_folder, make_folder
@@ -68,20 +68,17 @@ def check_same_run(
     same settings but those in ``MAY_DIFFER``, and the same data."""
     advice = f"or start a new run from its weights with --init {run_dir}"
     trained, before = _read(metadata, "data"), _read(metadata, "config")
-    if isinstance(before, dict):
-        try:
-            before = flatten(from_dict(upgrade(before)).to_dict())
-        except DifflabError:  # a damaged record: loading the checkpoint will say what is wrong
-            before = {}
-        after = flatten(config.to_dict())
-        keys = (before.keys() | after.keys()) - MAY_DIFFER if before else set()
-        changed = sorted(k for k in keys if before.get(k) != after.get(k))
-        if changed:
-            key = changed[0]
-            raise DifflabError(
-                f"{run_dir}/config.json differs from the config its checkpoints were trained "
-                f"with ({key}: {before.get(key)!r} -> {after.get(key)!r}); restore it, {advice}"
-            )
+    try:  # a damaged record is skipped: loading the checkpoint will say what is wrong
+        before = from_dict(upgrade(before)).to_dict() if isinstance(before, dict) else None
+    except DifflabError:
+        before = None
+    differs = before and first_difference(before, config.to_dict(), MAY_DIFFER)
+    if differs:
+        key, old, new = differs
+        raise DifflabError(
+            f"{run_dir}/config.json differs from the config its checkpoints were trained with "
+            f"({key}: {old!r} -> {new!r}); restore it, {advice}"
+        )
     if not isinstance(trained, dict) or trained.keys() != data.keys() or trained == data:
         return
     if trained["images"] != data["images"]:
