@@ -39,40 +39,6 @@ Reproduce: `cd bench && python ablation.py run LEVER... [--budget 10|30]`, `pyth
 speed` (alone on the machine), `python ablation.py report`.
 """
 
-NEXT = """
-What paid most: autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version
-of itself"; docs/methods.md 2.7). The `ch32-b16` model of the 10-minute budget, unchanged,
-sampled with D = D_guide + w (D - D_guide), where the guide is the same run's EMA at a quarter
-of its steps (a checkpoint it passes anyway; `sampler.guide_at = 0.25`), scored FID-1k 60.3 and
-KID 0.028 against 82.6 and 0.066 (`ag`): 22 points, five times the training-seed spread, and
-9.7 below the 10-minute target. It costs no training, and two network evaluations per step.
-Sampled at the unguided model's cost (Heun in 9 steps, 34 evaluations, `ag-heun9`) it still
-scored 73.1 / 0.042 against 82.6 / 0.066 at 35. The weight and the guide's age matter: w = 1.5
-and 2.5 scored 64.1 and 68.9 (a first probe outside the table, w = 3 with the guide at step
-750, scored 89.2: too much guidance overshoots); a guide at 8% of the run (step 250) helped
-little (80.3), one at 49% (step 1,500) scored 61.2 on FID-1k but 0.039 on KID. `flow-cpu` now
-samples this way (guide at 25%, w = 2). At the 30-minute budget the same recipe scored 42.1 / 0.015 against 59.7 / 0.038 unguided (`ag` at 30 minutes, guide at step
-2,362 of 9,447): below the 30-minute target of 55 and its stretch, 45 and KID 0.025. The
-48-channel network, the 30-minute winner before, went from 55.7 / 0.033 to 36.7 / 0.0096
-(`ag-48`), the best entry at that budget. With training seed 1 the 10-minute model scored
-60.3 / 0.033 autoguided against 86.7 / 0.073 unguided (`ag-seed1`): the gain is not one seed's.
-
-Before it, what paid was images. At a fixed budget, a network a quarter of the cost (32 base
-channels instead of 64) sees three times the images and won at 10 minutes against 48 and 64
-channels; at 30 minutes the middle one won (48 channels, batch 16: 55.7 against 59.7 for 32 and
-70.9 for the base), as more compute favours a larger network; batches of 16 (twice the updates
-for the same images) won on the 4.55M network. Sampling the 48-channel 30-minute run with 25
-Heun steps (49 evaluations) instead of 18 gave 54.9. On `ch32-b16` at 10 minutes nothing else
-paid: a longer or no EMA, a peak rate of 2e-3 and a second seed all landed within 1-4 points
-above it (83.6-86.7 against 82.6), inside the training-seed spread; SD3's logit-normal times
-instead of EDM's log-normal cost 15 points (97.6), a result.
-
-What I would try next: the guide's own EMA length and a smaller guide network (the paper's
-guide is both smaller and shorter-trained; here it is only shorter-trained), the guide's age
-between 15% and 40%, a small network that keeps more width at 8x8 or attention there, 16x16
-training first, EDM2's magnitude-preserving layers and post-hoc EMA.
-"""
-
 
 def _load(pattern: str) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern))}
@@ -121,7 +87,7 @@ def body() -> str:
                 f"\nIssue 14's {budget}-minute target, FID-1k at most {target:g}: best "
                 f"{done[name]['fid']:.1f} (`{name}`), {met}."
             )
-    lines.append(NEXT)
+    lines.append("\n" + (RESULTS / "findings.md").read_text())  # what paid, what to try next
     missing = [name for name in LEVERS if get[(name, 10)] is None and get[(name, 30)] is None]
     if missing:
         names = ", ".join(f"`{name}`" for name in missing)

@@ -13,101 +13,8 @@ TARGETS = {2: 0.15, 1: 0.35}  # issue 16: FID-1k within 15% (2 evaluations), 35%
 # teacher's at 35 evaluations
 
 
-NEXT = """\
-### What the screens found
-
-What moved the student, in the order found:
-
-- **The teacher's weights as its start.** The student starts as its teacher's denoiser (a flow
-  student on flow's process, section 2.8 of docs/methods.md), which is what made it work: on
-  EDM's base the same budget gave 3-4 times the FID.
-- **Adam 4e-4** instead of improved CT's 1e-4 (`lr4`): a fine-tuning run of a few thousand
-  steps is far from their 400,000.
-- **An autoguided teacher** (`lr4-ag`; `difflab distill --guide`, section 2.7): the student
-  learns a better sampler than the plain one at no cost to its own sampling.
-- **Length, and a cool-down of the rate at the end** (both above). Length gives less each time
-  (the smoothed loss in log.jsonl fell from 2.28 at 80,000 images to 2.08 at 160,000 and has
-  stayed at 2.0-2.1 since), and the cool-down gains most at 1 step but only a few FID-1k.
-- **Where the pairs are drawn.** Improved CT's log-normal draws (log sigma centred on -1.1) give
-  the 6 of 17 pairs above sigma = 10, where a 1-step sample starts (at 80), 5% of the draws.
-  Centred on 0 (`lr4-ag-pm0`, 13%) the 1-step FID-1k at 12,000 images fell from 159.7 to 116.0
-  (-27%) and the 2-step one from 68.5 to 65.9; centred on 0.6 (`lr4-ag-pm06`, 20%) to 111.2
-  (-30%) and 67.1, all against `lr4-ag` distilled from the same teacher, a CPU copy of the
-  benchmark's (`teacher-old`; `lr4-ag` from the benchmark's own scored 157.7 and 65.3). The gain
-  flattens past 0, and the 2-step FID-1k does not move beyond a few points, the size of a
-  training seed's. At three times the length (36,000 images) `lr4-ag-pm0` scores at 1 step
-  what the student, drawn at -1.1, scored at 80,000 (89.7 against 86.8, from the benchmark's
-  teacher, from which `lr4-ag` scored 157.7 at 12,000 against teacher-old's 159.7), and at
-  80,000 what it scored at 160,000 (76.8 against 76.2): the draws halve the images to a score,
-  while 2 steps gain nothing from them (55.7, against its 55.1 at 80,000). On an H200 ("One and
-  two steps on a GPU" below) p_mean 0 took 12% off the 1-step FID-1k at 160,000 images (83.5 to
-  73.9).
-
-What did not, or helped one step count and hurt the other:
-
-- **No teacher** (`ct-pm0`: consistency training from the teacher's weights, `difflab distill
-  --no-teacher`, ECT's idea, with improved CT's curriculum of 10 levels doubling every 8,000
-  images, at `lr4-ag-pm0`'s rate and draws): 215.6 at 1 step, 222.1 from sigma 10 and 143.3 at
-  2 steps against `lr4-ag-pm0`'s 159.8, 144.1 and 100.7 from the same weights (`teacher-1k`),
-  i.e. 35-54% worse at 12,000 images. The lower point of each of its pairs is the same noise
-  at the lower level, a one-sample estimate of where the teacher's ODE step lands, so a step
-  teaches less; it costs half a distillation step (4 network passes per image against 8: no
-  teacher and no guide), which these 375 steps do not repay. ECT's runs are far longer.
-
-- **A lower start** (1 step from sigma 10 instead of 80, the levers table's column; `difflab sample
-  --sigma-max 10`) gives most of the draws' early gain for free: 111.4 (`lr4-ag`), 105.7
-  (`lr4-ag-pm0`) and 104.6 (`lr4-ag-pm06`), i.e. the draws add 5-6% to the start's 30%. The
-  start's gain shrinks as a student trains (5% for a 40,000-image student of another teacher,
-  start-screen.json; 6% on the H200 at 160,000, where with p_mean 0 it added nothing: 75.0);
-  at 36,000 images of `lr4-ag-pm0` it no longer helps (90.6), at 80,000 it costs 3% (79.1).
-- **A teacher guided at w = 3** (`lr4-ag3`) and **Adam 1e-3** (`lr10-ag`) each helped one step
-  count and hurt the other at 12,000 images, so the student keeps `lr4-ag`; that the rate moves
-  the 1-step FID most says the 1-step student is still far from converged. Adam 1e-3 with
-  p_mean 0 (`lr10-ag-pm0`) adds nothing at batch 32: 113.2 from 80, 109.4 from sigma 10 and
-  73.2 at 2 steps, worse than `lr4-ag-pm0` at both; at the GPU's batch 128 it gave 3% more
-  (71.7).
-- **The original paper's weighting** (`lr4-ag-uni`: pairs drawn uniformly, lambda = 1) failed
-  at this budget: its samples are coloured blotches without the fine detail, as if the
-  low-noise pairs, which lambda = 1 / (s_{n+1} - s_n) weighs up to 200 times, were what taught
-  the student to finish an image.
-- **An EMA of the student as the target network** (`lr4-ag-pm0-ema`: the run's EMA, mu 0.96
-  per step at 12,000 images, near the 0.95 of the original paper's ImageNet and LSUN
-  distillations; their CIFAR-10 code used mu = 0, as improved CT does) made the 1-step student
-  worse: 131.6 from 80 (+13% against `lr4-ag-pm0`), 109.1 from sigma 10 (+3%), 63.7 at 2 steps
-  (-3%, within a seed's spread); the student keeps mu = 0.
-- **Twice the steps for the same images** (`lr4-ag-pm0-b16`, batch 16) took 10% off the 1-step
-  FID-1k at 12,000 images (103.8 against 116.0; 65.8 at 2 steps, unchanged), in 24.5 minutes
-  against the 22.8 of a batch-32 row on this machine; at 36,000 images the difference is within
-  a seed's (87.9 against 89.7 at 1 step, 60.6 against 60.8 at 2): batch 16 reached the same
-  student sooner, not a better one, as on the H200, where batch 32 matched batch 128 on half
-  the images.
-- **Dropout in the student** (`lr4-ag-pm0-drop2`: 0.2 in the residual blocks of a teacher
-  trained without, as ECT tunes CIFAR-10; improved CT finds consistency models want more
-  dropout than diffusion models; the target pass draws the online pass's masks, docs/methods.md
-  2.8), screened against `lr4-ag-pm0` from `teacher-1k`, a weaker teacher trained for it (the
-  recipe stopped at a third: its `lr4-ag-pm0` student scores 159.8 at 1 step and 100.7 at 2,
-  where teacher-old's scored 116.0 and 65.9): 153.7 at 1 step (-4%), 145.2 from sigma 10 (+1%)
-  and 102.7 at 2 steps (+2%), 1-4% either way, a training seed's few points, in 30.1 minutes
-  against 27.4. At 375 steps dropout neither clearly helps nor hurts; improved CT and ECT use it
-  over hundreds of thousands of steps, which only a GPU run here could test.
-
-### How far the 1-step target is
-
-A power law through the student's four lengths (FID-1k = 21.4 + 203 / N^0.26, N in thousands of
-images) predicted both p_mean-0 points from twice their images within 1.1 (88.6 and 76.1
-against 89.7 and 76.8) and puts 58.3 at about 370,000 images of p_mean 0 at a constant rate;
-through the last three lengths alone its limit is 57.1, just under the target, and the images
-1.8 million. Four lengths do not pin the limit down, so the target is 370,000 images away or
-more: 12 hours or more at this machine's 7-9 img/s, out of reach by length or schedule on this
-CPU. On an H200 (run 2 of the GPU section below) p_mean 0 at batch 128 and 1e-3 went past that
-length, 430,000 images in 5.1 minutes: 63.7 at 1 step, short of its target (58.6 against that
-run's teacher), and 49.2 at 2 steps, within it; at batch 32 the same p_mean scored 71.1 at
-110,000 images (76.8 here at 80,000).
-
-What I would try next: one student alone on the GPU at batch 512 for about 1.9 million images
-(bench/README.md); Song et al.'s LPIPS distance in place of the pseudo-Huber one (it needs VGG
-weights, which this machine cannot download); ECT's and sCM's continuous-time objectives.
-"""
+#: What the screens found and what to try next: prose, kept beside the results it reads.
+FINDINGS = Path(__file__).parent / "results" / "fewstep" / "findings.md"
 
 
 def _longer(values: dict) -> list[str]:
@@ -199,7 +106,7 @@ def section(values: dict, settings, figures: Path) -> str:
         *[line for suffix, who in LEVELS for line in _levels(values.get(f"levels{suffix}"), who)],
         *_plot(values, figures),
         *_pictures(student, figures),
-        *([NEXT] if student else []),
+        *([FINDINGS.read_text()] if student else []),
     ]
     return "\n".join(lines) + "\n"
 

@@ -352,3 +352,17 @@ def test_a_sample_folder_lists_its_samples_so_eval_skips_the_pictures(trained, t
     assert manifest["images"] == [f"{i:05d}.png" for i in range(5)] and manifest["label"] is None
     assert {"grid.png", "strip.png", "reverse-process.gif"} <= {p.name for p in out.iterdir()}
     assert len(load_images(str(out), None, 8)) == 5
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_and_debug_go_before_or_after_the_command(trained, tmp_path, capsys, where):
+    from difflab.cli import build_parser
+
+    command = ["sample", str(trained), "--num", "2", "--out", str(tmp_path / "q")]
+    argv = ["-q", "--debug", *command] if where == "before" else [*command, "-q", "--debug"]
+    args = build_parser().parse_args(argv)
+    assert args.quiet and args.debug and not build_parser().parse_args(command).quiet
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0 and "sampling" not in err  # no progress bar
+    code, _, err = run_cli(capsys, *command[:-1], tmp_path / "loud")
+    assert code == 0 and "sampling" in err

@@ -213,12 +213,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _add_global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """--debug and -q, before or after the command (SUPPRESS: a command's parser only sets
+    them when given, so it does not undo them when given before)."""
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="only warnings and errors"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="difflab", description="Train, sample and measure small image diffusion models."
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    _add_global_options(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     from difflab.cli_distill import add_distill_command
@@ -295,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     add_eval_commands(sub)
+    for command in sub.choices.values():  # `difflab train -q` as well as `difflab -q train`
+        _add_global_options(command, default=argparse.SUPPRESS)
     return parser
 
 
