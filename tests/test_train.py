@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -167,6 +168,15 @@ def test_resume_when_done_only_draws_final_pictures_that_are_missing(
     gif.unlink()  # as if a signal stopped the run while it drew its final pictures
     result = train(config, tmp_path / "run", resume=True, data=data, progress=False)
     assert result.stopped_by == "already-done" and gif.is_file()
+    # extended, and stopped after its last checkpoint, before its final pictures: the GIF there
+    # is the shorter run's (older than the checkpoint) and is drawn again
+    longer = _config(tiny_preset, image_folder, "train.steps=8")
+    train(longer, tmp_path / "run", resume=True, data=data, progress=False)
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    os.utime(gif, ns=(drawn, newest.stat().st_mtime_ns - 1))
+    result = train(longer, tmp_path / "run", resume=True, data=data, progress=False)
+    assert result.stopped_by == "already-done" and result.step == 8
+    assert gif.stat().st_mtime_ns > newest.stat().st_mtime_ns
 
 
 def test_checkpoints_roll_and_snapshots_stay(tmp_path, tiny_preset, image_folder):

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from difflab.config import Config, save_json
 from difflab.devices import cpu_model
 from difflab.train import distributed as D
+from difflab.train.checkpoint import list_checkpoints
 from difflab.train.logs import TrainLog
 from difflab.train.pictures import Pictures
 from difflab.train.quality import QualityProbe
@@ -103,7 +104,8 @@ class Loop:
         trainer, t = self.trainer, self.trainer.config.train
         started = time.monotonic()
         if self._limit_reached(started):
-            if self.main and not self.pictures.finished():  # stopped while drawing them
+            newest = (list_checkpoints(trainer.run_dir) or [None])[-1]
+            if self.main and not self.pictures.finished(newest):  # stopped while drawing them
                 self._pictures(final=True)
             return self._result("already-done")
         if self.main and trainer.step == 0:

@@ -44,9 +44,14 @@ class Pictures:
         self.folder = Path(run_dir) / "pictures"
         self.method, self.plan, self.config = method, plan, config
 
-    def finished(self) -> bool:
-        """Whether the final pictures were drawn (the reverse process's GIF is the last)."""
-        return (self.folder / "reverse-process.gif").is_file()
+    def finished(self, checkpoint: Path | None) -> bool:
+        """Whether the final pictures of the run as ``checkpoint`` (its newest) holds it were
+        drawn: the reverse process's GIF, the last of them, written after the checkpoint (an
+        extended run's GIF of its earlier length is not)."""
+        gif = self.folder / "reverse-process.gif"
+        if not gif.is_file():
+            return False
+        return checkpoint is None or gif.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns
 
     def at_start(self, data: ImageSet, objective: Objective) -> None:
         """Schedule plot, a grid of training images and a grid of forward-noised ones."""
