@@ -41,6 +41,19 @@ def test_the_page_is_self_contained_and_reports_every_run(runs, tmp_path, capsys
     assert "image/gif;base64" in page and len(re.findall("data:image/png;base64", page)) >= 10
 
 
+def test_a_long_run_puts_at_most_fifty_evenly_spaced_previews_on_the_slider(runs, tmp_path):
+    from difflab.report import MAX_PREVIEWS, _column
+
+    done = runs[0]
+    for kimg in range(1, 201):  # a paper run's previews: 200 of them
+        shutil.copy(
+            done / "pictures" / "samples-latest.png", done / f"pictures/samples-{kimg:06d}kimg.png"
+        )
+    kimgs = sorted(_column(done)["previews"])
+    assert len(kimgs) == MAX_PREVIEWS == 50 and kimgs[0] == 0 and kimgs[-1] == 200
+    assert max(b - a for a, b in zip(kimgs, kimgs[1:])) <= 5
+
+
 def test_bad_report_input_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(capsys, "report", tmp_path, "--out", tmp_path / "r.html")
     assert code == 2 and "not a difflab run directory" in err, err

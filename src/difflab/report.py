@@ -21,6 +21,9 @@ from difflab.train.logs import read_log, read_metrics
 from difflab.viz import plot_lines
 
 _KIMG = re.compile(r"^(samples|strip)-(\d+)kimg\.png$")
+#: Previews of a run on the slider at most, evenly spaced: each is inlined, and a paper preset's
+#: run previews every 1,000 kimg of its 200,000.
+MAX_PREVIEWS = 50
 CURVES = [  # (title, log keys, y label)
     ("loss", ["loss", "ema_loss"], "loss"),
     ("learning rate", ["lr"], "lr"),
@@ -45,9 +48,7 @@ def _column(run: Path) -> dict:
     config = load_json(run / "config.json")
     rows = read_metrics(run / "log.jsonl")
     pictures = run / "pictures"
-    previews = {}
-    for kimg, path in _numbered(pictures, "samples"):
-        previews[kimg] = _data_uri(path)
+    previews = {kimg: _data_uri(path) for kimg, path in _spaced(_numbered(pictures, "samples"))}
     return {
         "name": run.name,
         "facts": _facts(run, config, rows),
@@ -132,6 +133,13 @@ def _numbered(pictures: Path, kind: str) -> list[tuple[int, Path]]:
     found = pictures.glob(f"{kind}-*kimg.png") if pictures.is_dir() else []
     matches = [(_KIMG.match(p.name), p) for p in found]
     return sorted((int(m.group(2)), p) for m, p in matches if m)
+
+
+def _spaced(items: list, most: int = MAX_PREVIEWS) -> list:
+    """At most ``most`` of ``items``, evenly spaced, the first and the last among them."""
+    if len(items) <= most:
+        return items
+    return [items[round(i * (len(items) - 1) / (most - 1))] for i in range(most)]
 
 
 def _newest(pictures: Path, kind: str) -> str | None:
