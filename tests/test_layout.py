@@ -35,13 +35,17 @@ def _imports(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("difflab"):
-            if node.module == "difflab":  # from difflab import samplers
-                names |= {f"difflab.{alias.name}" for alias in node.names}
-            else:
-                names.add(node.module)
+            for alias in node.names:  # from difflab.train import distributed: that module
+                inner = f"{node.module}.{alias.name}"
+                names.add(inner if _is_module(inner) else node.module)
         elif isinstance(node, ast.Import):
             names |= {a.name for a in node.names if a.name.startswith("difflab")}
     return names
+
+
+def _is_module(name: str) -> bool:
+    path = SOURCE.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def import_graph() -> dict[str, set[str]]:

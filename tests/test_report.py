@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -51,7 +52,7 @@ def test_a_long_run_puts_at_most_fifty_evenly_spaced_previews_on_the_slider(runs
         )
     kimgs = sorted(_column(done)["previews"])
     assert len(kimgs) == MAX_PREVIEWS == 50 and kimgs[0] == 0 and kimgs[-1] == 200
-    assert max(b - a for a, b in zip(kimgs, kimgs[1:])) <= 5
+    assert max(b - a for a, b in itertools.pairwise(kimgs)) <= 5
 
 
 def test_bad_report_input_is_one_line(tmp_path, capsys):

@@ -9,9 +9,11 @@ if TYPE_CHECKING:
     from difflab.api import Run, load_run
     from difflab.config import Config, load_preset
     from difflab.errors import DifflabError
-    from difflab.viz import save_grid
+    from difflab.viz import save_gif, save_grid, save_strip
 
-__all__ = ["Config", "DifflabError", "Run", "load_preset", "load_run", "save_grid"]
+__all__ = [
+    "Config", "DifflabError", "Run", "load_preset", "load_run", "save_gif", "save_grid", "save_strip"
+]  # fmt: skip
 __version__ = "0.1.0"
 # Where each public name lives: imported on first use (PEP 562), so that the command line
 # starts inside its own error handling (a Ctrl-C while torch loads is "interrupted", not a
@@ -23,6 +25,8 @@ _HOMES = {
     "load_preset": "difflab.config",
     "DifflabError": "difflab.errors",
     "save_grid": "difflab.viz",
+    "save_strip": "difflab.viz",
+    "save_gif": "difflab.viz",
 }
 
 

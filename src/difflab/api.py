@@ -9,6 +9,7 @@ horses = difflab.load_run("runs/cifar").sample(16, label="horse", guidance=2.0)
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import math
 import os
@@ -16,12 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from difflab.classes import LabelRequest, bind_request
 from difflab.config import Config, SamplerConfig, TrainConfig, check_limits, replace_checked
+from difflab.denoisers import Denoiser
 from difflab.devices import resolve_device
 from difflab.errors import DifflabError
+from difflab.io import atomic_write, check_output_file
 from difflab.limits import (
     MAX_IMAGES,
     MAX_SAMPLE_BATCH,
@@ -30,29 +34,62 @@ from difflab.limits import (
     Limits,
     limits_of,
 )
-from difflab.plans import SamplingPlan, build_sampler
+from difflab.plans import SAMPLERS, SamplingPlan, build_sampler
 from difflab.registry import Method, build_method, build_network
-from difflab.sampling import Generated, generate, image_seeds
-from difflab.train.checkpoint import load_model
+from difflab.samplers import StepCallback
+from difflab.sampling import Generated, device_of, generate, image_seeds
+from difflab.train.checkpoint import GUIDE_PREFIX, load_model
 from difflab.train.guides import check_weaker, model_guide
 
 
-@dataclass
+@dataclass(repr=False)
 class Run:
-    """A trained model ready to sample: its config, method and (EMA) network."""
+    """A trained model ready to sample: its config, method and (EMA) network, on the device of
+    its weights (``load_run(device=...)``, ``run.to(device)``)."""
 
     config: Config
     method: Method
     net: nn.Module
-    device: torch.device
     source: Path
     step: int
     guide: nn.Module | None = None  # autoguidance: a weaker model of the same method
     weights: str = "ema"  # which of the checkpoint's weights net holds: "ema" or "raw"
 
+    def __repr__(self) -> str:
+        return (
+            f"Run({str(self.source)!r}, method={self.method.name!r}, step={self.step}, "
+            f"weights={self.weights!r}, device={str(self.device)!r}, "
+            f"image_shape={self.image_shape}, classes={len(self.class_names)}, "
+            f"guided={self.guide is not None})"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network's weights are, and so where it samples."""
+        return device_of(self.net)
+
+    def to(self, device: str | torch.device) -> Run:
+        """The network (and its guide) moved to ``device`` ("cpu", "cuda", "cuda:1", "auto")."""
+        target = resolve_device(str(device))
+        self.net.to(target)
+        if self.guide is not None:
+            self.guide.to(target)
+        return self
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images it makes."""
         return (3, self.config.data.image_size, self.config.data.image_size)
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The network as its method's denoiser: ``run.denoiser(x, t)`` gives (x0, eps)."""
+        return self.method.denoiser(self.net)
+
+    @property
+    def samplers(self) -> list[str]:
+        """The names of the samplers this run's method can use (``run.plan(name)``)."""
+        return [name for name, spec in SAMPLERS.items() if spec.requires(self.method)]
 
     def plan(self, sampler: str | None = None, steps: int | None = None, **options) -> SamplingPlan:
         """The run's sampler, or another compatible one by name with its own defaults.
@@ -100,13 +137,16 @@ class Run:
         start: int = 0,
         record: bool | int = False,
         progress: bool = False,
+        on_step: StepCallback | None = None,
     ) -> Generated:
         """Images ``start .. start + num - 1`` of the sequence that ``seed`` defines.
 
         ``label``: a class name or index, one per image, or "all" (image i asks for class
         i mod C); None samples without a class. ``guidance``: the guidance weight w (the run's
         own by default; 1 = the plain model): away from the guide when the run has one
-        (autoguidance), else classifier-free towards the label.
+        (autoguidance), else classifier-free towards the label. ``record``: keep every step of
+        the first ``record`` images (True: all) as uint8 pictures in ``.frames``; ``on_step(i, x,
+        x0)``: see each step's state and x0 estimate, batch after batch (``sampling.generate``).
         """
         for value, name, limits in ((num, "num", NUM), (batch_size, "batch_size", BATCH),
                                     (start, "start", START), (seed, "seed", SEED)):  # fmt: skip
@@ -130,36 +170,70 @@ class Run:
                 f"record={record!r} keeps every step of {recorded:,} images: {size / 1e9:.0f} GB; "
                 f"record fewer (record=16 keeps 16 images' steps), or fewer steps"
             )
+        _check_bool(progress, "progress")
         guide = None if self.guide is None else self.method.denoiser(self.guide)
         labels, guidance = bind_request(
             label, guidance, self.class_names, num, start, self.config.sampler.guidance,
             guided=guide is not None,
         )  # fmt: skip
         return generate(
-            self.method.denoiser(self.net),
+            self.denoiser,
             plan,
             self.image_shape,
             image_seeds(seed, start, num),
             batch_size=batch_size,
-            device=self.device,
             labels=labels,
             guidance=guidance,
             guide=guide,
             record=record,
             progress=progress,
+            on_step=on_step,
         )
 
-    def sample(self, num: int = 16, seed: int = 0, **kwargs) -> Tensor:
-        """``num`` images as a float tensor, about [-1, 1] (the model's own output: clip
-        before saving; see ``viz``); ``run.sample(16, label="horse", guidance=2.0)`` takes
-        ``generate``'s options, sampler options through ``plan=run.plan(rho=10, ...)``."""
-        unknown = sorted(set(kwargs) - set(inspect.signature(self.generate).parameters))
+    def sample(self, num: int = 16, seed: int = 0, **options) -> Tensor:
+        """``num`` images, float32 [num, 3, H, W] on the CPU, about [-1, 1] and not clipped
+        (``save_grid`` clips; ``(x + 1) / 2`` is [0, 1]): ``generate(num, seed, ...).images``.
+
+        ``options``: generate()'s ``label``, ``guidance``, ``sampler``, ``steps``, ``plan``,
+        ``batch_size``, ``start``, ``progress``, ``on_step``; sampler options through
+        ``plan=run.plan(rho=10, ...)``. ``run.sample(16, label="horse", guidance=2.0)``.
+        """
+        known = set(inspect.signature(self.generate).parameters) - {"record"}
+        unknown = sorted(set(options) - known)
         if unknown:
-            raise DifflabError(
-                f"unknown option(s) {', '.join(unknown)}; sampler options go in "
-                "plan=run.plan(...), the rest are generate()'s"
+            name = unknown[0]
+            hint = _HINTS.get(name) or next(
+                (f"did you mean {m}=?" for m in difflib.get_close_matches(name, known, 1)),
+                "sampler options go in plan=run.plan(...), the rest are generate()'s",
             )
-        return self.generate(num, seed, **kwargs).images
+            raise DifflabError(f"unknown option {name}; {hint}")
+        return self.generate(num, seed, **options).images
+
+    def export(self, path: str | Path) -> Path:
+        """Write the weights (with the run's own guide), config and step to one .safetensors
+        file that ``load_run`` and ``difflab sample`` read; returns its path."""
+        out = check_output_file(_check_path(path, "path"), "path", (".safetensors",), "the export")
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        if self.guide is not None:  # the run's own guide travels with it (autoguidance)
+            guide = self.guide.state_dict().items()
+            weights.update({GUIDE_PREFIX + k: v.detach().cpu().contiguous() for k, v in guide})
+        metadata = {
+            "config": self.config.to_json(),
+            "step": str(self.step),
+            "weights": self.weights,
+        }
+        return atomic_write(out, lambda tmp: save_file(weights, str(tmp), metadata=metadata))
+
+
+#: Names users reach for, and where those options are.
+_HINTS = {
+    "n": "the number of images is num (the first argument)",
+    "num_images": "the number of images is num (the first argument)",
+    "labels": "the class is label= (a name, an index, one per image, or 'all')",
+    "num_steps": "did you mean steps=?",
+    "device": "the device is load_run(device=...)'s, or run.to(device)",
+    "record": "sample() returns the images only: generate(record=...) keeps the steps",
+}
 
 
 #: SamplerConfig fields that are not the plan's: its name (plan()'s sampler), guidance
@@ -226,7 +300,4 @@ def load_run(
         check_weaker(loaded.net, guide_net, str(guide))
         config = dataclasses.replace(config, sampler=config.sampler.with_guide())
     method = build_method(config)
-    return Run(
-        config, method, loaded.net, torch_device, loaded.source, loaded.step, guide_net,
-        loaded.weights,
-    )  # fmt: skip
+    return Run(config, method, loaded.net, loaded.source, loaded.step, guide_net, loaded.weights)

@@ -168,11 +168,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
-
     from difflab.api import load_run
-    from difflab.io import atomic_write, check_output_file, check_output_folder
-    from difflab.train.checkpoint import GUIDE_PREFIX
+    from difflab.io import check_output_file, check_output_folder
 
     out = Path(args.out)
     if args.format == "diffusers":
@@ -194,19 +191,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
         print(f"exported step {run.step} to {out}: {how}")
         return 0
-    check_output_file(out, "--out", (".safetensors",), "the export file")
+    check_output_file(out, "--out", (".safetensors",), "the export file")  # before loading
     run = load_run(args.run_dir, args.checkpoint, ema=not args.raw, device="cpu")
-    weights = {k: v.contiguous() for k, v in run.net.state_dict().items()}
-    if run.guide is not None:  # the run's own guide travels with it (autoguidance)
-        guide = run.guide.state_dict().items()
-        weights.update({GUIDE_PREFIX + k: v.contiguous() for k, v in guide})
-    metadata = {
-        "config": run.config.to_json(),
-        "step": str(run.step),
-        "weights": run.weights,
-    }
-    atomic_write(out, lambda tmp: save_file(weights, str(tmp), metadata=metadata))
-    print(f"exported step {run.step} ({metadata['weights']} weights) to {out}")
+    run.export(out)
+    print(f"exported step {run.step} ({run.weights} weights) to {out}")
     return 0
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from difflab.cli_train import (
     RUN_FLAGS,
-    absolute_paths,
     add_run_options,
     flag_overrides,
     run_training,
@@ -40,10 +39,11 @@ DISTILL_LEVELS, FINE_TUNE_LR = 18, 1e-4
 def cmd_distill(args: argparse.Namespace) -> int:
     """A consistency model from a diffusion run: its data, network and training settings, the
     run as the teacher (or, with --no-teacher, consistency training started from its weights)."""
-    from difflab.config import SamplerConfig, apply_overrides, validate
+    from difflab.config import SamplerConfig, apply_overrides
     from difflab.registry import CONSISTENCY_BASES, build_network, teacher_models
     from difflab.train.checkpoint import stored_config, weights_digest
     from difflab.train.guides import carries_guide, check_weaker, load_guide, own_guide_folder
+    from difflab.train.rundir import checked_config
 
     teacher = Path(args.run_dir)
     base = stored_config(teacher)
@@ -103,7 +103,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
             "guide; drop the --set"
         )
     overrides = flag_overrides(args, *RUN_FLAGS, "data.source")
-    config = absolute_paths(validate(apply_overrides(config, overrides + args.set)))
+    config = checked_config(apply_overrides(config, overrides + args.set))
     init = None if args.from_scratch else teacher
     if init is not None and weight_shapes(config.network) != weight_shapes(base.network):
         raise DifflabError(

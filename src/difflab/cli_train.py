@@ -27,7 +27,8 @@ def _train_option(name: str, **changes) -> Bounded:
 
 def _train_config(args: argparse.Namespace):
     """Preset, then --method / --network, then the flags, then --set: later wins."""
-    from difflab.config import SamplerConfig, apply_overrides, load_preset, validate
+    from difflab.config import SamplerConfig, apply_overrides, load_preset
+    from difflab.train.rundir import checked_config
 
     config = load_preset(args.preset)
     if args.method:
@@ -44,7 +45,7 @@ def _train_config(args: argparse.Namespace):
         # away.
         config.train.steps, config.train.images, config.train.time_limit = 0, 0, 0.0
     overrides = flag_overrides(args, *RUN_FLAGS, "data.source", "data.class_name", "sampler.name")
-    config = absolute_paths(validate(apply_overrides(config, overrides + args.set)))
+    config = checked_config(apply_overrides(config, overrides + args.set))
     if config.data.class_names or config.network.unet.num_classes:  # by --set or a preset
         raise DifflabError(
             "data.class_names and network.unet.num_classes are learned from the data's class "
@@ -56,21 +57,6 @@ def _train_config(args: argparse.Namespace):
 def setting_key(item: str) -> str:
     """The setting a ``--set KEY=VALUE`` names."""
     return item.partition("=")[0].strip()
-
-
-def absolute_paths(config):
-    """What a run reads is stored as absolute paths, so that --resume and distill find it from
-    any working directory: a folder given as the data, a student's teacher and its guide."""
-
-    def absolute(path: str) -> str:
-        return str(Path(path).expanduser().resolve()) if path else path
-
-    if config.data.source.strip().lower() != "cifar10":
-        data = dataclasses.replace(config.data, source=absolute(config.data.source))
-        config = dataclasses.replace(config, data=data)
-    c = config.method.consistency
-    c = dataclasses.replace(c, teacher=absolute(c.teacher), teacher_guide=absolute(c.teacher_guide))
-    return dataclasses.replace(config, method=dataclasses.replace(config.method, consistency=c))
 
 
 #: The config key of each command-line option (args.<name> holds its value).
@@ -105,8 +91,8 @@ def _literal(value: object) -> str:
 def _resume_config(args: argparse.Namespace):
     """The run's own config; only its length, device and (keeping the rates of the steps taken)
     learning-rate schedule may change when resuming."""
-    from difflab.config import apply_overrides, load_json, validate
-    from difflab.train.rundir import RESUMABLE, check_existing_run_dir
+    from difflab.config import apply_overrides, load_json
+    from difflab.train.rundir import RESUMABLE, check_existing_run_dir, checked_config
 
     run_dir = Path(args.resume)
     check_existing_run_dir(run_dir)
@@ -135,7 +121,7 @@ def _resume_config(args: argparse.Namespace):
                 f"--set {item}: only {', '.join(sorted(RESUMABLE))} can change on --resume"
             )
     overrides = flag_overrides(args, *sorted(RESUMABLE & FLAG_KEYS.keys()))
-    return absolute_paths(validate(apply_overrides(config, overrides + args.set))), run_dir
+    return checked_config(apply_overrides(config, overrides + args.set)), run_dir
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import sys
 import types
@@ -198,8 +199,11 @@ def preset_text(name: str) -> str:
     return (resources.files("difflab") / "presets" / f"{name}.toml").read_text()
 
 
-def load_preset(name_or_path: str) -> Config:
+def load_preset(name_or_path: str | os.PathLike) -> Config:
     """A shipped preset by name, or a user's TOML file in the same format."""
+    if not isinstance(name_or_path, str | os.PathLike) or isinstance(name_or_path, bytes):
+        raise DifflabError(f"a preset is a name or a .toml path, got {name_or_path!r}")
+    name_or_path = os.fspath(name_or_path)
     if name_or_path.lower().endswith(".toml"):
         text, name = _read_preset_file(Path(name_or_path).expanduser()), Path(name_or_path).stem
     else:

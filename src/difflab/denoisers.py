@@ -256,7 +256,8 @@ class Denoiser(nn.Module):
         t = times_like(t, x)
         c = self.coefficients(t, x.ndim)
         cond = self.process.noise_condition(t).to(x.dtype)
-        return self.net(self.parameterization.network_input(x, c), cond, labels)
+        inp = self.parameterization.network_input(x, c)  # a network of (x, cond) is unconditional
+        return self.net(inp, cond) if labels is None else self.net(inp, cond, labels)
 
     def to_x0_eps(self, out: Tensor, x: Tensor, t: Tensor | float) -> Prediction:
         """The prediction (x0, eps) that a raw output ``out`` at (x, t) stands for."""

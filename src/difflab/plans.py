@@ -6,7 +6,7 @@ Adding a sampler means adding its function to ``samplers`` and one ``SamplerSpec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -128,10 +128,34 @@ class SamplingPlan:
         self,
         denoiser: Denoiser,
         noise: Tensor,
-        rng: S.SampleNoise | None = None,
+        rng: S.SampleNoise | Sequence[int] | None = None,
         on_step: S.StepCallback | None = None,
     ) -> Tensor:
+        """Sample from ``noise`` (the grid's first level's); a sampler that draws fresh noise
+        as it goes draws it from ``rng``, a ``SampleNoise`` or one seed per image."""
+        if rng is None:
+            rng = _NoNoise(self.name)
+        elif not isinstance(rng, S.SampleNoise):
+            if not isinstance(rng, Sequence) or len(rng) != len(noise):
+                raise DifflabError(
+                    f"rng must be a SampleNoise or one seed per image ({len(noise)}), got "
+                    f"{type(rng).__name__}"
+                )
+            rng = S.SampleNoise(rng, noise.device)
         return self.function(denoiser, noise, self.grid, rng, on_step, **self.options)
+
+
+class _NoNoise:
+    """The noise of a plan called without any: an error, if its sampler draws some."""
+
+    def __init__(self, sampler: str) -> None:
+        self.sampler = sampler
+
+    def randn(self, shape: Sequence[int]) -> Tensor:
+        raise DifflabError(
+            f"sampler {self.sampler!r} draws fresh noise as it goes: call the plan with "
+            "rng=SampleNoise(seeds, device) or a list of one seed per image"
+        )
 
 
 def build_sampler(method: Method, sampler: SamplerConfig) -> SamplingPlan:

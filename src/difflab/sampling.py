@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from difflab.denoisers import Denoiser
 from difflab.plans import SamplingPlan
-from difflab.samplers import SampleNoise
+from difflab.samplers import SampleNoise, StepCallback
 from difflab.viz import to_uint8
 
 
@@ -28,9 +28,14 @@ def image_seeds(seed: int, start: int, count: int) -> list[int]:
 
 @dataclass
 class Generated:
-    images: Tensor  # [N, C, H, W] in [-1, 1] (not clipped)
-    frames: Tensor | None  # uint8 [steps + 1, R, C, H, W]: every state of the first R images
-    evaluations: int  # network evaluations per image (a guided one counts its two branches)
+    """What ``generate`` made: ``images`` float32 [N, C, H, W] on the CPU, about [-1, 1] and not
+    clipped (``viz.save_grid`` clips; ``(images + 1) / 2`` is [0, 1]); ``frames``, when recorded,
+    uint8 pictures [steps + 1, R, C, H, W] of every state of the first R images, noise first;
+    ``evaluations``: network evaluations per image (a guided one counts its two branches)."""
+
+    images: Tensor = field(repr=False)
+    frames: Tensor | None = field(repr=False)
+    evaluations: int
 
 
 class _CountRows:
@@ -51,30 +56,36 @@ def generate(
     seeds: list[int],
     *,
     batch_size: int = 64,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     labels: Tensor | None = None,
     guidance: float = 1.0,
     guide: Denoiser | None = None,
     record: bool | int = False,
     progress: bool = False,
+    on_step: StepCallback | None = None,
 ) -> Generated:
-    """Sample ``len(seeds)`` images; ``labels`` (one class per image, -1 for none), the
-    guidance weight and a ``guide`` (autoguidance) are bound into the denoiser batch by batch
-    (``Denoiser.bind``).
+    """Sample ``len(seeds)`` images (image i from ``seeds[i]`` alone, whatever the batch) on
+    ``device`` (by default the network's), in eval mode; ``labels`` (one class per image, -1 for
+    none), the guidance weight and a ``guide`` (autoguidance) are bound into the denoiser batch
+    by batch (``Denoiser.bind``).
 
     ``record`` keeps every intermediate state of the first ``record`` images (``True``: all), as
     uint8 pictures on the host, for strips and GIFs: 3 KB per 32x32 image and step, so memory
-    follows the pictures asked for, not the batch.
+    follows the pictures asked for, not the batch. ``on_step(i, x, x0)`` sees each step's state
+    and x0 estimate as they are (float, on the device), batch after batch.
     """
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else device_of(denoiser.net)
     keep_images = len(seeds) if record is True else int(record)
     _alpha, sigma = denoiser.process.alpha_sigma(plan.grid[:1])
     scale = float(sigma)  # start at the grid's first noise level; alpha * x0 is neglected
     counter = _CountRows()
     nets = [denoiser.net] + ([guide.net] if guide is not None else [])
     hooks = [net.register_forward_hook(counter) for net in nets]
+    modes = [net.training for net in nets]
     outputs, frames = [], []
     try:
+        for net in nets:
+            net.eval()
         with tqdm(total=len(seeds), desc="sampling", unit="img", disable=not progress) as bar:
             for start in range(0, len(seeds), batch_size):
                 chunk = seeds[start : start + batch_size]
@@ -86,20 +97,31 @@ def generate(
                 states = [to_uint8(noise[:kept])] if kept else None
 
                 def keep(i: int, x: Tensor, x0: Tensor, states=states, kept=kept) -> None:
-                    states.append(to_uint8(x[:kept]))
+                    if kept:
+                        states.append(to_uint8(x[:kept]))
+                    if on_step is not None:
+                        on_step(i, x, x0)
 
-                outputs.append(plan(bound, noise, rng, keep if kept else None).float().cpu())
+                watch = keep if kept or on_step is not None else None
+                outputs.append(plan(bound, noise, rng, watch).float().cpu())
                 if kept:
                     frames.append(torch.stack(states))
                 bar.update(len(chunk))
     finally:
         for hook in hooks:
             hook.remove()
+        for net, mode in zip(nets, modes, strict=True):
+            net.train(mode)
     return Generated(
         images=torch.cat(outputs),
         frames=torch.cat(frames, dim=1) if frames else None,
         evaluations=counter.rows // max(len(seeds), 1),
     )
+
+
+def device_of(net: torch.nn.Module) -> torch.device:
+    """Where a network's weights are (the CPU for one without any)."""
+    return next((p.device for p in net.parameters()), torch.device("cpu"))
 
 
 def strip_indices(num_steps: int, num_frames: int = 8) -> list[int]:

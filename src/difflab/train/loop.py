@@ -37,6 +37,9 @@ CALIBRATION = (5, 25)  # steps of an invocation timed to turn its --time-limit i
 
 @dataclass
 class TrainResult:
+    """Where a training invocation stopped: the run, its step and images seen, why it stopped,
+    and the last loss read back."""
+
     run_dir: Path
     step: int
     images_seen: int

@@ -90,13 +90,10 @@ class Pictures:
             count = per_row * classes
             labels = labels_for("all", self.config.data.class_names, count)
         seeds = [derive_seed(PREVIEW_SEED, "preview", i) for i in range(count)]
-        was_training = net.training
-        net.eval()
         result = generate(
             self.method.denoiser(net), self.plan, (3, size, size), seeds, device=device,
             labels=labels, guidance=self.config.sampler.guidance, guide=guide, record=True,
         )  # fmt: skip
-        net.train(was_training)
         images, frames = result.images, result.frames
         if classes:
             images = class_rows(images, classes)[0]

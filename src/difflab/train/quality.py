@@ -32,8 +32,6 @@ class QualityProbe:
             self.extractor = InceptionFeatures(device=device)
         size = self.config.data.image_size
         seeds = [derive_seed(0, "eval", i) for i in range(self.config.train.eval_num)]
-        was_training = denoiser.net.training
-        denoiser.net.eval()
         names = self.config.data.class_names  # a conditional run: equal numbers per class
         labels = labels_for("all", names, len(seeds)) if names else None
         images = generate(
@@ -45,8 +43,7 @@ class QualityProbe:
             labels=labels,
             guidance=self.config.sampler.guidance,
             guide=guide,
-        ).images
-        denoiser.net.train(was_training)
+        ).images  # in eval mode, as generate samples
         scored = self.ref.image_size or size  # as eval scores: at the reference's size
         features = extract_features(
             fit_size(to_uint8(images), scored), self.extractor, progress=False

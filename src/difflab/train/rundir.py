@@ -3,6 +3,7 @@ run it is (the same settings and data)."""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 from typing import IO
 
-from difflab.config import Config, first_difference, from_dict, upgrade
+from difflab.config import Config, first_difference, from_dict, upgrade, validate
 from difflab.data import ImageSet
 from difflab.errors import DifflabError
 from difflab.io import check_output_folder, make_folder
@@ -51,6 +52,32 @@ MAY_DIFFER = RESUMABLE | {
     "train.compile_layout", "train.channels_last", "train.fused_optimizer", "train.lr",
     "train.warmup_steps", "train.round_steps", "train.round_decay", "train.cosine_steps",
 }  # fmt: skip
+
+
+def _absolute_paths(config: Config) -> Config:
+    """What a run reads is stored as absolute paths, so that --resume and distill find it from
+    any working directory: a folder given as the data, a student's teacher and its guide."""
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    if config.data.source.strip().lower() != "cifar10":
+        data = dataclasses.replace(config.data, source=absolute(config.data.source))
+        config = dataclasses.replace(config, data=data)
+    c = config.method.consistency
+    c = dataclasses.replace(c, teacher=absolute(c.teacher), teacher_guide=absolute(c.teacher_guide))
+    return dataclasses.replace(config, method=dataclasses.replace(config.method, consistency=c))
+
+
+def checked_config(config: object) -> Config:
+    """A config as training takes it, from Python as from the command line: a ``Config`` whose
+    values have their types (read back through its dict) and limits (``validate``), and whose
+    paths are absolute."""
+    if not isinstance(config, Config):
+        raise DifflabError(
+            f"config must be a difflab Config (difflab.load_preset(...)), got {type(config).__name__}"
+        )
+    return _absolute_paths(validate(from_dict(config.to_dict())))
 
 
 def data_record(data: ImageSet) -> dict[str, object]:

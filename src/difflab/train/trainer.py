@@ -63,6 +63,7 @@ from difflab.train.rundir import (
     check_new_run_dir,
     check_past_rates,
     check_same_run,
+    checked_config,
     data_record,
 )
 from difflab.train.schedule import ema_beta, guide_step, lr_at
@@ -88,6 +89,8 @@ class Trainer:
         data: ImageSet | None = None,
         device: torch.device | None = None,
     ) -> None:
+        # From Python as from the command line: checked (types too) and its paths absolute.
+        config = checked_config(config)
         self.config, self.run_dir = config, Path(run_dir)
         # Devices and processes: torchrun gives each rank its own GPU.
         device = device or resolve_device(config.train.device)
