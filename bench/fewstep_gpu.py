@@ -260,8 +260,9 @@ def section(values: dict, heading: str = HEADING) -> str:
         f"{m['torch']}, {m['date']}, `{m['command']}`) and scored here with `difflab eval` "
         f"({values['samples'][0]['images']:,} images each against the 5,000 training cars)._",
         "",
-        f"The teacher: `difflab train {' '.join(values['teacher']['flags'])}` with "
-        f"{', '.join(values['teacher']['sets'])} ({_teacher_made(values['teacher'])}). "
+        f"The teacher: `difflab train {' '.join(values['teacher']['flags'])} "
+        f"{' '.join('--set ' + item for item in values['teacher']['sets'])}` (the later --set "
+        f"wins; {_teacher_made(values['teacher'])}). "
         f"{_students_ran(len(values['students']))} for the same minutes in two halves: a "
         "constant rate (the rows at the first "
         f"half's step), then as many steps again, the last {COOLDOWN:.0%} cooling the rate "

@@ -51,6 +51,16 @@ def test_presets_lists_exact_parameter_counts(capsys):
         "edm-paper",
     } <= set(rows)
     assert abs(int(rows["edm-paper"][3]) - 35_700_000) < 0.01 * 35_700_000
+    # counted on the meta device (no memory, no arithmetic): as a real network counts
+    from difflab.config import load_preset
+    from difflab.models import count_parameters, forward_gflops
+    from difflab.registry import build_network
+
+    real = build_network(load_preset("flow-cpu"))
+    assert rows["flow-cpu"][3:5] == [
+        str(count_parameters(real)),
+        f"{forward_gflops(real, 3, 32):.3f}",
+    ]
 
 
 def test_train_writes_the_run_directory(trained):

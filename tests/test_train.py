@@ -191,6 +191,17 @@ def test_checkpoints_roll_and_snapshots_stay(tmp_path, tiny_preset, image_folder
     train(config, tmp_path / "run", data=load_images(str(image_folder), None, 8), progress=False)
     names = [p.name for p in list_checkpoints(tmp_path / "run")]
     assert names == ["step-00000004", "step-00000007", "step-00000008"]
+    # a snapshot between the regular checkpoints is written where it falls
+    config = _config(
+        tiny_preset,
+        image_folder,
+        "train.steps=8",
+        "train.checkpoint_every=5",
+        "train.snapshot_every=3",
+    )
+    train(config, tmp_path / "odd", data=load_images(str(image_folder), None, 8), progress=False)
+    names = [p.name for p in list_checkpoints(tmp_path / "odd")]
+    assert names == ["step-00000003", "step-00000006", "step-00000008"]
 
 
 def test_images_limit_and_time_limit(tmp_path, tiny_preset, image_folder):

@@ -127,6 +127,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
+    import torch
+
     from difflab.classes import learn_classes
     from difflab.config import load_preset, preset_names
     from difflab.models import count_parameters, forward_gflops
@@ -137,7 +139,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
         config = load_preset(name)
         if config.data.conditional:  # counted with CIFAR-10's ten class embeddings
             config = learn_classes(config, [f"class {i}" for i in range(10)], "CIFAR-10")
-        net = build_network(config)
+        with torch.device("meta"):  # shapes only: counted without memory or arithmetic
+            net = build_network(config)
         gflops = forward_gflops(net, 3, config.data.image_size)
         rows.append(
             (
@@ -163,7 +166,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = check_output_file(Path(args.out), "--out", (".html", ".htm"), "the report")
     write_report([Path(run) for run in args.run_dirs], out)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(args.run_dirs)} run(s))")
+    runs = counted(len(args.run_dirs), "run")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {runs})")
     return 0
 
 
@@ -194,7 +198,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_output_file(out, "--out", (".safetensors",), "the export file")  # before loading
     run = load_run(args.run_dir, args.checkpoint, ema=not args.raw, device="cpu")
     run.export(out)
-    print(f"exported step {run.step} ({run.weights} weights) to {out}")
+    guide = ", and the run's own guide" if run.guide is not None else ""
+    print(f"exported step {run.step} ({run.weights} weights{guide}) to {out}")
     return 0
 
 
@@ -206,7 +211,11 @@ def _add_global_options(parser: argparse.ArgumentParser, default: object) -> Non
     them when given, so it does not undo them when given before)."""
     parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
     parser.add_argument(
-        "-q", "--quiet", action="store_true", default=default, help="only warnings and errors"
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="no progress bars or notes: warnings, errors and the result line only",
     )
 
 

@@ -121,6 +121,11 @@ def _resume_config(args: argparse.Namespace):
                 f"--set {item}: only {', '.join(sorted(RESUMABLE))} can change on --resume"
             )
     overrides = flag_overrides(args, *sorted(RESUMABLE & FLAG_KEYS.keys()))
+    set_keys = {setting_key(item) for item in args.set}
+    given = {n for n in ("steps", "images", "time_limit")
+             if getattr(args, n) is not None or f"train.{n}" in set_keys}  # fmt: skip
+    if given and "time_limit" not in given:  # a new length: the last time limit was its own
+        overrides.append("train.time_limit=0")
     return checked_config(apply_overrides(config, overrides + args.set)), run_dir
 
 
@@ -188,6 +193,7 @@ def run_training(
     from difflab.train.distributed import check_environment
     from difflab.train.loop import Interrupted, train
     from difflab.train.rundir import check_new_run_dir
+    from difflab.train.schedule import cooldown_start
 
     resume = bool(getattr(args, "resume", None))
     method = build_method(config)
@@ -221,9 +227,12 @@ def run_training(
     log.info("data: %s", data.source)  # where from, and how many images
     if len(data.images) < config.train.batch_size:
         log.warning(
-            "the data set (%d images) is smaller than the batch (%d)",
+            "the data set (%d images) is smaller than the batch (%d): %s",
             len(data.images),
             config.train.batch_size,
+            "each step trains on all of it (train.batching = 'epochs')"
+            if config.train.batching == "epochs"
+            else "batches are drawn from it with replacement",
         )
     try:
         result = train(
@@ -232,7 +241,7 @@ def run_training(
             resume=resume,
             init=init,
             data=data,
-            progress=not (args.no_progress or args.quiet),  # -q: only warnings and errors
+            progress=not (args.no_progress or args.quiet),  # -q: no bars or notes
         )
     except Interrupted as stop:
         if follower:
@@ -246,10 +255,15 @@ def run_training(
     if follower:
         return 0
     if result.stopped_by == "already-done":
+        t = config.train
+        cooled = t.lr_schedule == "cooldown" and result.step > cooldown_start(t)
         print(
             f"{run_dir} already reached its length (step {result.step}, "
-            f"{result.images_seen} images); pass a larger --steps to extend it"
-        )
+            f"{result.images_seen} images); "
+            + (f"its rate has cooled down, so it cannot be lengthened: --init {run_dir} starts "
+               "a new run from its weights" if cooled
+               else "pass a larger --steps or --images to extend it")
+        )  # fmt: skip
     else:
         print(
             f"trained {run_dir} to step {result.step} ({result.images_seen} images, "
@@ -263,7 +277,10 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--preset", default=None, help="preset name or .toml file (default: tutorial)"
     )
-    train.add_argument("--data", help="cifar10 (download) or an image folder")
+    train.add_argument(
+        "--data",
+        help="cifar10 (download) or an image folder (default: the preset's data.source, cifar10)",
+    )
     train.add_argument("--class", dest="class_name", help="class name or index to train on")
     train.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
     add_run_options(train)

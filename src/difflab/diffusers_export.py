@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from difflab.config import Config
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, counted
 from difflab.io import publish_folder
 from difflab.models.layers import group_count, positional_frequencies
 from difflab.models.unet import Downsample, Stage, UNet, Upsample
@@ -277,7 +277,7 @@ library_name: diffusers
 - **Network**: difflab's U-Net ({config.network.unet.channels} channels,
   mult {list(config.network.unet.channel_mult)}), exported block for block as `UNet2DModel`.
 - **Data**: {data.source}, {classes}, {data.image_size}x{data.image_size}.
-- **Budget**: {run.step:,} optimizer steps of batch {config.train.batch_size}; {"raw" if run.weights == "raw" else "EMA"} weights.
+- **Budget**: {counted(run.step, "optimizer step")} of batch {config.train.batch_size}; {"raw" if run.weights == "raw" else "EMA"} weights.
 - **Quality**: {quality}.
 
 {_conditional_usage(data.class_names, data.image_size) if data.class_names else USAGE}

@@ -138,8 +138,13 @@ class Loop:
                 if signalled or out_of_time:
                     stopped_by = "signal" if signalled else "time-limit"
                 every = trainer.step % t.checkpoint_every == 0
-                if stopped_by is None and (every or trainer.step == guide_step(trainer.config)):
-                    trainer.checkpoint()  # and the run's guide, kept (sampler.guide_at)
+                snapshot = t.snapshot_every and trainer.step % t.snapshot_every == 0
+                if stopped_by is None and (
+                    every or snapshot or trainer.step == guide_step(trainer.config)
+                ):  # a snapshot and the run's guide are written where they fall, and kept
+                    trainer.checkpoint()
+            if self.main and trainer.step % t.log_every and trainer.step > self.first_step:
+                self._log(bar)  # the steps since the last row (a run shorter than a row logs)
         trainer.checkpoint()
         result = self._result(stopped_by)
         if stopped_by == "signal":
@@ -252,6 +257,11 @@ class Loop:
     def _pictures(self, final: bool = False) -> None:
         trainer = self.trainer
         trainer.read_back()
+        if final:  # after the bar: a long sampler would otherwise look like a hang
+            log.info(
+                "drawing the final pictures: %d samples in %d sampler steps, and the GIF",
+                trainer.config.train.num_preview, self.pictures.plan.num_steps,
+            )  # fmt: skip
         net = trainer.ema or trainer.net
         self.pictures.preview(net, trainer.images_seen, trainer.device, trainer.guide(), final)
         self.logbook.plot()

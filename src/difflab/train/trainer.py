@@ -140,7 +140,11 @@ class Trainer:
         if t.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if init is not None:
-            load_model(init, lambda _source_config: self.net)
+            start = load_model(init, lambda _source_config: self.net)
+            if self.world.is_main:
+                log.info(
+                    "starting from %s: step %d, %s weights", start.source, start.step, start.weights
+                )
         self.ema = make_ema(self.net) if t.ema_halflife_kimg > 0 else None
         # The second network an objective may compare against (consistency's theta^-).
         self._target = self.method.denoiser(self.ema) if self.ema is not None else None
