@@ -20,7 +20,8 @@ from difflab.config import load_preset
 from difflab.data import ImageSet
 from difflab.models import count_parameters, forward_gflops
 from difflab.registry import build_network
-from difflab.sampling import derive_seed, generate, image_seeds
+from difflab.sampling import generate
+from difflab.seeds import derive_seed, image_seeds
 from difflab.train.trainer import Trainer
 
 if TYPE_CHECKING:

@@ -123,3 +123,9 @@ def test_a_preset_is_a_name_or_a_path(tiny_preset):
     assert load_preset(tiny_preset) == load_preset(str(tiny_preset))  # a pathlib.Path too
     with pytest.raises(DifflabError, match=r"a preset is a name or a \.toml path"):
         load_preset(3)
+
+
+@pytest.mark.parametrize("nrow", ["2", 0, True, 1.5])
+def test_a_grids_row_length_is_a_positive_integer(tmp_path, nrow):
+    with pytest.raises(DifflabError, match="nrow must be a positive integer"):
+        difflab.save_grid(torch.zeros(2, 3, 4, 4), tmp_path / "g.png", nrow=nrow)

@@ -27,7 +27,7 @@ from difflab.denoisers import Denoiser, times_like
 from difflab.plans import build_sampler
 from difflab.registry import METHODS
 from difflab.samplers import SampleNoise
-from difflab.sampling import image_seeds
+from difflab.seeds import image_seeds
 
 M, S = 1.5, 0.4
 SHAPE = (1, 4, 4)

@@ -19,8 +19,8 @@ from difflab.objectives import ConsistencyDraw, ConsistencyObjective
 from difflab.plans import build_sampler
 from difflab.registry import METHODS
 from difflab.samplers import SampleNoise
-from difflab.sampling import image_seeds
 from difflab.schedules import LinearPath, consistency_levels, consistency_sigmas
+from difflab.seeds import image_seeds
 from difflab.train.checkpoint import list_checkpoints
 
 

@@ -20,7 +20,7 @@ from difflab.devices import compile_module, compiled_layout
 from difflab.plans import SAMPLERS, build_sampler
 from difflab.registry import METHODS, build_method, build_network
 from difflab.samplers import SampleNoise
-from difflab.sampling import image_seeds
+from difflab.seeds import image_seeds
 
 try:
     import tomllib

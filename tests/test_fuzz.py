@@ -40,7 +40,7 @@ from difflab.errors import DifflabError
 from difflab.plans import SAMPLERS, build_sampler
 from difflab.registry import METHODS
 from difflab.samplers import SampleNoise
-from difflab.sampling import image_seeds
+from difflab.seeds import image_seeds
 
 # Derandomized: CI sees the same examples on every run, so a pass or a failure is reproducible.
 FUZZ = settings(

@@ -27,7 +27,7 @@ from difflab.errors import DifflabError
 from difflab.plans import build_sampler
 from difflab.registry import METHODS
 from difflab.samplers import SampleNoise
-from difflab.sampling import image_seeds
+from difflab.seeds import image_seeds
 
 MU, STD = 0.3, 0.5
 SHAPE = (4, 8, 8)

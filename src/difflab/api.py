@@ -37,7 +37,8 @@ from difflab.limits import (
 from difflab.plans import SAMPLERS, SamplingPlan, build_sampler
 from difflab.registry import Method, build_method, build_network
 from difflab.samplers import StepCallback
-from difflab.sampling import Generated, device_of, generate, image_seeds
+from difflab.sampling import Generated, device_of, generate
+from difflab.seeds import image_seeds
 from difflab.train.checkpoint import GUIDE_PREFIX, load_model
 from difflab.train.guides import check_weaker, model_guide
 

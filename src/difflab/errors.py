@@ -35,7 +35,9 @@ def brief(error: BaseException, limit: int = 160) -> str:
 class DifflabError(Exception):
     """A problem the user can fix; the CLI prints its message on one line and exits non-zero.
 
-    The message is made one line here, whatever text it quotes.
+    The message is made one line here, whatever text it quotes. Not a ``ValueError``: difflab
+    turns libraries' ValueErrors into its own messages in several places, which must not
+    catch these.
     """
 
     def __init__(self, message: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -13,17 +12,6 @@ from difflab.denoisers import Denoiser
 from difflab.plans import SamplingPlan
 from difflab.samplers import SampleNoise, StepCallback
 from difflab.viz import to_uint8
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any tuple of values; independent streams for (seed, purpose, index)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def image_seeds(seed: int, start: int, count: int) -> list[int]:
-    """Seed of image i: a function of (seed, i) only, so images do not depend on the batch size."""
-    return [derive_seed(seed, "image", i) for i in range(start, start + count)]
 
 
 @dataclass

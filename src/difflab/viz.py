@@ -41,7 +41,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Save [N, C, H, W] images as one PNG grid, `nrow` images per row (default ceil(sqrt(N)))."""
+    """Save [N, C, H, W] images as one PNG grid, `nrow` images per row (default ceil(sqrt(N))):
+    float images in [-1, 1] (clipped; the range ``Run.sample`` gives), or uint8 as they are."""
     path = check_output_file(Path(path), "path", (".png",), "the grid")
     return _save_image(_grid(images, nrow), path, "PNG")
 
@@ -173,6 +174,10 @@ def _as_batch(images: torch.Tensor) -> torch.Tensor:
 
 
 def _grid(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
+    if nrow is not None and (isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1):
+        raise DifflabError(
+            f"nrow must be a positive integer (images per row) or None, got {nrow!r}"
+        )
     batch = to_uint8(_as_batch(images))
     per_row = nrow or math.ceil(math.sqrt(batch.shape[0]))
     return _to_pil(make_grid(batch, nrow=per_row, padding=_PADDING))

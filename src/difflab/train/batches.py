@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from difflab.config import Config
-from difflab.sampling import derive_seed
+from difflab.seeds import derive_seed
 
 
 def batch_indices(step: int, num_images: int, config: Config) -> Tensor:

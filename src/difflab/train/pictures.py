@@ -15,8 +15,9 @@ from difflab.denoisers import Denoiser
 from difflab.objectives import Objective
 from difflab.plans import SamplingPlan
 from difflab.registry import Method
-from difflab.sampling import derive_seed, generate, strip_indices
+from difflab.sampling import generate, strip_indices
 from difflab.schedules import ForwardProcess
+from difflab.seeds import derive_seed
 from difflab.viz import plot_lines, save_gif, save_grid, save_strip
 
 PREVIEW_SEED = 0  # the same preview noise for every run and checkpoint, so they compare

@@ -8,7 +8,8 @@ from difflab.classes import labels_for
 from difflab.config import Config
 from difflab.denoisers import Denoiser
 from difflab.plans import SamplingPlan
-from difflab.sampling import derive_seed, generate
+from difflab.sampling import generate
+from difflab.seeds import derive_seed
 
 
 class QualityProbe:

@@ -41,7 +41,7 @@ from difflab.errors import DifflabError, brief
 from difflab.models import forward_gflops
 from difflab.plans import build_sampler
 from difflab.registry import Method, build_method, build_network
-from difflab.sampling import derive_seed
+from difflab.seeds import derive_seed
 from difflab.train import distributed as D
 from difflab.train.batches import batch_indices, images_before
 from difflab.train.checkpoint import (
