@@ -183,7 +183,7 @@ def test_the_gpu_few_step_section_holds_students_to_the_best_teacher_row(monkeyp
     assert text.count(fewstep_gpu.HEADING) == 1 and text.startswith(fewstep_gpu.HEADING)
     assert text.index("\n### Run 2: G\n") < text.index("\n### Run 3: J\n")
     assert "X" not in [v["machine"]["card"] for v in fewstep_gpu.runs()]  # not a numbered run
-    assert "(60 s on the GPU)" in text
+    assert "; 60 s on the GPU)" in text
     # a teacher of the same recipe trained elsewhere is carried, not trained: its minutes go
     # to the students
     monkeypatch.setattr(fewstep_gpu, "difflab_run", lambda *a, **k: pytest.fail("trained"))
