@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from typing import Any
 
 from difflab.limits import MAX_BATCH, MAX_IMAGES, MAX_SAMPLER_STEPS, MAX_STEPS, setting
@@ -22,7 +22,7 @@ AUTOGUIDANCE = 2.0
 class DataConfig:
     source: str = "cifar10"  # "cifar10" or a path to an image folder
     class_name: str | None = None  # class name or index; None = all images
-    image_size: int = setting(32, low=8, high=512)
+    image_size: int = setting(32, low=8, high=512)  # pixels; images resized, centre-cropped
     hflip: bool = True  # random horizontal flips while training
     conditional: bool = False  # learn p(x | class) for every class in the data (see classes.py)
     class_names: list[str] = field(default_factory=list)  # filled by difflab train from the data
@@ -32,15 +32,15 @@ class DataConfig:
 class UNetOptions:
     """Options of the modern U-Net (``network.name = "unet"``); see ``difflab.models.unet``."""
 
-    channels: int = setting(64, low=2, high=2048)
-    channel_mult: list[int] = setting([1, 2, 2], low=1, high=64, min_length=1)
-    num_blocks: int = setting(2, low=1, high=64)
-    attention_resolutions: list[int] = setting([8], low=1, high=512)
-    dropout: float = setting(0.0, low=0, high=1, high_open=True)
-    embedding: str = setting("fourier", choices=("fourier", "positional"))
-    conditioning: str = setting("scale-shift", choices=("scale-shift", "additive"))
-    num_heads: int = setting(1, low=1, high=256)
-    num_classes: int = setting(0, low=0, high=100_000)
+    channels: int = setting(64, low=2, high=2048)  # base width; stage i has channel_mult[i] x
+    channel_mult: list[int] = setting([1, 2, 2], low=1, high=64, min_length=1)  # one per stage
+    num_blocks: int = setting(2, low=1, high=64)  # residual blocks per stage
+    attention_resolutions: list[int] = setting([8], low=1, high=512)  # self-attention at these
+    dropout: float = setting(0.0, low=0, high=1, high_open=True)  # in the residual blocks
+    embedding: str = setting("fourier", choices=("fourier", "positional"))  # of the noise level
+    conditioning: str = setting("scale-shift", choices=("scale-shift", "additive"))  # of a block
+    num_heads: int = setting(1, low=1, high=256)  # attention heads
+    num_classes: int = setting(0, low=0, high=100_000)  # class embeddings; set from the data
 
 
 @dataclass
@@ -58,29 +58,30 @@ class TutorialMethod:
 class DDPMMethod:
     """Options of "ddpm" (linear betas) and "ddpm-cosine" (Nichol & Dhariwal 2021)."""
 
-    prediction: str = setting("eps", choices=("eps", "x0", "v"))
-    num_timesteps: int = setting(1000, low=1, high=100_000)
+    prediction: str = setting("eps", choices=("eps", "x0", "v"))  # what the network predicts
+    num_timesteps: int = setting(1000, low=1, high=100_000)  # T, the discrete steps
     beta_start: float = setting(1e-4, low=0, high=1, low_open=True, high_open=True)  # linear
-    beta_end: float = setting(0.02, low=0, high=1, low_open=True, high_open=True)
+    beta_end: float = setting(0.02, low=0, high=1, low_open=True, high_open=True)  # linear
     min_snr_gamma: float = setting(0.0, low=0)  # 0 = plain MSE, else min-SNR weighting (e.g. 5)
 
 
 @dataclass
 class FlowMethod:
+    # how training draws t in (0, 1)
     time_distribution: str = setting("uniform", choices=("uniform", "logit-normal", "log-normal"))
     logit_mean: float = setting(0.0)  # "logit-normal": t = sigmoid(N(logit_mean, logit_std^2))
-    logit_std: float = setting(1.0, low=0, low_open=True)
+    logit_std: float = setting(1.0, low=0, low_open=True)  # "logit-normal"
     p_mean: float = setting(-1.2)  # "log-normal": ln(t / (1 - t)) ~ N(p_mean, p_std^2)
-    p_std: float = setting(1.2, low=0, low_open=True)
+    p_std: float = setting(1.2, low=0, low_open=True)  # "log-normal"
 
 
 @dataclass
 class EDMMethod:
     p_mean: float = setting(-1.2)  # ln(sigma) ~ N(p_mean, p_std^2) (Karras et al. 2022)
-    p_std: float = setting(1.2, low=0, low_open=True)
-    sigma_data: float = setting(0.5, low=0, low_open=True)
-    sigma_min: float = setting(0.002, low=0, low_open=True)
-    sigma_max: float = setting(80.0, low=0, low_open=True)
+    p_std: float = setting(1.2, low=0, low_open=True)  # see p_mean
+    sigma_data: float = setting(0.5, low=0, low_open=True)  # the data's std (preconditioning)
+    sigma_min: float = setting(0.002, low=0, low_open=True)  # the noise levels sampled
+    sigma_max: float = setting(80.0, low=0, low_open=True)  # ... from sigma_max down
 
 
 @dataclass
@@ -92,21 +93,21 @@ class ConsistencyMethod:
     teacher_solver: str = setting("heun", choices=("heun", "euler"))  # its ODE step per pair
     # autoguidance of the teacher's ODE (Karras et al. 2024): a weaker model of its kind, and w
     teacher_guide: str = ""
-    teacher_guidance: float = setting(AUTOGUIDANCE, low=0, high=100)
+    teacher_guidance: float = setting(AUTOGUIDANCE, low=0, high=100)  # w of teacher_guide
     # the fingerprint of the teacher's and its guide's weights when distilled (distill writes
     # it): a teacher moved on resume must hold the same weights
     teacher_digest: str = ""
     # the diffusion model f is built on (process, parameterization): distill takes the teacher's
     base: str = setting("edm", choices=("edm", "flow"))
-    sigma_data: float = setting(0.5, low=0, low_open=True)
-    sigma_min: float = setting(0.002, low=0, low_open=True)
-    sigma_max: float = setting(80.0, low=0, low_open=True)
+    sigma_data: float = setting(0.5, low=0, low_open=True)  # as the edm section's
+    sigma_min: float = setting(0.002, low=0, low_open=True)  # f(x, sigma_min) = x
+    sigma_max: float = setting(80.0, low=0, low_open=True)  # the top of the levels
     rho: float = setting(7.0, low=1, high=1000)  # discretisation (Karras eq. 5); 1: even in sigma
     # which pairs of levels, weighted how: "log-normal" levels with lambda = 1 / (s_{n+1} - s_n)
     # (improved CT, Song & Dhariwal 2023), or "uniform" n with lambda = 1 (Song et al. 2023)
     weighting: str = setting("log-normal", choices=("log-normal", "uniform"))
     p_mean: float = setting(-1.1)  # log-normal levels: the mean and spread of log sigma
-    p_std: float = setting(2.0, low=0, low_open=True)
+    p_std: float = setting(2.0, low=0, low_open=True)  # see p_mean
     start_levels: int = setting(10, low=1, high=100_000)  # N(k): s0 at the start, doubling
     max_levels: int = setting(1280, low=1, high=100_000)  # ... up to s1
     double_every_kimg: float = setting(8.0, low=0, low_open=True)  # ... every this many kimg
@@ -159,9 +160,9 @@ class SamplerConfig:
     # 80); EDM's sampler's sigma_max. A consistency model's one step may do better from lower.
     sigma_max: float = setting(0.0, low=0, high=1e6)
     s_churn: float = setting(40.0, low=0)  # edm-stochastic
-    s_tmin: float = setting(0.05, low=0)
-    s_tmax: float = setting(50.0, low=0, finite=False)
-    s_noise: float = setting(1.003, low=0)
+    s_tmin: float = setting(0.05, low=0)  # edm-stochastic: churn only between s_tmin
+    s_tmax: float = setting(50.0, low=0, finite=False)  # ... and s_tmax
+    s_noise: float = setting(1.003, low=0)  # edm-stochastic: the added noise's scale
     guidance: float = setting(1.0, low=0, high=100)  # w (1 = plain): towards a label / from a guide
     # Autoguidance by the run's own EMA weights at this fraction of its steps (0: none); the
     # trainer keeps that checkpoint. With a guide, ``guidance`` guides away from it.
@@ -182,18 +183,19 @@ class TrainConfig:
     steps: int = setting(10_000, low=0, high=MAX_STEPS)  # total optimizer steps (0 = no limit)
     images: int = setting(0, low=0, high=MAX_STEPS * MAX_BATCH)  # total images (0 = no limit)
     time_limit: float = setting(0.0, low=0, high=10**6)  # minutes of this invocation (0 = none)
-    seed: int = setting(0, low=0, high=2**63 - 1)
+    seed: int = setting(0, low=0, high=2**63 - 1)  # network, batches, noise: all from it
     optimizer: str = setting("adam", choices=("adam", "adamw", "sgd"))  # sgd: momentum betas[0]
-    lr: float = setting(1e-3, low=0, low_open=True)
-    betas: list[float] = setting([0.9, 0.999], low=0, high=1, high_open=True, length=2)
-    weight_decay: float = setting(0.0, low=0)
+    lr: float = setting(1e-3, low=0, low_open=True)  # the peak learning rate
+    betas: list[float] = setting([0.9, 0.999], low=0, high=1, high_open=True, length=2)  # Adam
+    weight_decay: float = setting(0.0, low=0)  # adamw: decoupled; adam, sgd: L2
+    # "rounds": the tutorial's; "cooldown": warm-up, stable, a linear decay over the end
     lr_schedule: str = setting("constant", choices=("constant", "rounds", "cosine", "cooldown"))
-    warmup_steps: int = setting(0, low=0, high=MAX_STEPS)
+    warmup_steps: int = setting(0, low=0, high=MAX_STEPS)  # linear from 0 to lr
     round_steps: int = setting(2000, low=1, high=MAX_STEPS)  # "rounds": lr *= round_decay
-    round_decay: float = setting(0.9, low=0, high=1, low_open=True)
+    round_decay: float = setting(0.9, low=0, high=1, low_open=True)  # see round_steps
     cosine_steps: int = setting(100_000, low=1, high=MAX_STEPS)  # "cosine": its horizon
     cooldown: float = setting(0.2, low=0, high=1, high_open=True)  # "cooldown": share of the run
-    min_lr: float = setting(1e-6, low=0)
+    min_lr: float = setting(1e-6, low=0)  # where "rounds", "cosine" and "cooldown" stop
     grad_clip: float = setting(0.0, low=0)  # max global gradient norm; 0 = off
     label_dropout: float = setting(0.1, low=0, high=1)  # conditional: P(label -> "no class")
     ema_halflife_kimg: float = setting(500.0, low=0)  # 0 = no EMA (Karras et al. 2022: 500k)
@@ -205,33 +207,124 @@ class TrainConfig:
     num_preview: int = setting(25, low=1, high=100)  # images in the preview grids
     log_every: int = setting(20, low=1, high=MAX_STEPS)  # steps between log rows
     eval_every_kimg: float = setting(0.0, low=0)  # FID/KID every this many kimg (0 = off)
-    eval_num: int = setting(500, low=2, high=MAX_IMAGES)
+    eval_num: int = setting(500, low=2, high=MAX_IMAGES)  # samples per FID/KID point
     eval_ref: str = ""  # REF.npz from difflab ref (needed when eval_every_kimg > 0)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     precision: str = setting("auto", choices=("auto", "fp32", "bf16"))  # auto: devices.py
-    compile: bool = False
+    compile: bool = False  # torch.compile the network (falls back to eager on failure)
     compile_mode: str = setting("default", choices=COMPILE_MODES)  # torch.compile's mode
     # The compiled graph's layout: channels-last throughout ("channels_last"), inductor's choice
     # ("inductor"), or "auto": channels-last on CUDA, inductor's elsewhere (compiled_layout)
     compile_layout: str = setting("auto", choices=("auto", "inductor", "channels_last"))
-    channels_last: bool = False
+    channels_last: bool = False  # the module in channels-last memory format
     fused_optimizer: bool = True  # Adam/AdamW's fused CUDA kernel (no effect on the CPU)
 
 
 @dataclass
 class Config:
-    preset: str = "custom"
-    description: str = ""
+    preset: str = "custom"  # the preset it started from (a name, or a .toml file's stem)
+    description: str = ""  # one line on what the preset is for
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     world_size: int = setting(1, low=1, high=MAX_STEPS)  # processes of the last training run
-    version: int = CONFIG_VERSION
+    version: int = CONFIG_VERSION  # of this schema; older configs are upgraded when read
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference() -> str:
+    """docs/config.md: every setting as ``--set`` names it, its default, what it allows and
+    what it means (the comments beside and above each field in this file)."""
+    meaning = _field_comments()
+    lines = [
+        "# Configuration",
+        "",
+        "Every setting of a run, as `--set key=value` changes it, a preset's TOML sets it and a",
+        "run's `config.json` stores it. Written by `python -m difflab.schema docs/config.md` from",
+        "`src/difflab/schema.py` and its comments; `tests/test_config_reference.py` checks that",
+        "this page is current. Of the `method` sections, only the chosen method's is read.",
+        "",
+        *_section(Config, "", meaning),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _section(cls: type, prefix: str, meaning: dict[tuple[str, str], str]) -> list[str]:
+    """A table of ``cls``'s own settings, then one section per nested section."""
+    from dataclasses import fields, is_dataclass
+
+    from difflab.limits import limits_of
+
+    doc = " ".join(cls.__doc__.split()) if cls.__doc__ and "__doc__" in vars(cls) else ""
+    lines = [f"## `{prefix[:-1]}`" if prefix else "## The run", ""]
+    lines += [doc, ""] if doc and not doc.startswith(f"{cls.__name__}(") else []
+    lines += ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    nested = []
+    for f in fields(cls):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(default):
+            nested.append((type(default), f"{prefix}{f.name}."))
+            continue
+        allowed = limits_of(cls, f.name).describe() if "limits" in f.metadata else ""
+        if isinstance(default, list):  # "an integer in [1, 64]" of each item
+            each = allowed.replace("an integer", "integers").replace("a number", "numbers")
+            allowed = f"a list of {each or 'names'}"
+        allowed = allowed or _TYPE_WORDS[f.type]
+        text = meaning.get((cls.__name__, f.name), "").replace("|", "\\|")
+        lines.append(f"| `{prefix}{f.name}` | `{json.dumps(default)}` | {allowed} | {text} |")
+    for kind, inner in nested:
+        lines += ["", *_section(kind, inner, meaning)]
+    return lines
+
+
+def _field_comments() -> dict[tuple[str, str], str]:
+    """(class, field) -> the comment lines right above the field and the comment beside it."""
+    import ast
+    import inspect
+    import sys
+    import tokenize
+
+    source = inspect.getsource(sys.modules[__name__])
+    text = source.splitlines()
+    tokens = tokenize.generate_tokens(iter(source.splitlines(True)).__next__)
+    comments = {
+        t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT
+    }
+    meaning = {}
+    for node in ast.walk(ast.parse(source)):
+        for item in node.body if isinstance(node, ast.ClassDef) else []:
+            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                above, line = [], item.lineno - 1
+                while line in comments and text[line - 1].lstrip().startswith("#"):
+                    above.insert(0, comments[line])
+                    line -= 1
+                beside = [
+                    comments[n] for n in range(item.lineno, item.end_lineno + 1) if n in comments
+                ]
+                meaning[(node.name, item.target.id)] = " ".join(above + beside)
+    return meaning
+
+
+_TYPE_WORDS = {
+    "str": "text",
+    "bool": "true or false",
+    "str | None": "text, or none",
+    "int": "an integer",
+}
+
+
+if __name__ == "__main__":  # python -m difflab.schema docs/config.md
+    import sys
+    from pathlib import Path
+
+    Path(sys.argv[1]).write_text(reference())
