@@ -116,6 +116,15 @@ def test_save_gif_of_grids(tmp_path: Path) -> None:
         assert image.size == (2 * 10 + 2, 2 * 10 + 2)
 
 
+def test_a_gif_of_a_big_grid_is_enlarged_less(tmp_path: Path) -> None:
+    """Four times a 5x5 grid of 32-pixel images, 101 frames, was 5-18 MB of GIF."""
+    frames = torch.stack([_images(25, size=32, seed=s) for s in range(2)])
+    with Image.open(save_gif(frames, tmp_path / "big.gif")) as image:
+        assert image.size == (2 * (5 * 34 + 2), 2 * (5 * 34 + 2))  # 2x: at most 512 pixels
+    with Image.open(save_gif(frames[:, 0], tmp_path / "one.gif")) as image:
+        assert image.size == (128, 128)  # one image: 4x
+
+
 def test_plot_lines(tmp_path: Path) -> None:
     series = {"fid": ([1, 2, 3], [30.0, 20.0, 15.0]), "kid": ([1, 2, 3], [0.1, 0.05, 0.02])}
     path = plot_lines(

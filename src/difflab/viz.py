@@ -26,6 +26,7 @@ from difflab.io import atomic_write, check_output_file
 _PADDING = 2
 _STRIP_FRAME_PX = 128
 _GIF_HOLD_MS = 1500
+_GIF_FRAME_PX = 512  # the default enlargement's limit
 _LABEL_MARGIN_PX = 4
 
 
@@ -74,11 +75,12 @@ def save_gif(
     frames: torch.Tensor,
     path: str | Path,
     duration_ms: int = 120,
-    scale: int = 4,
+    scale: int | None = None,
     nrow: int | None = None,
 ) -> Path:
     """Save [F, C, H, W] frames (or [F, N, C, H, W]: a grid of ``nrow`` per row per frame) as a
-    looping GIF.
+    looping GIF, enlarged ``scale`` times (by default up to 4 times, the frame at most
+    512 pixels: a 100-step GIF of a big grid at 4x is tens of MB).
 
     Each frame shows for `duration_ms`, the last one longer. Pillow merges identical
     consecutive frames into one with their summed duration.
@@ -91,6 +93,7 @@ def save_gif(
     else:
         shape = tuple(frames.shape)
         raise DifflabError(f"save_gif expects [F, C, H, W] or [F, N, C, H, W], got {shape}")
+    scale = scale or max(1, min(4, _GIF_FRAME_PX // max(pictures[0].size)))
     pictures = [_enlarge(picture, scale) for picture in pictures]
     durations = [duration_ms] * (len(pictures) - 1) + [max(_GIF_HOLD_MS, duration_ms)]
     options = {"format": "GIF", "save_all": True, "append_images": pictures[1:], "loop": 0}
