@@ -20,6 +20,8 @@ AUTOGUIDANCE = 2.0
 
 @dataclass
 class DataConfig:
+    """The images: where from, which class, what size (``data.*``)."""
+
     source: str = "cifar10"  # "cifar10" or a path to an image folder
     class_name: str | None = None  # class name or index; None = all images
     image_size: int = setting(32, low=8, high=512)  # pixels; images resized, centre-cropped
@@ -45,12 +47,16 @@ class UNetOptions:
 
 @dataclass
 class NetworkConfig:
+    """The network by name, and the U-Net's options (``network.*``)."""
+
     name: str = "unet"  # "tutorial", "tutorial-keras" or "unet"
     unet: UNetOptions = field(default_factory=UNetOptions)
 
 
 @dataclass
 class TutorialMethod:
+    """Options of "tutorial", the tutorial's method exactly (docs/methods.md)."""
+
     num_levels: int = setting(16, low=1, high=1000)  # the tutorial's time_bar levels
 
 
@@ -67,6 +73,8 @@ class DDPMMethod:
 
 @dataclass
 class FlowMethod:
+    """Options of "flow" (flow matching, the rectified-flow path x_t = (1 - t) x0 + t eps)."""
+
     # how training draws t in (0, 1)
     time_distribution: str = setting("uniform", choices=("uniform", "logit-normal", "log-normal"))
     logit_mean: float = setting(0.0)  # "logit-normal": t = sigmoid(N(logit_mean, logit_std^2))
@@ -77,6 +85,8 @@ class FlowMethod:
 
 @dataclass
 class EDMMethod:
+    """Options of "edm" (Karras et al. 2022: preconditioning, log-normal noise levels)."""
+
     p_mean: float = setting(-1.2)  # ln(sigma) ~ N(p_mean, p_std^2) (Karras et al. 2022)
     p_std: float = setting(1.2, low=0, low_open=True)  # see p_mean
     sigma_data: float = setting(0.5, low=0, low_open=True)  # the data's std (preconditioning)
@@ -147,6 +157,9 @@ class MethodConfig:
 
 @dataclass
 class SamplerConfig:
+    """How a run samples by default (``sampler.*``); ``difflab sample`` and ``Run.plan``
+    override it per call."""
+
     name: str = ""  # empty: the method's default sampler
     steps: int = setting(0, low=0, high=MAX_SAMPLER_STEPS)  # 0: the method's default
     eta: float = setting(0.0, low=0, high=1)  # ddim
@@ -177,6 +190,9 @@ class SamplerConfig:
 
 @dataclass
 class TrainConfig:
+    """Training: batch, length, optimizer and schedule, EMA, checkpoints, pictures, devices
+    (``train.*``)."""
+
     batch_size: int = setting(64, low=1, high=MAX_BATCH)  # global (split across processes)
     accumulation: int = setting(1, low=1, high=MAX_BATCH)  # micro-batches per optimizer step
     batching: str = setting("random", choices=("random", "epochs"))  # with replacement, passes
@@ -222,6 +238,8 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    """Every setting of a run, one section each; ``to_dict()`` is what config.json holds."""
+
     preset: str = "custom"  # the preset it started from (a name, or a .toml file's stem)
     description: str = ""  # one line on what the preset is for
     data: DataConfig = field(default_factory=DataConfig)
