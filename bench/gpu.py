@@ -272,7 +272,7 @@ def speed_table(presets: list[str], quick: bool) -> list[tuple[str, str, list[st
 
 
 def measure_speed(results: Results, args: argparse.Namespace, data: ImageSet, peak: float) -> None:
-    """Part 3: the rows of ``speed_table``, each skipped once the deadline is near; with the
+    """Part 4: the rows of ``speed_table``, each skipped once the deadline is near; with the
     ``profile`` part, the base of the levers is profiled too."""
     seconds, device = (0.5 if args.quick else 3.0), torch.device(args.device)
     rows = speed_table(args.presets, args.quick)

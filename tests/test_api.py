@@ -24,7 +24,8 @@ def test_training_from_code_checks_the_config_first_and_stores_absolute_paths(
 
     monkeypatch.chdir(image_folder.parent)
     config = apply_overrides(
-        load_preset(tiny_preset), [f'data.source="{image_folder.name}"', "train.steps=2"]
+        load_preset(tiny_preset),
+        [f'data.source="{image_folder.name}"', "train.steps=2", 'train.eval_ref="ref.npz"'],
     )
     bad = dataclasses.replace(config, train=dataclasses.replace(config.train, lr="0.001"))
     with pytest.raises(DifflabError, match=r"train\.lr: expected a number"):
@@ -36,6 +37,7 @@ def test_training_from_code_checks_the_config_first_and_stores_absolute_paths(
     assert isinstance(result, TrainResult) and result.step == 2
     stored = json.loads((tmp_path / "run" / "config.json").read_text())
     assert stored["data"]["source"] == str(image_folder.resolve())  # resumable from anywhere
+    assert stored["train"]["eval_ref"] == str((image_folder.parent / "ref.npz").resolve())
 
 
 def test_a_run_samples_where_its_weights_are_and_says_what_it_is(teacher):
@@ -60,6 +62,10 @@ def test_sampling_is_in_eval_mode_and_on_step_sees_every_state(teacher):
     seen = []
     again = run.sample(3, seed=1, steps=3, on_step=lambda i, x, x0: seen.append((i, x0.shape)))
     assert torch.equal(again, reference) and run.net.training  # its mode given back
+    frozen = next(m for m in run.net.modules() if m is not run.net)
+    frozen.eval()  # a part kept in eval on purpose stays so
+    run.sample(1, steps=3)
+    assert run.net.training and not frozen.training
     assert [i for i, _ in seen] == [0, 1, 2] and seen[0][1] == (3, *run.image_shape)
 
 
@@ -71,6 +77,9 @@ def test_export_from_code_loads_back_to_the_same_samples(teacher, tmp_path):
         run.export(tmp_path / "model.pt")
     with pytest.raises(DifflabError, match=r"config\.json"):
         run.export(teacher / "config.json")  # a run's own file
+    guided = difflab.load_run(teacher, guide=teacher / "checkpoints" / "step-00000003")
+    with pytest.raises(DifflabError, match="only a run's own guide"):
+        guided.export(tmp_path / "guided.safetensors")  # its config would not say so
 
 
 @pytest.mark.parametrize(
@@ -117,6 +126,9 @@ def test_difflabs_samplers_drive_a_users_own_network(tiny_preset):
         stochastic(denoiser, noise, torch.Generator())
     first, second = stochastic(denoiser, noise, [1, 2]), stochastic(denoiser, noise, [1, 2])
     assert torch.equal(first, second)  # one seed per image: the same images
+    assert torch.equal(stochastic(denoiser, noise, torch.tensor([1, 2])), first)
+    with pytest.raises(DifflabError, match="one seed per image"):
+        stochastic(denoiser, noise, "ab")
 
 
 def test_a_preset_is_a_name_or_a_path(tiny_preset):

@@ -21,6 +21,7 @@ EDGES = {
     "difflab.cli_distill",
     "difflab.cli_eval",
     "difflab.cli_train",
+    "difflab.config_reference",
     "difflab.report",
 }
 

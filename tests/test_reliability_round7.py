@@ -35,10 +35,17 @@ def test_a_finished_run_that_cooled_down_is_told_to_start_from_its_weights(
 ):
     """ "pass a larger --steps to extend it", which the resume then refused (its rates)."""
     run = tmp_path / "cool"
-    cool = ["--steps", 4, "--set", "train.lr_schedule='cooldown'", "--set", "train.warmup_steps=0"]
-    _train(capsys, tiny_preset, image_folder, run, *cool)
+    cool = ["--set", "train.lr_schedule='cooldown'", "--set", "train.warmup_steps=0"]
+    _train(capsys, tiny_preset, image_folder, run, "--steps", 10, *cool)  # step 9 cooled
     code, out, err = run_cli(capsys, "train", "--resume", run, "--no-progress")
     assert code == 0 and f"cannot be lengthened: --init {run}" in out, err
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--steps", 12, "--no-progress")
+    assert code != 0 and "would change the learning rate of a step it has taken" in err
+    # 4 steps with a cool-down of its last 20%: all four at the full rate, so it can go on
+    early = tmp_path / "early"
+    _train(capsys, tiny_preset, image_folder, early, "--steps", 4, *cool)
+    code, out, err = run_cli(capsys, "train", "--resume", early, "--no-progress")
+    assert code == 0 and "pass a larger --steps or --images to extend it" in out, err
     plain = tmp_path / "plain"
     _train(capsys, tiny_preset, image_folder, plain, "--steps", 4)
     code, out, err = run_cli(capsys, "train", "--resume", plain, "--no-progress")

@@ -55,6 +55,7 @@ class Run:
     step: int
     guide: nn.Module | None = None  # autoguidance: a weaker model of the same method
     weights: str = "ema"  # which of the checkpoint's weights net holds: "ema" or "raw"
+    guide_named: bool = False  # the guide is one load_run(guide=...) named, not the run's own
 
     def __repr__(self) -> str:
         return (
@@ -214,6 +215,11 @@ class Run:
         """Write the weights (with the run's own guide), config and step to one .safetensors
         file that ``load_run`` and ``difflab sample`` read; returns its path."""
         out = check_output_file(_check_path(path, "path"), "path", (".safetensors",), "the export")
+        if self.guide_named:  # its config's guide_at would not describe it
+            raise DifflabError(
+                "an export carries only a run's own guide, and this one was named by "
+                "load_run(guide=...): load the run without guide= to export it"
+            )
         weights = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         if self.guide is not None:  # the run's own guide travels with it (autoguidance)
             guide = self.guide.state_dict().items()
@@ -301,4 +307,7 @@ def load_run(
         check_weaker(loaded.net, guide_net, str(guide))
         config = dataclasses.replace(config, sampler=config.sampler.with_guide())
     method = build_method(config)
-    return Run(config, method, loaded.net, loaded.source, loaded.step, guide_net, loaded.weights)
+    return Run(
+        config, method, loaded.net, loaded.source, loaded.step, guide_net, loaded.weights,
+        guide_named=guide is not None,
+    )  # fmt: skip

@@ -37,9 +37,7 @@ def _train_config(args: argparse.Namespace):
             config.sampler = SamplerConfig()
     if args.network:
         config.network.name = args.network
-    lengths = ("steps", "images", "time_limit")
-    set_keys = {setting_key(item) for item in args.set}
-    if any(getattr(args, n) is not None or f"train.{n}" in set_keys for n in lengths):
+    if lengths_named(args):
         # A length on the command line (flag or --set) is the run's length: the preset's own
         # (flow-cpu's 200,000 steps) would otherwise outlast a time limit and keep a cool-down
         # away.
@@ -57,6 +55,14 @@ def _train_config(args: argparse.Namespace):
 def setting_key(item: str) -> str:
     """The setting a ``--set KEY=VALUE`` names."""
     return item.partition("=")[0].strip()
+
+
+def lengths_named(args: argparse.Namespace) -> set[str]:
+    """Which of the run's lengths (steps, images, time_limit) the command line names, by flag
+    or by --set."""
+    set_keys = {setting_key(item) for item in args.set}
+    return {name for name in ("steps", "images", "time_limit")
+            if getattr(args, name) is not None or f"train.{name}" in set_keys}  # fmt: skip
 
 
 #: The config key of each command-line option (args.<name> holds its value).
@@ -121,10 +127,8 @@ def _resume_config(args: argparse.Namespace):
                 f"--set {item}: only {', '.join(sorted(RESUMABLE))} can change on --resume"
             )
     overrides = flag_overrides(args, *sorted(RESUMABLE & FLAG_KEYS.keys()))
-    set_keys = {setting_key(item) for item in args.set}
-    given = {n for n in ("steps", "images", "time_limit")
-             if getattr(args, n) is not None or f"train.{n}" in set_keys}  # fmt: skip
-    if given and "time_limit" not in given:  # a new length: the last time limit was its own
+    named = lengths_named(args)
+    if named and "time_limit" not in named:  # a new length: the last time limit was its own
         overrides.append("train.time_limit=0")
     return checked_config(apply_overrides(config, overrides + args.set)), run_dir
 
@@ -193,7 +197,7 @@ def run_training(
     from difflab.train.distributed import check_environment
     from difflab.train.loop import Interrupted, train
     from difflab.train.rundir import check_new_run_dir
-    from difflab.train.schedule import cooldown_start
+    from difflab.train.schedule import can_lengthen
 
     resume = bool(getattr(args, "resume", None))
     method = build_method(config)
@@ -255,8 +259,7 @@ def run_training(
     if follower:
         return 0
     if result.stopped_by == "already-done":
-        t = config.train
-        cooled = t.lr_schedule == "cooldown" and result.step > cooldown_start(t)
+        cooled = not can_lengthen(config.train, result.step)
         print(
             f"{run_dir} already reached its length (step {result.step}, "
             f"{result.images_seen} images); "

@@ -136,7 +136,12 @@ class SamplingPlan:
         if rng is None:
             rng = _NoNoise(self.name)
         elif not isinstance(rng, S.SampleNoise):
-            if not isinstance(rng, Sequence) or len(rng) != len(noise):
+            rng = rng.tolist() if isinstance(rng, Tensor) else rng  # a tensor of seeds too
+            if (
+                isinstance(rng, str | bytes)
+                or not isinstance(rng, Sequence)
+                or len(rng) != len(noise)
+            ):
                 raise DifflabError(
                     f"rng must be a SampleNoise or one seed per image ({len(noise)}), got "
                     f"{type(rng).__name__}"

@@ -69,7 +69,7 @@ def generate(
     counter = _CountRows()
     nets = [denoiser.net] + ([guide.net] if guide is not None else [])
     hooks = [net.register_forward_hook(counter) for net in nets]
-    modes = [net.training for net in nets]
+    modes = [(module, module.training) for net in nets for module in net.modules()]
     outputs, frames = [], []
     try:
         for net in nets:
@@ -98,8 +98,8 @@ def generate(
     finally:
         for hook in hooks:
             hook.remove()
-        for net, mode in zip(nets, modes, strict=True):
-            net.train(mode)
+        for module, mode in modes:  # each as it was (a frozen part stays in eval)
+            module.training = mode
     return Generated(
         images=torch.cat(outputs),
         frames=torch.cat(frames, dim=1) if frames else None,

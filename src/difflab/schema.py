@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from difflab.limits import MAX_BATCH, MAX_IMAGES, MAX_SAMPLER_STEPS, MAX_STEPS, setting
@@ -49,7 +49,7 @@ class UNetOptions:
 class NetworkConfig:
     """The network by name, and the U-Net's options (``network.*``)."""
 
-    name: str = "unet"  # "tutorial", "tutorial-keras" or "unet"
+    name: str = "unet"  # the tutorial's U-Nets (PyTorch, Keras) or the modern one
     unet: UNetOptions = field(default_factory=UNetOptions)
 
 
@@ -90,8 +90,8 @@ class EDMMethod:
     p_mean: float = setting(-1.2)  # ln(sigma) ~ N(p_mean, p_std^2) (Karras et al. 2022)
     p_std: float = setting(1.2, low=0, low_open=True)  # see p_mean
     sigma_data: float = setting(0.5, low=0, low_open=True)  # the data's std (preconditioning)
-    sigma_min: float = setting(0.002, low=0, low_open=True)  # the noise levels sampled
-    sigma_max: float = setting(80.0, low=0, low_open=True)  # ... from sigma_max down
+    sigma_min: float = setting(0.002, low=0, low_open=True)  # the lowest noise level sampled
+    sigma_max: float = setting(80.0, low=0, low_open=True)  # the highest; sampling starts here
 
 
 @dataclass
@@ -118,9 +118,11 @@ class ConsistencyMethod:
     weighting: str = setting("log-normal", choices=("log-normal", "uniform"))
     p_mean: float = setting(-1.1)  # log-normal levels: the mean and spread of log sigma
     p_std: float = setting(2.0, low=0, low_open=True)  # see p_mean
-    start_levels: int = setting(10, low=1, high=100_000)  # N(k): s0 at the start, doubling
-    max_levels: int = setting(1280, low=1, high=100_000)  # ... up to s1
-    double_every_kimg: float = setting(8.0, low=0, low_open=True)  # ... every this many kimg
+    # the curriculum N(k) (improved CT): start_levels levels at first, doubling every
+    # double_every_kimg up to max_levels
+    start_levels: int = setting(10, low=1, high=100_000)
+    max_levels: int = setting(1280, low=1, high=100_000)  # the curriculum's last N
+    double_every_kimg: float = setting(8.0, low=0, low_open=True)  # N doubles every this many kimg
     huber_c: float = setting(0.0, low=0)  # pseudo-Huber c; 0 = 0.00054 sqrt(dimensions)
     target: str = setting("online", choices=("online", "ema"))  # theta^-: mu = 0, or the EMA
 
@@ -141,7 +143,7 @@ class MethodConfig:
     """The method's name, what all methods share, and one section of options per method; only
     the section of the chosen method is read and checked."""
 
-    name: str = "edm"  # "tutorial", "ddpm", "ddpm-cosine", "flow", "edm" or "consistency"
+    name: str = "edm"  # how images are noised and what the network learns (docs/methods.md)
     stratified: bool = False  # spread the batch's noise levels evenly over their distribution
     tutorial: TutorialMethod = field(default_factory=TutorialMethod)
     ddpm: DDPMMethod = field(default_factory=DDPMMethod)
@@ -165,16 +167,16 @@ class SamplerConfig:
     eta: float = setting(0.0, low=0, high=1)  # ddim
     clip_x0: bool = False  # ancestral, ddim: clip the x0 estimate to [-1, 1] (Ho et al. 2020)
     variance: str = setting("small", choices=("small", "large"))  # ancestral: beta_tilde or beta
-    grid: str = setting(
-        "default", choices=("default", "process", "edm", "logsnr", "few-step")
-    )  # GRIDS
+    # the time grid: the sampler's own ("default"), the process's, EDM's rho grid, even in
+    # log SNR, or the few-step one (plans.GRIDS)
+    grid: str = setting("default", choices=("default", "process", "edm", "logsnr", "few-step"))
     rho: float = setting(7.0, low=1, high=1000)  # the few-step, edm grids (Karras eq. 5); 1: even
     # The top of the edm, logsnr and few-step grids as sigma / alpha (0: the method's own, e.g.
     # 80); EDM's sampler's sigma_max. A consistency model's one step may do better from lower.
     sigma_max: float = setting(0.0, low=0, high=1e6)
     s_churn: float = setting(40.0, low=0)  # edm-stochastic
-    s_tmin: float = setting(0.05, low=0)  # edm-stochastic: churn only between s_tmin
-    s_tmax: float = setting(50.0, low=0, finite=False)  # ... and s_tmax
+    s_tmin: float = setting(0.05, low=0)  # edm-stochastic: churn only at sigma >= s_tmin
+    s_tmax: float = setting(50.0, low=0, finite=False)  # edm-stochastic: and <= s_tmax
     s_noise: float = setting(1.003, low=0)  # edm-stochastic: the added noise's scale
     guidance: float = setting(1.0, low=0, high=100)  # w (1 = plain): towards a label / from a guide
     # Autoguidance by the run's own EMA weights at this fraction of its steps (0: none); the
@@ -202,7 +204,8 @@ class TrainConfig:
     seed: int = setting(0, low=0, high=2**63 - 1)  # network, batches, noise: all from it
     optimizer: str = setting("adam", choices=("adam", "adamw", "sgd"))  # sgd: momentum betas[0]
     lr: float = setting(1e-3, low=0, low_open=True)  # the peak learning rate
-    betas: list[float] = setting([0.9, 0.999], low=0, high=1, high_open=True, length=2)  # Adam
+    # Adam's and AdamW's; sgd takes betas[0] as its momentum
+    betas: list[float] = setting([0.9, 0.999], low=0, high=1, high_open=True, length=2)
     weight_decay: float = setting(0.0, low=0)  # adamw: decoupled; adam, sgd: L2
     # "rounds": the tutorial's; "cooldown": warm-up, stable, a linear decay over the end
     lr_schedule: str = setting("constant", choices=("constant", "rounds", "cosine", "cooldown"))
@@ -225,7 +228,7 @@ class TrainConfig:
     eval_every_kimg: float = setting(0.0, low=0)  # FID/KID every this many kimg (0 = off)
     eval_num: int = setting(500, low=2, high=MAX_IMAGES)  # samples per FID/KID point
     eval_ref: str = ""  # REF.npz from difflab ref (needed when eval_every_kimg > 0)
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    device: str = "auto"  # where training runs; "auto": a CUDA or MPS GPU if there is one
     precision: str = setting("auto", choices=("auto", "fp32", "bf16"))  # auto: devices.py
     compile: bool = False  # torch.compile the network (falls back to eager on failure)
     compile_mode: str = setting("default", choices=COMPILE_MODES)  # torch.compile's mode
@@ -255,94 +258,3 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
-
-
-# --------------------------------------------------------------------------- reference
-
-
-def reference() -> str:
-    """docs/config.md: every setting as ``--set`` names it, its default, what it allows and
-    what it means (the comments beside and above each field in this file)."""
-    meaning = _field_comments()
-    lines = [
-        "# Configuration",
-        "",
-        "Every setting of a run, as `--set key=value` changes it, a preset's TOML sets it and a",
-        "run's `config.json` stores it. Written by `python -m difflab.schema docs/config.md` from",
-        "`src/difflab/schema.py` and its comments; `tests/test_config_reference.py` checks that",
-        "this page is current. Of the `method` sections, only the chosen method's is read.",
-        "",
-        *_section(Config, "", meaning),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _section(cls: type, prefix: str, meaning: dict[tuple[str, str], str]) -> list[str]:
-    """A table of ``cls``'s own settings, then one section per nested section."""
-    from dataclasses import fields, is_dataclass
-
-    from difflab.limits import limits_of
-
-    doc = " ".join(cls.__doc__.split()) if cls.__doc__ and "__doc__" in vars(cls) else ""
-    lines = [f"## `{prefix[:-1]}`" if prefix else "## The run", ""]
-    lines += [doc, ""] if doc and not doc.startswith(f"{cls.__name__}(") else []
-    lines += ["| key | default | allowed | meaning |", "|---|---|---|---|"]
-    nested = []
-    for f in fields(cls):
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        if is_dataclass(default):
-            nested.append((type(default), f"{prefix}{f.name}."))
-            continue
-        allowed = limits_of(cls, f.name).describe() if "limits" in f.metadata else ""
-        if isinstance(default, list):  # "an integer in [1, 64]" of each item
-            each = allowed.replace("an integer", "integers").replace("a number", "numbers")
-            allowed = f"a list of {each or 'names'}"
-        allowed = allowed or _TYPE_WORDS[f.type]
-        text = meaning.get((cls.__name__, f.name), "").replace("|", "\\|")
-        lines.append(f"| `{prefix}{f.name}` | `{json.dumps(default)}` | {allowed} | {text} |")
-    for kind, inner in nested:
-        lines += ["", *_section(kind, inner, meaning)]
-    return lines
-
-
-def _field_comments() -> dict[tuple[str, str], str]:
-    """(class, field) -> the comment lines right above the field and the comment beside it."""
-    import ast
-    import inspect
-    import sys
-    import tokenize
-
-    source = inspect.getsource(sys.modules[__name__])
-    text = source.splitlines()
-    tokens = tokenize.generate_tokens(iter(source.splitlines(True)).__next__)
-    comments = {
-        t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT
-    }
-    meaning = {}
-    for node in ast.walk(ast.parse(source)):
-        for item in node.body if isinstance(node, ast.ClassDef) else []:
-            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
-                above, line = [], item.lineno - 1
-                while line in comments and text[line - 1].lstrip().startswith("#"):
-                    above.insert(0, comments[line])
-                    line -= 1
-                beside = [
-                    comments[n] for n in range(item.lineno, item.end_lineno + 1) if n in comments
-                ]
-                meaning[(node.name, item.target.id)] = " ".join(above + beside)
-    return meaning
-
-
-_TYPE_WORDS = {
-    "str": "text",
-    "bool": "true or false",
-    "str | None": "text, or none",
-    "int": "an integer",
-}
-
-
-if __name__ == "__main__":  # python -m difflab.schema docs/config.md
-    import sys
-    from pathlib import Path
-
-    Path(sys.argv[1]).write_text(reference())

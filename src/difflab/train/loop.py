@@ -260,7 +260,7 @@ class Loop:
         if final:  # after the bar: a long sampler would otherwise look like a hang
             log.info(
                 "drawing the final pictures: %d samples in %d sampler steps, and the GIF",
-                trainer.config.train.num_preview, self.pictures.plan.num_steps,
+                self.pictures.count, self.pictures.plan.num_steps,
             )  # fmt: skip
         net = trainer.ema or trainer.net
         self.pictures.preview(net, trainer.images_seen, trainer.device, trainer.guide(), final)

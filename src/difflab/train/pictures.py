@@ -45,6 +45,19 @@ class Pictures:
         self.folder = Path(run_dir) / "pictures"
         self.method, self.plan, self.config = method, plan, config
 
+    @property
+    def per_row(self) -> int | None:
+        """A conditional run's previews per row, one row per class (None: a square grid)."""
+        classes = len(self.config.data.class_names)
+        return math.ceil(self.config.train.num_preview / classes) if classes else None
+
+    @property
+    def count(self) -> int:
+        """How many images a preview samples: ``train.num_preview``, rounded up to full rows
+        of classes for a conditional run."""
+        classes = len(self.config.data.class_names)
+        return self.per_row * classes if classes else self.config.train.num_preview
+
     def finished(self, checkpoint: Path | None) -> bool:
         """Whether the final pictures of the run as ``checkpoint`` (its newest) holds it were
         drawn: the reverse process's GIF, the last of them, written after the checkpoint (an
@@ -83,13 +96,10 @@ class Pictures:
         """Samples from fixed seeds (one row per class for a conditional run; at the run's
         guidance, by its guide when it has one), the progress strip of the first, and at the end
         a GIF of them all."""
-        size, count = self.config.data.image_size, self.config.train.num_preview
+        size, count, per_row = self.config.data.image_size, self.count, self.per_row
         classes = len(self.config.data.class_names)
-        labels, per_row = None, None
-        if classes:  # class i mod C, then rearranged one class per row
-            per_row = math.ceil(count / classes)
-            count = per_row * classes
-            labels = labels_for("all", self.config.data.class_names, count)
+        # class i mod C, then rearranged one class per row
+        labels = labels_for("all", self.config.data.class_names, count) if classes else None
         seeds = [derive_seed(PREVIEW_SEED, "preview", i) for i in range(count)]
         result = generate(
             self.method.denoiser(net), self.plan, (3, size, size), seeds, device=device,

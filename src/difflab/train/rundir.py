@@ -56,7 +56,8 @@ MAY_DIFFER = RESUMABLE | {
 
 def _absolute_paths(config: Config) -> Config:
     """What a run reads is stored as absolute paths, so that --resume and distill find it from
-    any working directory: a folder given as the data, a student's teacher and its guide."""
+    any working directory: a folder given as the data, a student's teacher and its guide, the
+    reference statistics of its FID points."""
 
     def absolute(path: str) -> str:
         return str(Path(path).expanduser().resolve()) if path else path
@@ -66,7 +67,9 @@ def _absolute_paths(config: Config) -> Config:
         config = dataclasses.replace(config, data=data)
     c = config.method.consistency
     c = dataclasses.replace(c, teacher=absolute(c.teacher), teacher_guide=absolute(c.teacher_guide))
-    return dataclasses.replace(config, method=dataclasses.replace(config.method, consistency=c))
+    train = dataclasses.replace(config.train, eval_ref=absolute(config.train.eval_ref))
+    method = dataclasses.replace(config.method, consistency=c)
+    return dataclasses.replace(config, method=method, train=train)
 
 
 def checked_config(config: object) -> Config:

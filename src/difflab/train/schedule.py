@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from difflab.config import Config, TrainConfig
@@ -44,6 +45,13 @@ def first_changed_rate(before: TrainConfig, after: TrainConfig, steps: int) -> i
     (a longer run with "cooldown" that had started cooling down re-warms; a constant rate
     that turns into "cooldown" while still stable is a warm-up-stable-decay branch)."""
     return next((s for s in range(steps) if lr_at(s, before) != lr_at(s, after)), None)
+
+
+def can_lengthen(train: TrainConfig, step: int) -> bool:
+    """Whether a run that took ``step`` steps may be planned longer: no rate it used changes
+    (a "cooldown" run that has used a cooled rate may not)."""
+    longer = dataclasses.replace(train, steps=planned_steps(train) + 1, images=0)
+    return first_changed_rate(train, longer, step) is None
 
 
 def cooldown_start(train: TrainConfig) -> int:
